@@ -1,0 +1,77 @@
+"""One trial: the default looped transformer on `prefix_or` with a local attention window.
+
+Every key is documented in README.md ("Config keys"). Override from the command line with
+`--config.model.block_size=4` etc.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "prefix_or"          # prefix_or | prefix_parity | var_chain | addition
+  c.task.train_length = 16           # largest problem size seen in training
+  c.task.min_train_length = 0        # smallest (0: same as train_length)
+  c.task.test_lengths = (32, 64)     # longer sizes for extrapolation
+
+  c.model = ml_collections.ConfigDict()
+  c.model.d_model = 64
+  c.model.n_heads = 4
+  c.model.d_ff = 128
+  c.model.vocab_size = 0             # 0: the task's vocabulary
+  c.model.max_len = 64
+  c.model.n_prelude = 1              # p
+  c.model.block_size = 2             # k
+  c.model.n_coda = 1                 # c
+  c.model.injection = "add"          # none | add | concat | gate
+  c.model.norm = "pre"               # pre | post | sandwich | peri | none
+  c.model.norm_type = "rms"          # rms | layer
+  c.model.mlp = "gelu"               # gelu | swiglu
+  c.model.state_init = "embed"       # embed | zeros | normal
+  c.model.state_std = 1.0            # std of the truncated normal for state_init=normal
+  c.model.attention = "local"        # full | local
+  c.model.window = 4                 # local attention width w (causal)
+  c.model.positions = "rope"         # rope | learned
+  c.model.tie_embeddings = False
+  c.model.init_std = 0.02            # std of hidden weight matrices (0: 1/sqrt(fan_in))
+  c.model.embed_std = 1.0            # std of the token (and learned position) embeddings
+  c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.model.remat = False              # rematerialise each iteration in the backward pass
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600
+  c.train.batch_size = 64
+  c.train.seed = 0
+  c.train.lr = 3e-3
+  c.train.min_lr_ratio = 0.1         # cosine decays to lr * min_lr_ratio
+  c.train.warmup = 50
+  c.train.weight_decay = 0.01
+  c.train.grad_clip = 1.0
+  c.train.recurrence = "uniform"     # fixed | uniform | poisson_lognormal
+  c.train.mean_recurrence = 6        # r (fixed) or the mean (poisson_lognormal)
+  c.train.min_recurrence = 2         # lower end for uniform
+  c.train.max_recurrence = 10        # upper end (uniform) and cap (poisson_lognormal)
+  c.train.recurrence_sigma = 0.5     # sigma of the log-normal (poisson_lognormal)
+  c.train.backprop_depth = 0         # gradients through the last b iterations only (0: all)
+  c.train.log_every = 20
+  c.train.eval_every = 200           # 0: only at the end
+  c.train.eval_batch_size = 256
+  c.train.eval_recurrences = ()      # () : (mean, 2 mean, 4 mean) of the training recurrence
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 2
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                   # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.mode = "offline"           # offline | online | disabled
+  c.wandb.project = "looped-transformers"
+  c.wandb.entity = ""
+  c.wandb.group = ""
+  c.wandb.name = ""
+  c.wandb.tags = ()
+  return c

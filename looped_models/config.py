@@ -1,0 +1,46 @@
+"""The model's options, their allowed values, and the check that runs before anything is built."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from configs.errors import ConfigError, check_choice, check_int
+
+INJECTIONS = ("none", "add", "concat", "gate")
+NORMS = ("pre", "post", "sandwich", "peri", "none")
+NORM_TYPES = ("rms", "layer")
+STATE_INITS = ("embed", "zeros", "normal")
+ATTENTIONS = ("full", "local")
+POSITIONS = ("rope", "learned")
+MLPS = ("gelu", "swiglu")
+DTYPES = ("float32", "bfloat16")
+
+# The keys that fix the parameter shapes: a checkpoint only restores into a model that agrees on them.
+SHAPE_KEYS = ("d_model", "n_heads", "d_ff", "vocab_size", "max_len", "n_prelude", "block_size",
+              "n_coda", "injection", "norm", "norm_type", "mlp", "positions", "tie_embeddings")
+
+ModelSpec = Any  # an ml_collections.ConfigDict (or any object) with the attributes of configs/base.py:model
+
+
+def validate_model_config(m: ModelSpec, prefix: str = "model") -> None:
+  """Raise ConfigError (one line, naming the key) for the first option that cannot work."""
+  for key, allowed in (("injection", INJECTIONS), ("norm", NORMS), ("norm_type", NORM_TYPES),
+                       ("state_init", STATE_INITS), ("attention", ATTENTIONS),
+                       ("positions", POSITIONS), ("mlp", MLPS), ("dtype", DTYPES)):
+    check_choice(f"{prefix}.{key}", getattr(m, key), allowed)
+  for key in ("d_model", "n_heads", "d_ff", "vocab_size", "max_len", "block_size"):
+    check_int(f"{prefix}.{key}", getattr(m, key), minimum=1)
+  for key in ("n_prelude", "n_coda"):
+    check_int(f"{prefix}.{key}", getattr(m, key), minimum=0)
+  if m.d_model % m.n_heads:
+    raise ConfigError(f"{prefix}.d_model", m.d_model,
+                      reason=f"must be divisible by {prefix}.n_heads={m.n_heads}")
+  if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
+    raise ConfigError(f"{prefix}.n_heads", m.n_heads,
+                      reason="rope needs an even head dimension d_model/n_heads")
+  if m.attention == "local":
+    check_int(f"{prefix}.window", m.window, minimum=1)
+  for key in ("init_std", "embed_std", "state_std"):
+    value = getattr(m, key)
+    if not isinstance(value, (int, float)) or value < 0:
+      raise ConfigError(f"{prefix}.{key}", value, allowed=">= 0")

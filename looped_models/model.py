@@ -1,0 +1,151 @@
+"""The looped transformer: prelude (p layers) -> a k-layer block iterated r times -> coda (c layers).
+
+One implementation of the block serves training, evaluation and trajectory capture: `iterate` scans
+`block_step` over iterations with `jax.lax.scan`, so compile time does not depend on r, and can emit the
+per-iteration, per-layer states [R, k, B, S, D] and attention maps [R, k, B, H, S, S] on request.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from looped_models.config import ModelSpec
+from looped_models.injection import Injection
+from looped_models.layers import Context, Layer, compute_dtype, make_context, make_norm
+
+
+class LoopOutput(NamedTuple):
+  logits_BSV: jax.Array
+  states_RkBSD: jax.Array | None = None      # per-iteration, per-block-layer outputs
+  attention_RkBHSS: jax.Array | None = None  # per-iteration, per-block-layer attention probabilities
+
+
+class BlockTrace(NamedTuple):
+  state_BSD: jax.Array                        # the recurrent state after the last iteration run
+  states_RkBSD: jax.Array | None
+  attention_RkBHSS: jax.Array | None
+
+
+class LoopedTransformer(nnx.Module):
+  """Looped transformer with tied block weights across iterations (DESIGN §3)."""
+
+  def __init__(self, m: ModelSpec, *, rngs: nnx.Rngs):
+    self.spec = m
+    dt = compute_dtype(m)
+    emb_init = nnx.initializers.normal(m.embed_std)
+    self.embed = nnx.Embed(m.vocab_size, m.d_model, embedding_init=emb_init, dtype=dt, rngs=rngs)
+    self.pos_embed = (nnx.Embed(m.max_len, m.d_model, embedding_init=emb_init, dtype=dt, rngs=rngs)
+                      if m.positions == "learned" else None)
+    self.prelude = nnx.List([Layer(m, rngs) for _ in range(m.n_prelude)])
+    self.injection = Injection(m, rngs)
+    self.block = nnx.List([Layer(m, rngs) for _ in range(m.block_size)])
+    self.iter_norm = make_norm(m, rngs) if m.norm == "peri" else None
+    self.coda = nnx.List([Layer(m, rngs) for _ in range(m.n_coda)])
+    self.final_norm = make_norm(m, rngs)
+    self.unembed = (None if m.tie_embeddings else
+                    nnx.Linear(m.d_model, m.vocab_size, use_bias=False,
+                               kernel_init=nnx.initializers.normal(m.d_model ** -0.5), dtype=dt,
+                               rngs=rngs))
+
+  # -- the pieces of one forward pass ---------------------------------------------------------------
+
+  def context(self, seq_len: int) -> Context:
+    return make_context(self.spec, seq_len)
+
+  def encode(self, tokens_BS: jax.Array, ctx: Context) -> jax.Array:
+    """Embedding and prelude: the input e that is injected into every iteration."""
+    x_BSD = self.embed(tokens_BS)
+    if self.pos_embed is not None:
+      x_BSD = x_BSD + self.pos_embed(jnp.arange(tokens_BS.shape[1]))[None]
+    for layer in self.prelude:
+      x_BSD, _ = layer(x_BSD, ctx)
+    return x_BSD
+
+  def initial_state(self, e_BSD: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    m = self.spec
+    if m.state_init == "embed":
+      return e_BSD
+    if m.state_init == "zeros":
+      return jnp.zeros_like(e_BSD)
+    key = jax.random.key(0) if key is None else key
+    noise = jax.random.truncated_normal(key, -2.0, 2.0, e_BSD.shape, jnp.float32)
+    return (m.state_std * noise).astype(e_BSD.dtype)
+
+  def block_step(self, s_BSD: jax.Array, e_BSD: jax.Array, ctx: Context
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One iteration: inject, run the k block layers. Returns (next state, layer outputs [k, B, S, D],
+    attention [k, B, H, S, S]). With norm=peri the state is normalised after the iteration."""
+    x_BSD = self.injection(s_BSD, e_BSD)
+    outs, atts = [], []
+    for layer in self.block:
+      x_BSD, att_BHSS = layer(x_BSD, ctx)
+      outs.append(x_BSD)
+      atts.append(att_BHSS)
+    if self.iter_norm is not None:
+      x_BSD = self.iter_norm(x_BSD)
+      outs[-1] = x_BSD
+    return x_BSD, jnp.stack(outs), jnp.stack(atts)
+
+  def iterate(self, s_BSD: jax.Array, e_BSD: jax.Array, ctx: Context, n_iters: int | jax.Array,
+              max_iters: int, *, backprop_depth: int = 0, return_states: bool = False,
+              return_attention: bool = False) -> BlockTrace:
+    """Run the block `n_iters` times (a traced value <= the static `max_iters`).
+
+    Iterations past `n_iters` are skipped with `lax.cond` (their trace entries repeat the state).
+    `backprop_depth` b > 0 stops the gradient at the state entering iteration n - b, so only the
+    last b iterations receive gradients.
+    """
+    masked = not (isinstance(n_iters, int) and n_iters == max_iters)
+    n = jnp.asarray(n_iters, jnp.int32)
+    k = self.spec.block_size
+
+    def run(s):
+      return self.block_step(s, e_BSD, ctx)
+
+    def skip(s):
+      att_shape = (k, s.shape[0], self.spec.n_heads, s.shape[1], s.shape[1])
+      return s, jnp.broadcast_to(s, (k, *s.shape)), jnp.zeros(att_shape, jnp.float32)
+
+    if self.spec.remat:
+      run = jax.checkpoint(run)
+
+    def body(s, t):
+      if backprop_depth > 0:
+        cut = (t == n - backprop_depth) & (n > backprop_depth)
+        s = jnp.where(cut, jax.lax.stop_gradient(s), s)
+      s, states_kBSD, att_kBHSS = jax.lax.cond(t < n, run, skip, s) if masked else run(s)
+      return s, (states_kBSD if return_states else None, att_kBHSS if return_attention else None)
+
+    s_BSD, (states, atts) = jax.lax.scan(body, s_BSD, jnp.arange(max_iters))
+    return BlockTrace(s_BSD, states, atts)
+
+  def decode(self, s_BSD: jax.Array, ctx: Context) -> jax.Array:
+    """Coda, final norm and unembedding: logits [B, S, V] in float32."""
+    for layer in self.coda:
+      s_BSD, _ = layer(s_BSD, ctx)
+    s_BSD = self.final_norm(s_BSD)
+    if self.unembed is None:
+      return self.embed.attend(s_BSD).astype(jnp.float32)
+    return self.unembed(s_BSD).astype(jnp.float32)
+
+  # -- the whole forward pass -----------------------------------------------------------------------
+
+  def __call__(self, tokens_BS: jax.Array, n_iters: int | jax.Array | None = None, *,
+               max_iters: int | None = None, backprop_depth: int = 0, key: jax.Array | None = None,
+               return_states: bool = False, return_attention: bool = False) -> LoopOutput:
+    """Logits after `n_iters` iterations of the block (default and upper bound: `max_iters`)."""
+    if max_iters is None:
+      if not isinstance(n_iters, int):
+        raise ValueError("max_iters is required when n_iters is traced or None")
+      max_iters = n_iters
+    n_iters = max_iters if n_iters is None else n_iters
+    ctx = self.context(tokens_BS.shape[1])
+    e_BSD = self.encode(tokens_BS, ctx)
+    trace = self.iterate(self.initial_state(e_BSD, key), e_BSD, ctx, n_iters, max_iters,
+                         backprop_depth=backprop_depth, return_states=return_states,
+                         return_attention=return_attention)
+    return LoopOutput(self.decode(trace.state_BSD, ctx), trace.states_RkBSD, trace.attention_RkBHSS)

@@ -1,0 +1,60 @@
+"""Read the records of an offline W&B run file (run-ID.wandb), so tests can check what W&B got.
+
+The file is a 7-byte header (":W&B", version) followed by a LevelDB-style log: 32 KiB blocks of
+chunks, each with a 7-byte header (crc32c: 4, length: 2 little-endian, type: 1 full/first/middle/last),
+carrying serialised `wandb_internal_pb2.Record` protobufs.
+"""
+
+import glob
+import json
+import os
+import struct
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+_BLOCK, _HEADER = 32768, 7
+
+
+def read_records(path: str) -> list:
+  data = open(path, "rb").read()
+  assert data[:4] == b":W&B", "not a W&B run file"
+  records, pos, parts = [], _HEADER, []
+  while pos + _HEADER <= len(data):
+    left_in_block = _BLOCK - pos % _BLOCK
+    if left_in_block < _HEADER:
+      pos += left_in_block
+      continue
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+    chunk = data[pos + _HEADER:pos + _HEADER + length]
+    pos += _HEADER + length
+    if kind == 0 and length == 0:
+      continue
+    parts.append(chunk)
+    if kind in (1, 4):  # full or last
+      rec = pb.Record()
+      rec.ParseFromString(b"".join(parts))
+      records.append(rec)
+      parts = []
+  return records
+
+
+def _items(items) -> dict:
+  return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
+
+
+def offline_run(wandb_dir: str, run_id: str) -> dict:
+  """{"run": the run record, "config": {key: value}, "summary": {key: value}, "history": [dict]}."""
+  (path,) = glob.glob(os.path.join(wandb_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
+  out = {"run": None, "config": {}, "summary": {}, "history": []}
+  for rec in read_records(path):
+    kind = rec.WhichOneof("record_type")
+    if kind == "run":
+      out["run"] = rec.run
+      out["config"].update(_items(rec.run.config.update))
+    elif kind == "config":
+      out["config"].update(_items(rec.config.update))
+    elif kind == "summary":
+      out["summary"].update(_items(rec.summary.update))
+    elif kind == "history":
+      out["history"].append(_items(rec.history.item))
+  return out

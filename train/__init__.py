@@ -1,0 +1,1 @@
+"""Trainer: CLI, loop, tasks, sharding, checkpoints, logging."""

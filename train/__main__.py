@@ -1,0 +1,51 @@
+"""`python -m train --config configs/base.py --workdir runs/NAME [--config.KEY=VALUE ...]`.
+
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 3 diverged (NaN/inf loss);
+128+signal after a clean save on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Trial config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
+
+
+def main(argv: list[str]) -> int:
+  logging.set_verbosity(logging.WARNING)  # orbax and jax are chatty at INFO
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  if not _WORKDIR.value:
+    print("error: --workdir is required", file=sys.stderr)
+    return 2
+  from configs.errors import ConfigError
+  from train.trainer import Trainer
+  from train.workdir import RunDirError
+
+  try:
+    trainer = Trainer(_CONFIG.value, _WORKDIR.value)
+    result = trainer.run()
+  except (ConfigError, RunDirError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  status = result.get("status")
+  if status == "diverged":
+    print(f"error: {result.get('error')}; run marked diverged in {_WORKDIR.value}/status.json",
+          file=sys.stderr)
+  elif status == "interrupted":
+    print(f"interrupted at step {result['step']}; checkpoint saved, rerun the same command to resume",
+          file=sys.stderr)
+  else:
+    summary = {k: v for k, v in result.get("final", result).items() if k.endswith("best_exact_match")}
+    print(f"done at step {result['step']}: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+  return result["exit_code"]
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,60 @@
+"""Orbax checkpoints of the train state (restored onto the target sharding) plus JSON metadata."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from train.workdir import RunDirError
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+class Checkpointer:
+  """Asynchronous `CheckpointManager` in WORKDIR/checkpoints keeping the newest `keep` steps.
+
+  Every process calls every method (orbax writes and reads collectively across hosts)."""
+
+  def __init__(self, workdir: str, keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restore `step` onto the shapes, dtypes and shardings of `abstract_state`
+    (a pytree of jax.ShapeDtypeStruct); a damaged checkpoint raises RunDirError."""
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for damaged or foreign files
+      raise RunDirError(f"checkpoint {self.directory}/{step} is corrupt or does not match the "
+                        f"model ({_first_line(e)})") from None
+    state = out["state"]
+    bad: list[str] = []
+    jax.tree_util.tree_map_with_path(
+        lambda path, a, b: bad.append(jax.tree_util.keystr(path)) if a.shape != b.shape else None,
+        abstract_state, state)
+    if bad:
+      raise RunDirError(f"checkpoint {self.directory}/{step} does not match the model at {bad[0]}")
+    return state, dict(out["meta"] or {})
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

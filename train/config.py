@@ -1,0 +1,66 @@
+"""Resolve the derived values of a trial config and check every key before anything is built."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from configs.errors import ConfigError, check_choice, check_int
+from looped_models import validate_model_config
+from train import recurrence
+from train.logger import WANDB_MODES
+from train.tasks import get_task
+
+
+def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A validated copy of `cfg` with the derived values filled in (vocab size from the task,
+  the minimum training length, the evaluation iteration counts)."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  task = get_task(cfg.task.name)
+  t, m = cfg.train, cfg.model
+  if not m.vocab_size:
+    m.vocab_size = task.vocab_size
+  if not cfg.task.min_train_length:
+    cfg.task.min_train_length = cfg.task.train_length
+  recurrence.validate(t)
+  if not t.eval_recurrences:
+    r = t.mean_recurrence
+    t.eval_recurrences = (r, 2 * r, 4 * r)
+  validate(cfg)
+  return cfg
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  task = get_task(cfg.task.name)
+  validate_model_config(cfg.model)
+  m, t = cfg.model, cfg.train
+  if m.vocab_size < task.vocab_size:
+    raise ConfigError("model.vocab_size", m.vocab_size, allowed=f">= {task.vocab_size} ({task.name})")
+  check_int("task.train_length", cfg.task.train_length, minimum=task.min_length)
+  check_int("task.min_train_length", cfg.task.min_train_length, minimum=task.min_length)
+  if cfg.task.min_train_length > cfg.task.train_length:
+    raise ConfigError("task.min_train_length", cfg.task.min_train_length,
+                      reason=f"must be <= task.train_length={cfg.task.train_length}")
+  for n in (cfg.task.train_length, *cfg.task.test_lengths):
+    check_int("task.test_lengths", n, minimum=task.min_length)
+    task.check_length(n)
+    if task.seq_len(n) > m.max_len:
+      raise ConfigError("task.test_lengths" if n != cfg.task.train_length else "task.train_length",
+                        n, reason=f"{task.name} of size {n} needs {task.seq_len(n)} tokens, more "
+                        f"than model.max_len={m.max_len}")
+  for key in ("steps", "warmup", "eval_every", "checkpoint_every", "seed"):
+    check_int(f"train.{key}", t[key], minimum=0)
+  for key in ("batch_size", "eval_batch_size", "keep_checkpoints", "log_every"):
+    check_int(f"train.{key}", t[key], minimum=1)
+  for r in t.eval_recurrences:
+    check_int("train.eval_recurrences", r, minimum=1)
+  if not t.lr > 0:
+    raise ConfigError("train.lr", t.lr, allowed="> 0")
+  check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+
+
+def seq_lengths(cfg: Any) -> dict[int, int]:
+  """Problem size -> tokens, for the training length and every test length."""
+  task = get_task(cfg.task.name)
+  return {n: task.seq_len(n) for n in (cfg.task.train_length, *cfg.task.test_lengths)}

@@ -1,0 +1,101 @@
+"""Metrics to WORKDIR/metrics.jsonl (always) and to W&B (offline unless asked for online).
+
+Only process 0 logs. A W&B failure never loses a metric: the JSONL line is written first, and a W&B
+run that cannot start online falls back to offline mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  """{"model": {"d_model": 64}} -> {"model.d_model": 64}, the form W&B groups and filters by."""
+  out: dict[str, Any] = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def _py(v: Any) -> Any:
+  if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "dtype"):
+    v = np.asarray(v)
+    return v.item() if v.ndim == 0 else v.tolist()
+  return v
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The metrics of a run, one dict per logged step; a step logged twice (a resumed run repeats the
+  steps after its last checkpoint) keeps its latest line."""
+  by_step: dict[int, dict] = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          rec = json.loads(line)
+          by_step.setdefault(rec["step"], {}).update(rec)
+  return [by_step[s] for s in sorted(by_step)]
+
+
+class MetricsLogger:
+  """JSONL + W&B logger for one run. `run_id` resumes the same W&B run after a restart."""
+
+  def __init__(self, workdir: str, wandb_cfg: Any, config: dict, run_id: str | None,
+               job_type: str = "train", enabled: bool = True):
+    self.enabled = enabled
+    self.run = None
+    self.run_id = run_id
+    if not enabled:
+      return
+    self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if wandb_cfg.mode == "disabled":
+      return
+    import wandb  # imported lazily: start-up cost only where W&B is used
+
+    mode = wandb_cfg.mode
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+      print("W&B: no API key found, logging offline (upload later with `wandb sync`)", file=sys.stderr)
+      mode = "offline"
+    kwargs = dict(project=wandb_cfg.project, entity=wandb_cfg.entity or None,
+                  group=wandb_cfg.group or None, name=wandb_cfg.name or os.path.basename(
+                      os.path.abspath(workdir)), tags=list(wandb_cfg.tags) or None,
+                  job_type=job_type, config=flatten(config), id=run_id, resume="allow",
+                  dir=os.environ.get("WANDB_DIR") or workdir)
+    try:
+      self.run = wandb.init(mode=mode, **kwargs)
+    except Exception as e:  # unreachable server, bad key: keep going offline
+      print(f"W&B: online run failed ({e}); logging offline", file=sys.stderr)
+      self.run = wandb.init(mode="offline", **kwargs)
+    self.run_id = self.run.id
+
+  def log(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    if self.run is not None:
+      self.run.log({k: v for k, v in record.items() if k != "step"}, step=int(step))
+
+  def summary(self, metrics: dict) -> None:
+    if self.run is not None:
+      self.run.summary.update({k: _py(v) for k, v in metrics.items()})
+
+  def close(self, exit_code: int = 0) -> None:
+    if not self.enabled:
+      return
+    self.file.close()
+    if self.run is not None:
+      self.run.finish(exit_code=exit_code)

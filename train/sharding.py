@@ -1,0 +1,107 @@
+"""Device mesh and sharding rules: one code path from one CPU device to a pod.
+
+The mesh has three named axes: `data` (batch), `fsdp` (batch and parameter shards), `tensor` (heads and
+MLP hidden units). Axis types are `Auto` on purpose: the train step is a `jax.jit` with explicit
+in/out shardings for parameters, optimizer state and batch, and XLA's sharding propagation places the
+activations in between, so the model code carries no sharding annotations.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from configs.errors import ConfigError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Parameter path (slash-joined, e.g. "block/0/attn/query/kernel") -> PartitionSpec. First match wins.
+RULES: tuple[tuple[str, P], ...] = (
+    (r"attn/(query|key|value)/kernel$", P("fsdp", "tensor")),
+    (r"attn/out/kernel$", P("tensor", "fsdp")),
+    (r"mlp/(up|gate)/kernel$", P("fsdp", "tensor")),
+    (r"mlp/down/kernel$", P("tensor", "fsdp")),
+    (r"injection/proj/kernel$", P("fsdp", "tensor")),
+    (r"(^|/)(embed|pos_embed)/embedding$", P(None, "tensor")),
+    (r"(^|/)unembed/kernel$", P("tensor", None)),
+    (r".*", P()),  # norms, biases: small, replicated
+)
+
+
+def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, int, int]:
+  """Resolve the -1 entry of (data, fsdp, tensor) and check the product against the devices."""
+  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+  for name, size in zip(AXES, sizes):
+    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+      raise ConfigError(f"mesh.{name}", size, allowed="a positive integer or -1")
+  if sizes.count(-1) > 1:
+    raise ConfigError("mesh", tuple(sizes), reason="at most one axis may be -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if n_devices % known:
+      raise ConfigError("mesh", tuple(sizes), reason=f"{n_devices} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = n_devices // known
+  if int(np.prod(sizes)) != n_devices:
+    raise ConfigError("mesh", tuple(sizes),
+                      reason=f"data*fsdp*tensor={int(np.prod(sizes))} but there are {n_devices} devices")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def path_str(path: tuple) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def spec_for(path: str) -> P:
+  for pattern, spec in RULES:
+    if re.search(pattern, path):
+      return spec
+  return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a pytree of parameters (or anything shaped like them, e.g. Adam moments),
+  matching each leaf's path against RULES. Scalars and leaves of other ranks are replicated."""
+
+  def one(path, leaf):
+    spec = spec_for(path_str(path))
+    if len(spec) != np.ndim(leaf):
+      spec = P()
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_divisible(model_cfg: Any, batch_size: int, mesh: Mesh) -> None:
+  """The shapes the rules shard must divide evenly over their mesh axes."""
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % batch_ways:
+    raise ConfigError("train.batch_size", batch_size,
+                      reason=f"must be divisible by mesh data*fsdp={batch_ways}")
+  tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+  for key in ("n_heads", "d_ff"):
+    if getattr(model_cfg, key) % tensor:
+      raise ConfigError(f"model.{key}", getattr(model_cfg, key),
+                        reason=f"must be divisible by mesh.tensor={tensor}")
+  for key in ("d_model", "d_ff"):
+    if getattr(model_cfg, key) % fsdp:
+      raise ConfigError(f"model.{key}", getattr(model_cfg, key),
+                        reason=f"must be divisible by mesh.fsdp={fsdp}")

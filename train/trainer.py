@@ -1,0 +1,209 @@
+"""The training loop: config -> task data -> model -> sharded train step -> checkpoints and logs.
+
+Every process runs this same code; process 0 alone writes progress, metrics, W&B and the run files.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from looped_models import LoopedTransformer
+from train import recurrence, sharding
+from train.checkpoint import Checkpointer
+from train.config import resolve, seq_lengths
+from train.logger import MetricsLogger
+from train.step import TrainState, make_eval_step, make_optimizer, make_schedule, make_train_step
+from train.tasks import fractions, get_task, make_batch
+from train.workdir import check_compatible, read_status, record_config, write_status
+
+
+class Diverged(Exception):
+  """The loss became NaN or infinite."""
+
+
+class Trainer:
+  """Builds everything for one run; `run()` trains to `train.steps` (resuming from WORKDIR)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+    # Everything that can reject the input runs first, before any compile or write.
+    self.cfg = cfg = resolve(cfg)
+    self.workdir = workdir
+    self.mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_divisible(cfg.model, cfg.train.batch_size, self.mesh)
+    sharding.check_divisible(cfg.model, cfg.train.eval_batch_size, self.mesh)
+    self.is_main = jax.process_index() == 0
+    self.old_config = check_compatible(workdir, cfg.to_dict()) if os.path.isdir(workdir) else None
+    self.task = get_task(cfg.task.name)
+    self.lengths = seq_lengths(cfg)
+
+    t = cfg.train
+    self.tx, self.schedule = make_optimizer(t), make_schedule(t)
+    self.graphdef, abstract_params = nnx.split(
+        nnx.eval_shape(lambda: LoopedTransformer(cfg.model, rngs=nnx.Rngs(t.seed))))
+    abstract_params = nnx.to_pure_dict(abstract_params)
+    abstract_state = {"params": abstract_params,
+                      "opt_state": jax.eval_shape(self.tx.init, abstract_params),
+                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    self.state_sharding = sharding.tree_shardings(abstract_state, self.mesh)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state, self.state_sharding)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    rep = sharding.replicated(self.mesh)
+    self.max_iters = recurrence.max_recurrence(t)
+    step_fn = make_train_step(self.graphdef, self.tx, max_iters=self.max_iters,
+                              backprop_depth=t.backprop_depth, seed=t.seed)
+    self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding, rep),
+                              out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
+    eval_fn = make_eval_step(self.graphdef, max_iters=max(t.eval_recurrences), seed=t.seed)
+    self.eval_step = jax.jit(eval_fn, in_shardings=(self.state_sharding["params"],
+                                                    self.batch_sharding, rep), out_shardings=rep)
+    self._stop_signal: int | None = None
+
+  # -- pieces -------------------------------------------------------------------------------------
+
+  def init_state(self) -> TrainState:
+    cfg = self.cfg
+
+    def init():
+      model = LoopedTransformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+      params = nnx.to_pure_dict(nnx.state(model))
+      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    return jax.jit(init, out_shardings=self.state_sharding)()
+
+  def global_batch(self, step: int, min_length: int, max_length: int, batch_size: int,
+                   stream: int) -> dict:
+    """This process's slice of the deterministic global batch, assembled into global arrays."""
+    local = make_batch(self.task, seed=self.cfg.train.seed, step=step, batch_size=batch_size,
+                       min_length=min_length, max_length=max_length,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       stream=stream)
+    local.pop("lengths")
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
+
+  def evaluate(self, params: dict) -> dict[str, float]:
+    """Accuracy at the training length and every test length, at each evaluation iteration count."""
+    t = self.cfg.train
+    out: dict[str, float] = {}
+    for n in self.lengths:
+      batch = self.global_batch(0, n, n, t.eval_batch_size, stream=1)
+      best = (-1.0, 0)
+      for r in t.eval_recurrences:
+        counts = jax.device_get(self.eval_step(params, batch, jnp.int32(r)))
+        acc = fractions(counts)
+        for name, value in acc.items():
+          out[f"eval/len{n}/iters{r}/{name}"] = value
+        out[f"eval/len{n}/iters{r}/loss"] = float(counts["loss"])
+        best = max(best, (acc["exact_match"], -r))
+      out[f"eval/len{n}/best_exact_match"] = best[0]
+      out[f"eval/len{n}/best_iters"] = -best[1]
+    return out
+
+  def _on_signal(self, signum, frame) -> None:
+    self._stop_signal = signum
+
+  # -- the loop -----------------------------------------------------------------------------------
+
+  def run(self) -> dict[str, Any]:
+    """Train to `train.steps`, resuming from the newest checkpoint. Returns the final status record."""
+    cfg, t = self.cfg, self.cfg.train
+    if self.is_main:
+      os.makedirs(self.workdir, exist_ok=True)
+    ckpt = Checkpointer(self.workdir, t.keep_checkpoints)
+    latest = ckpt.latest_step()
+    meta: dict = {}
+    if latest is not None:
+      state, meta = ckpt.restore(latest, self.abstract_state)
+    else:
+      state = self.init_state()
+    step = int(state["step"])
+    prior = read_status(self.workdir) if self.is_main else None
+    if step >= t.steps and prior and prior.get("status") == "done":
+      ckpt.close()
+      return {**prior, "exit_code": 0}
+    run_id = meta.get("wandb_run_id") or (prior or {}).get("wandb_run_id")
+    logger = MetricsLogger(self.workdir, cfg.wandb, cfg.to_dict(), run_id, enabled=self.is_main)
+    if self.is_main:
+      record_config(self.workdir, cfg.to_dict(), self.old_config)
+      write_status(self.workdir, "running", step=step, steps=t.steps, error=None,
+                   wandb_run_id=logger.run_id, resumed_from=latest)
+    old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    tokens_per_step = t.batch_size * self.task.seq_len(cfg.task.train_length)
+    pending: list[dict] = []
+    window_start, window_steps = time.perf_counter(), 0
+    final: dict[str, Any] = {}
+    status, exit_code = "done", 0
+    bar = tqdm(total=t.steps, initial=step, disable=not self.is_main, desc="train", unit="step",
+               dynamic_ncols=True)
+
+    def flush() -> None:
+      nonlocal window_start, window_steps
+      if not pending:
+        return
+      host = jax.device_get(pending)
+      losses = np.array([m["train/loss"] for m in host])
+      if not np.all(np.isfinite(losses)):
+        raise Diverged(f"loss is {losses[~np.isfinite(losses)][0]} at step "
+                       f"{step - len(host) + int(np.argmin(np.isfinite(losses)))}")
+      elapsed = time.perf_counter() - window_start
+      metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      metrics["train/steps_per_s"] = window_steps / elapsed
+      metrics["train/tokens_per_s"] = window_steps * tokens_per_step / elapsed
+      metrics["train/lr"] = float(self.schedule(step))
+      logger.log(step, metrics)
+      bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", steps_s=f"{metrics['train/steps_per_s']:.1f}",
+                      tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+      pending.clear()
+      window_start, window_steps = time.perf_counter(), 0
+
+    try:
+      while step < t.steps and self._stop_signal is None:
+        batch = self.global_batch(step, cfg.task.min_train_length, cfg.task.train_length,
+                                  t.batch_size, stream=0)
+        n_iters = jnp.int32(recurrence.sample(t, step))
+        state, metrics = self.train_step(state, batch, n_iters)
+        pending.append(metrics)
+        step += 1
+        window_steps += 1
+        bar.update(1)
+        at_end = step == t.steps
+        save = at_end or (t.checkpoint_every and step % t.checkpoint_every == 0)
+        if save or step % t.log_every == 0:
+          flush()  # also the divergence check: never checkpoint a NaN state
+        if at_end or (t.eval_every and step % t.eval_every == 0):
+          final = self.evaluate(state["params"])
+          logger.log(step, final)
+          window_start = time.perf_counter()
+        if save:
+          ckpt.save(step, state, {"wandb_run_id": logger.run_id})
+      if self._stop_signal is not None and step < t.steps:
+        flush()
+        ckpt.save(step, state, {"wandb_run_id": logger.run_id})
+        status, exit_code = "interrupted", 128 + self._stop_signal
+    except Diverged as e:
+      status, exit_code = "diverged", 3
+      final = {"error": f"training diverged: {e}"}
+    finally:
+      bar.close()
+      ckpt.close()
+      for s, h in old_handlers.items():
+        signal.signal(s, h)
+    result = {"step": step, "exit_code": exit_code, **final}
+    if self.is_main:
+      logger.summary({k: v for k, v in final.items() if k != "error"})
+      write_status(self.workdir, status, step=step, error=final.get("error"),
+                   final={k: v for k, v in final.items() if k.startswith("eval/")})
+      logger.close(exit_code=0 if status == "done" else 1)
+    result["status"] = status
+    return result
