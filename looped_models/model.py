@@ -104,11 +104,13 @@ class LoopedTransformer(nnx.Module):
     k = self.spec.block_size
 
     def run(s):
-      return self.block_step(s, e_BSD, ctx)
+      s, states_kBSD, att_kBHSS = self.block_step(s, e_BSD, ctx)
+      return s, (states_kBSD if return_states else None, att_kBHSS if return_attention else None)
 
     def skip(s):
       att_shape = (k, s.shape[0], self.spec.n_heads, s.shape[1], s.shape[1])
-      return s, jnp.broadcast_to(s, (k, *s.shape)), jnp.zeros(att_shape, jnp.float32)
+      return s, (jnp.broadcast_to(s, (k, *s.shape)) if return_states else None,
+                 jnp.zeros(att_shape, jnp.float32) if return_attention else None)
 
     if self.spec.remat:
       run = jax.checkpoint(run)
@@ -117,8 +119,7 @@ class LoopedTransformer(nnx.Module):
       if backprop_depth > 0:
         cut = (t == n - backprop_depth) & (n > backprop_depth)
         s = jnp.where(cut, jax.lax.stop_gradient(s), s)
-      s, states_kBSD, att_kBHSS = jax.lax.cond(t < n, run, skip, s) if masked else run(s)
-      return s, (states_kBSD if return_states else None, att_kBHSS if return_attention else None)
+      return jax.lax.cond(t < n, run, skip, s) if masked else run(s)
 
     s_BSD, (states, atts) = jax.lax.scan(body, s_BSD, jnp.arange(max_iters))
     return BlockTrace(s_BSD, states, atts)

@@ -1,0 +1,1 @@
+"""Fixed-point evaluator: trajectory capture, analysis, attention/stage metrics, plots."""
