@@ -1,0 +1,69 @@
+"""Run a model's own forward pass for R iterations, chunk by chunk, for the analysis and the curves.
+
+Nothing here re-implements the block: `LoopedTransformer.iterate` runs `chunk` iterations at a time
+(returning that chunk's per-layer states and attention maps), so the device holds O(chunk) states,
+never all R. The trajectory is deterministic, so `analyze_stream` can replay it twice.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train.tasks import accuracy_counts
+
+
+class Capture:
+  """Jitted pieces of one model for trajectory capture; `params` is the pure-dict parameter tree."""
+
+  def __init__(self, graphdef: nnx.GraphDef, params: dict, *, chunk: int = 8, seed: int = 0):
+    self.graphdef, self.params, self.chunk = graphdef, params, chunk
+    key = jax.random.key(seed)
+
+    def start(params, tokens_BS):
+      model = nnx.merge(graphdef, params)
+      ctx = model.context(tokens_BS.shape[1])
+      e_BSD = model.encode(tokens_BS, ctx)
+      return model.initial_state(e_BSD, key), e_BSD
+
+    def advance(params, s_BSD, e_BSD, targets_BS, mask_BS, *, n: int, attention: bool):
+      """n iterations: the new state, per-layer states [n,k,B,S,D], attention [n,k,B,H,S,S] and
+      the accuracy counts of the model's prediction after each of the n iterations."""
+      model = nnx.merge(graphdef, params)
+      ctx = model.context(s_BSD.shape[1])
+      trace = model.iterate(s_BSD, e_BSD, ctx, n, n, return_states=True, return_attention=attention)
+      preds_nBS = jax.lax.map(lambda s: model.decode(s, ctx).argmax(-1), trace.states_RkBSD[:, -1])
+      counts = jax.vmap(lambda p: accuracy_counts(p, targets_BS, mask_BS))(preds_nBS)
+      return trace.state_BSD, trace.states_RkBSD, trace.attention_RkBHSS, counts
+
+    self._start = jax.jit(start)
+    self._advance = jax.jit(advance, static_argnames=("n", "attention"))
+
+  def run(self, batch: dict, R: int, *, states: bool = True, attention: bool = False
+          ) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, dict]]:
+    """Yield, per chunk of consecutive iterations, (states [n,k,B,S,D] or None,
+    attention [n,k,B,H,S,S] or None, accuracy counts per iteration {name: [n]}) as numpy."""
+    s_BSD, e_BSD = self._start(self.params, batch["inputs"])
+    done = 0
+    while done < R:
+      n = min(self.chunk, R - done)
+      s_BSD, st, att, counts = self._advance(self.params, s_BSD, e_BSD, batch["targets"],
+                                             batch["mask"], n=n, attention=attention)
+      done += n
+      yield (np.asarray(st) if states else None, np.asarray(att) if attention else None,
+             jax.tree.map(np.asarray, counts))
+
+  def chunks(self, batch: dict, R: int, attention: bool = True) -> Callable[[], Iterator]:
+    """A replayable chunk source for `eval.fixed_points.analyze_stream`."""
+    return lambda: ((st, att) for st, att, _ in self.run(batch, R, attention=attention))
+
+  def accuracy_curve(self, batch: dict, R: int) -> dict[str, np.ndarray]:
+    """Exact-match and per-position accuracy after each of 1..R iterations ([R] arrays)."""
+    parts = [counts for _, _, counts in self.run(batch, R, states=False)]
+    c = {k: np.concatenate([p[k] for p in parts]).astype(np.float64) for k in parts[0]}
+    return {"exact_match": c["seq_right"] / np.maximum(c["seq_count"], 1),
+            "per_position": c["pos_right"] / np.maximum(c["pos_count"], 1)}
