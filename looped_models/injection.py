@@ -15,10 +15,9 @@ class Injection(nnx.Module):
 
   def __init__(self, m: ModelSpec, rngs: nnx.Rngs):
     self.mode = m.injection
-    self.proj = None
-    if self.mode in ("concat", "gate"):
-      self.proj = nnx.Linear(2 * m.d_model, m.d_model, use_bias=self.mode == "gate",
-                             kernel_init=dense_init(m), dtype=compute_dtype(m), rngs=rngs)
+    self.proj = (nnx.Linear(2 * m.d_model, m.d_model, use_bias=self.mode == "gate",
+                            kernel_init=dense_init(m), dtype=compute_dtype(m), rngs=rngs)
+                 if self.mode in ("concat", "gate") else None)
 
   def __call__(self, s_BSD: jax.Array, e_BSD: jax.Array) -> jax.Array:
     if self.mode == "none":

@@ -58,6 +58,9 @@ class LoopedTransformer(nnx.Module):
 
   def encode(self, tokens_BS: jax.Array, ctx: Context) -> jax.Array:
     """Embedding and prelude: the input e that is injected into every iteration."""
+    if tokens_BS.shape[1] > self.spec.max_len:
+      raise ValueError(f"sequence of {tokens_BS.shape[1]} tokens is longer than model.max_len="
+                       f"{self.spec.max_len}")
     x_BSD = self.embed(tokens_BS)
     if self.pos_embed is not None:
       x_BSD = x_BSD + self.pos_embed(jnp.arange(tokens_BS.shape[1]))[None]
