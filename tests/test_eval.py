@@ -1,0 +1,141 @@
+"""The evaluator on real models: capture through the model's own forward pass, streaming equals the
+materialised analysis, accuracy curves agree with the trainer, CLI end to end, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from eval.capture import Capture
+from eval.evaluate import evaluate, plateau
+from eval.fixed_points import REGIMES, analyze_stream, analyze_trajectory
+from train.config import resolve
+from train.step import init_model, make_eval_step
+from train.tasks import fractions, get_task, make_batch
+from train.trainer import Trainer
+from train.workdir import read_status
+from wandb_records import offline_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def setup_capture(R_chunk=3, **overrides):
+  cfg = resolve(tiny_config(**overrides))
+  graphdef, params = init_model(cfg.model, 0)
+  b = make_batch(get_task("prefix_or"), seed=0, step=0, batch_size=4, min_length=8, max_length=8,
+                 stream=1)
+  b.pop("lengths")
+  return cfg, graphdef, params, b, Capture(graphdef, params, chunk=R_chunk)
+
+
+def test_capture_is_the_models_own_trajectory():
+  cfg, graphdef, params, batch, cap = setup_capture(model__block_size=2)
+  R = 7
+  chunks = list(cap.run(batch, R, attention=True))
+  states = np.concatenate([c[0] for c in chunks])
+  att = np.concatenate([c[1] for c in chunks])
+  from flax import nnx
+  out = nnx.merge(graphdef, params)(batch["inputs"], R, return_states=True, return_attention=True)
+  np.testing.assert_allclose(states, out.states_RkBSD, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(att, out.attention_RkBHSS, atol=1e-6)
+  assert states.shape[:2] == (R, 2)
+
+
+def test_streaming_equals_analysis_of_materialised_states():
+  _, _, _, batch, cap = setup_capture(model__block_size=2)
+  R = 11
+  streamed = analyze_stream(cap.chunks(batch, R, attention=True))
+  parts = list(cap.run(batch, R, attention=True))
+  full = analyze_trajectory(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+  a, b = streamed.to_dict(), full.to_dict()
+  assert a["regime"] == b["regime"]
+  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for x, y in zip(flat_a, flat_b):
+    if isinstance(x, float):
+      assert x == pytest.approx(y, rel=1e-6, abs=1e-9)
+    else:
+      assert x == y
+
+
+def test_accuracy_curve_agrees_with_the_trainers_eval_step():
+  cfg, graphdef, params, batch, cap = setup_capture()
+  curve = cap.accuracy_curve(batch, 6)
+  step = jax.jit(make_eval_step(graphdef, max_iters=6, seed=0))
+  for r in (1, 4, 6):
+    assert curve["per_position"][r - 1] == pytest.approx(
+        fractions(jax.device_get(step(params, batch, jnp.int32(r))))["per_position"])
+
+
+def test_plateau():
+  assert plateau(np.array([0.1, 0.5, 0.9, 0.9, 0.9])) == 3
+  assert plateau(np.array([1.0, 1.0])) == 1
+  assert plateau(np.array([0.2, 0.9, 0.8])) == 3
+
+
+def test_end_to_end_trained_model(tmp_path):
+  workdir = str(tmp_path / "run")
+  cfg = tiny_config(train__steps=120, train__checkpoint_every=0)
+  cfg.wandb.mode = "offline"
+  Trainer(cfg, workdir).run()
+  summary = evaluate(resolve(cfg), workdir, iterations=16, batch_size=4, progress=False)
+  assert summary["fp/regime"] in REGIMES
+  result = json.load(open(os.path.join(workdir, "fixed_points.json")))
+  assert result["summary"]["fp/regime"] == summary["fp/regime"] and result["iterations"] == 16
+  assert len(result["report"]["successive_change"]) == 16
+  assert summary["acc/len8/best"] >= 0.99  # trained to its length; curve over 1..R iterations
+  assert len(result["accuracy_curves"]["16"]) == 16
+  md = open(os.path.join(workdir, "fixed_points.md")).read()
+  assert md.startswith(f"# Fixed points: **{summary['fp/regime']}**")
+  for name in ("convergence", "distance", "attention_similarity", "trajectory_pca", "stage_metrics",
+               "accuracy"):
+    assert os.path.getsize(os.path.join(workdir, "plots", f"{name}.png")) > 1000
+  run = offline_run(str(tmp_path / "wandb"), read_status(workdir)["wandb_run_id"])
+  assert run["summary"]["fp/regime"] == summary["fp/regime"]
+  assert "fp/layer1/converged_at" in run["summary"] and "train/loss" in run["summary"]
+
+
+def cli(*args):
+  env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT}/tests"}
+  return subprocess.run([sys.executable, "-m", "eval", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_random_init_control(tmp_path):
+  workdir = tmp_path / "ri"
+  out = cli("--config", "tests/tiny_config.py", "--init", "--workdir", str(workdir), "--iterations", "12")
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.load(open(workdir / "fixed_points.json"))
+  assert result["init"] is True and result["step"] == 0
+  assert result["summary"]["fp/regime"] in REGIMES
+
+
+@pytest.mark.parametrize("case", ["missing", "no_checkpoint", "iterations", "corrupt", "init_on_trained"])
+def test_cli_bad_input_is_one_line(tmp_path, case):
+  workdir = tmp_path / "run"
+  args = ["--workdir", str(workdir)]
+  if case in ("corrupt", "init_on_trained"):
+    cfg = tiny_config(train__steps=3, train__checkpoint_every=0)
+    Trainer(cfg, str(workdir)).run()
+    if case == "corrupt":
+      for root, _, files in os.walk(workdir / "checkpoints" / "3" / "state"):
+        for f in files:
+          open(os.path.join(root, f), "wb").write(b"junk")
+    else:
+      args += ["--config", "tests/tiny_config.py", "--init"]
+  elif case == "no_checkpoint":
+    workdir.mkdir()
+    json.dump(resolve(tiny_config()).to_dict(), open(workdir / "config.json", "w"))
+  elif case == "iterations":
+    args += ["--config", "tests/tiny_config.py", "--init", "--iterations", "2"]
+  before = sorted(os.listdir(workdir)) if workdir.exists() else None
+  out = cli(*args)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error:")
+  assert (sorted(os.listdir(workdir)) if workdir.exists() else None) == before
