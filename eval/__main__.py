@@ -16,9 +16,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Trial config (needed 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _INIT = flags.DEFINE_bool("init", False, "Evaluate the model at initialisation (random-init control).")
-_ITERS = flags.DEFINE_integer("iterations", None, "R (default: max(128, 4 x the training maximum)).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences analysed.")
-_CHUNK = flags.DEFINE_integer("chunk", 8, "Iterations per device call (memory ~ chunk).")
+_ITERS = flags.DEFINE_integer("iterations", None, "R (default: config eval.iterations, else "
+                               "max(128, 4 x the training maximum)).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Sequences analysed (default: eval.batch_size).")
+_CHUNK = flags.DEFINE_integer("chunk", None, "Iterations per device call (default: eval.chunk).")
 _TAU = flags.DEFINE_float("tau", 0.05, "Token-class cosine threshold.")
 _RHO = flags.DEFINE_float("rho", 0.9, "Share of the tail that must satisfy a class.")
 

@@ -115,16 +115,20 @@ def markdown(summary: dict, report: FixedPointReport, cfg: Any, step: int, init:
 
 
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False,
-             iterations: int | None = None, batch_size: int = 8, chunk: int = 8,
+             iterations: int | None = None, batch_size: int | None = None, chunk: int | None = None,
              thresholds: dict | None = None, log_wandb: bool = True, progress: bool = True) -> dict:
-  """Evaluate one run; returns the summary fields (also written to fixed_points.json)."""
+  """Evaluate one run; returns the summary fields (also written to fixed_points.json).
+  Unset arguments come from the config's `eval` section."""
   from tqdm import tqdm
 
   cfg = resolve(cfg)
-  R = iterations or default_iterations(cfg)
+  R = iterations or cfg.eval.iterations or default_iterations(cfg)
+  batch_size = batch_size or cfg.eval.batch_size
+  chunk = chunk or cfg.eval.chunk
   if R < 3:
     raise RunDirError(f"--iterations={R}: the analysis needs at least 3 iterations")
-  if init and os.path.isdir(os.path.join(workdir, "checkpoints")):
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if init and os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
     raise RunDirError(f"{workdir} holds a trained run; evaluate the random-init control elsewhere")
   if init and os.path.isdir(workdir):
     check_compatible(workdir, cfg.to_dict())
@@ -182,10 +186,9 @@ def _log_wandb(cfg, workdir, summary, report, plot_paths, curves, step, init) ->
   import wandb
   status = read_status(workdir) or {}
   logger = MetricsLogger(workdir, cfg.wandb, cfg.to_dict(), status.get("wandb_run_id"),
-                         job_type="init_control" if init else "train")
+                         job_type="init_control" if init else "train", jsonl=False)
   if logger.run is None:
     return
-  logger.file.close()  # the evaluation's figures go to fixed_points.json, not metrics.jsonl
   table = wandb.Table(columns=["layer", "converged", "converged_at", "final_change", "contraction_rate"],
                       data=[[l.layer + 1, l.converged, l.converged_at, l.final_change, l.contraction_rate]
                             for l in report.layers])

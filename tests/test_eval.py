@@ -88,7 +88,7 @@ def test_end_to_end_trained_model(tmp_path):
   assert summary["fp/regime"] in REGIMES
   result = json.load(open(os.path.join(workdir, "fixed_points.json")))
   assert result["summary"]["fp/regime"] == summary["fp/regime"] and result["iterations"] == 16
-  assert len(result["report"]["successive_change"]) == 16
+  assert len(result["report"]["series"]["successive_change"]) == 16
   assert summary["acc/len8/best"] >= 0.99  # trained to its length; curve over 1..R iterations
   assert len(result["accuracy_curves"]["16"]) == 16
   md = open(os.path.join(workdir, "fixed_points.md")).read()

@@ -58,6 +58,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if not t.lr > 0:
     raise ConfigError("train.lr", t.lr, allowed="> 0")
   check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+  check_int("eval.iterations", cfg.eval.iterations, minimum=0)
+  if 0 < cfg.eval.iterations < 3:
+    raise ConfigError("eval.iterations", cfg.eval.iterations, allowed="0 (default) or >= 3")
+  check_int("eval.batch_size", cfg.eval.batch_size, minimum=1)
+  check_int("eval.chunk", cfg.eval.chunk, minimum=1)
 
 
 def seq_lengths(cfg: Any) -> dict[int, int]:

@@ -53,13 +53,15 @@ class MetricsLogger:
   """JSONL + W&B logger for one run. `run_id` resumes the same W&B run after a restart."""
 
   def __init__(self, workdir: str, wandb_cfg: Any, config: dict, run_id: str | None,
-               job_type: str = "train", enabled: bool = True):
+               job_type: str = "train", enabled: bool = True, jsonl: bool = True):
     self.enabled = enabled
     self.run = None
     self.run_id = run_id
+    self.file = None
     if not enabled:
       return
-    self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if jsonl:
+      self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
     if wandb_cfg.mode == "disabled":
       return
     import wandb  # imported lazily: start-up cost only where W&B is used
@@ -84,8 +86,9 @@ class MetricsLogger:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
-    self.file.write(json.dumps(record) + "\n")
-    self.file.flush()
+    if self.file is not None:
+      self.file.write(json.dumps(record) + "\n")
+      self.file.flush()
     if self.run is not None:
       self.run.log({k: v for k, v in record.items() if k != "step"}, step=int(step))
 
@@ -96,6 +99,7 @@ class MetricsLogger:
   def close(self, exit_code: int = 0) -> None:
     if not self.enabled:
       return
-    self.file.close()
+    if self.file is not None:
+      self.file.close()
     if self.run is not None:
       self.run.finish(exit_code=exit_code)

@@ -1,0 +1,1 @@
+"""Sweeps: expansion of sweep files, the trial runner (resume, failure isolation), the report."""

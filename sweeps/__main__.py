@@ -1,0 +1,98 @@
+"""`python -m sweeps --config configs/sweeps/NAME.py [--workdir runs] [--parallel N] [--dry-run]
+[--config.KEY=VALUE ...]` runs a sweep; `python -m sweeps report runs/NAME` rebuilds its report.
+
+Exit status: 0 when every trial is done, 1 when some failed or diverged (the report says which),
+2 for bad input (one line on stderr), 130/143 when stopped by SIGINT/SIGTERM (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep file (configs/sweeps/NAME.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs", "Root of the sweep directories.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at once (separate processes).")
+_DRY_RUN = flags.DEFINE_bool("dry-run", False, "List the trials and exit.")
+
+
+def log_sweep_to_wandb(base_cfg, sweep: str, sweep_dir: str, paths: dict) -> None:
+  """A sweep-level W&B run (job_type sweep_report) with the comparison table and figures."""
+  if base_cfg.wandb.mode == "disabled":
+    return
+  import wandb
+
+  from sweeps.report import load, trial_table
+  from train.logger import MetricsLogger
+
+  cfg = base_cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.wandb.group = cfg.wandb.group or sweep
+    cfg.wandb.name = f"{sweep}-report"
+  logger = MetricsLogger(sweep_dir, cfg.wandb, {"sweep": sweep}, None, job_type="sweep_report",
+                         jsonl=False)
+  if logger.run is None:
+    return
+  _, rows = load(sweep_dir)
+  header, body = trial_table(rows)
+  logger.run.log({"sweep/trials": wandb.Table(columns=["trial"] + header,
+                                              data=[[r["name"]] + c for r, c in zip(rows, body)]),
+                  **{f"sweep/{k}": wandb.Image(p) for k, p in paths.items() if p.endswith(".png")}})
+  logger.run.finish()
+
+
+def main(argv: list[str]) -> int:
+  logging.set_verbosity(logging.WARNING)
+  from configs.errors import ConfigError
+  from sweeps import report
+  from train.workdir import RunDirError
+
+  try:
+    if len(argv) >= 2 and argv[1] == "report":
+      if len(argv) != 3:
+        raise RunDirError("usage: python -m sweeps report runs/SWEEP")
+      if not os.path.isdir(argv[2]):
+        raise RunDirError(f"sweep directory {argv[2]} does not exist")
+      paths = report.write_report(argv[2])
+      print(f"report: {paths['md']} and {paths['html']}")
+      return 0
+    if len(argv) > 1:
+      raise RunDirError(f"unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None:
+      raise RunDirError("--config configs/sweeps/NAME.py is required")
+    if _PARALLEL.value < 1:
+      raise ConfigError("--parallel", _PARALLEL.value, allowed=">= 1")
+    from sweeps.expand import expand, load_sweep_module, sweep_name
+    from sweeps.runner import Runner
+
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    name = sweep_name(path)
+    trials = expand(_CONFIG.value, load_sweep_module(path))
+    if _DRY_RUN.value:
+      for t in trials:
+        print(f"{t.name}\t" + " ".join(f"{k}={v}" for k, v in t.overrides.items())
+              + (f"\tINVALID: {t.invalid}" if t.invalid else ""))
+      print(f"{len(trials)} trials in {os.path.join(_WORKDIR.value, name)}")
+      return 0
+    runner = Runner(name, trials, _WORKDIR.value, parallel=_PARALLEL.value)
+    statuses = runner.run()
+  except (ConfigError, RunDirError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  import jax
+  if jax.process_index() == 0:
+    paths = report.write_report(runner.sweep_dir)
+    log_sweep_to_wandb(_CONFIG.value, name, runner.sweep_dir, paths)
+    print(f"report: {paths['md']} (and {os.path.basename(paths['html'])})")
+  if runner.stop_signal is not None:
+    return 128 + runner.stop_signal
+  return 0 if all(s == "done" for s in statuses.values()) else 1
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

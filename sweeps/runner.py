@@ -1,0 +1,165 @@
+"""Run a sweep: every trial in runs/SWEEP/TRIAL/, resumable, failure-isolated, N at a time.
+
+Each trial runs as its own process (`python -m sweeps.trial`), so a crash or a NaN is recorded in the
+trial's `trial.json` and the sweep goes on. On SIGINT/SIGTERM the runner passes SIGTERM to its trials
+(each saves a checkpoint), marks them pending and stops. Rerunning the command skips done (and
+diverged) trials and resumes the rest from their checkpoints. With several JAX processes (a pod),
+every host runs the same command and trials run one after another in-process over the whole mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+from sweeps.expand import Trial
+from train.workdir import read_json, write_json_atomic
+
+TRIAL_STATUSES = ("pending", "running", "done", "failed", "diverged")
+SKIP = ("done", "diverged")  # diverged trials are deterministic: rerunning them would diverge again
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def trial_record(trial_dir: str) -> dict:
+  return read_json(os.path.join(trial_dir, "trial.json")) or {"status": "pending"}
+
+
+def set_trial(trial_dir: str, **fields: Any) -> None:
+  record = trial_record(trial_dir)
+  record.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+  assert record["status"] in TRIAL_STATUSES, record["status"]
+  write_json_atomic(os.path.join(trial_dir, "trial.json"), record)
+
+
+def trial_config(trial: Trial, sweep: str) -> dict:
+  cfg = trial.config.to_dict()
+  w = cfg["wandb"]
+  w["group"] = w["group"] or sweep
+  w["name"] = w["name"] or trial.name
+  w["tags"] = list(w["tags"]) + [sweep] + [str(v) for v in trial.overrides.values()]
+  return cfg
+
+
+def _error_text(log_path: str) -> str:
+  lines = [l.strip() for l in open(log_path, errors="replace").read().splitlines() if l.strip()]
+  errors = [l for l in lines if l.startswith("error:")]
+  if errors:
+    return errors[-1][len("error:"):].strip()
+  tail = [l for l in lines if not l.startswith(("train:", "eval:"))][-3:]
+  return " | ".join(tail)[-500:] or "trial process failed without output"
+
+
+class Runner:
+  def __init__(self, sweep: str, trials: list[Trial], root: str, parallel: int = 1):
+    self.sweep, self.trials, self.parallel = sweep, trials, max(1, parallel)
+    self.sweep_dir = os.path.join(root, sweep)
+    self.stop_signal: int | None = None
+
+  def trial_dir(self, trial: Trial) -> str:
+    return os.path.join(self.sweep_dir, trial.name)
+
+  def _on_signal(self, signum, frame) -> None:
+    self.stop_signal = signum
+
+  def run(self) -> dict[str, str]:
+    """Run every trial not yet done; returns {trial name: status}."""
+    main = jax.process_index() == 0
+    if main:
+      os.makedirs(self.sweep_dir, exist_ok=True)
+      write_json_atomic(os.path.join(self.sweep_dir, "sweep.json"), {
+          "sweep": self.sweep, "trials": [{"name": t.name, "overrides": t.overrides} for t in self.trials]})
+    todo = [t for t in self.trials if trial_record(self.trial_dir(t))["status"] not in SKIP]
+    handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(total=len(self.trials), initial=len(self.trials) - len(todo), desc=self.sweep,
+               unit="trial", disable=not main, dynamic_ncols=True)
+    try:
+      if jax.process_count() > 1:
+        self._run_in_process(todo, bar)
+      else:
+        self._run_subprocesses(todo, bar)
+    finally:
+      bar.close()
+      for s, h in handlers.items():
+        signal.signal(s, h)
+    return {t.name: trial_record(self.trial_dir(t))["status"] for t in self.trials}
+
+  def _run_subprocesses(self, todo: list[Trial], bar) -> None:
+    running: dict[str, tuple[Trial, subprocess.Popen, float, Any]] = {}
+    queue = list(todo)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    while (queue or running):
+      if self.stop_signal is not None:
+        for _, proc, _, _ in running.values():
+          if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        queue = []
+      while queue and len(running) < self.parallel and self.stop_signal is None:
+        trial = queue.pop(0)
+        tdir = self.trial_dir(trial)
+        os.makedirs(tdir, exist_ok=True)
+        if trial.invalid:  # rejected before anything is compiled; the others go on
+          set_trial(tdir, status="failed", overrides=trial.overrides, error=trial.invalid, wall_s=0.0)
+          bar.update(1)
+          continue
+        log = open(os.path.join(tdir, "trial.log"), "a")
+        proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", tdir], stdin=subprocess.PIPE,
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True,
+                                start_new_session=True)  # Ctrl-C reaches the runner, not the trials
+        proc.stdin.write(json.dumps(trial_config(trial, self.sweep)))
+        proc.stdin.close()
+        set_trial(tdir, status="running", overrides=trial.overrides, error=None, pid=proc.pid)
+        running[trial.name] = (trial, proc, time.perf_counter(), log)
+      for name, (trial, proc, start, log) in list(running.items()):
+        if proc.poll() is None:
+          continue
+        log.close()
+        del running[name]
+        self._record(trial, proc.returncode, time.perf_counter() - start)
+        bar.update(1)
+      time.sleep(0.1)
+
+  def _record(self, trial: Trial, code: int, wall_s: float) -> None:
+    tdir = self.trial_dir(trial)
+    prev = trial_record(tdir).get("wall_s", 0.0) or 0.0
+    wall = round(prev + wall_s, 2)
+    if code == 0:
+      set_trial(tdir, status="done", wall_s=wall, error=None)
+    elif code == 3:
+      set_trial(tdir, status="diverged", wall_s=wall, error=_error_text(os.path.join(tdir, "trial.log")))
+    elif code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT):
+      set_trial(tdir, status="pending", wall_s=wall, error="interrupted; rerun the sweep to resume")
+    else:
+      set_trial(tdir, status="failed", wall_s=wall, error=_error_text(os.path.join(tdir, "trial.log")))
+
+  def _run_in_process(self, todo: list[Trial], bar) -> None:
+    """Multi-host: all processes run each trial together over the whole mesh."""
+    from sweeps.trial import run_trial
+    import ml_collections
+
+    main = jax.process_index() == 0
+    for trial in todo:
+      if self.stop_signal is not None:
+        break
+      tdir = self.trial_dir(trial)
+      if main:
+        os.makedirs(tdir, exist_ok=True)
+        set_trial(tdir, status="running", overrides=trial.overrides, error=None)
+      start = time.perf_counter()
+      try:
+        code, result = run_trial(ml_collections.ConfigDict(trial_config(trial, self.sweep)), tdir,
+                                 progress=main)
+        error = result.get("error") if code else None
+      except Exception as e:  # one trial's failure must not end the sweep
+        code, error = 1, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      if main:
+        status = {0: "done", 3: "diverged"}.get(code, "pending" if code >= 128 else "failed")
+        set_trial(tdir, status=status, wall_s=round(time.perf_counter() - start, 2), error=error)
+      bar.update(1)
