@@ -14,7 +14,7 @@ import numpy as np
 from eval import plots
 from eval.capture import Capture
 from eval.fixed_points import FixedPointReport, analyze_stream
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, saved_steps
 from train.config import resolve
 from train.logger import MetricsLogger
 from train.recurrence import max_recurrence
@@ -44,11 +44,10 @@ def load_params(cfg: Any, workdir: str, init: bool) -> tuple[Any, dict, int]:
   graphdef, params = init_model(cfg.model, cfg.train.seed)
   if init:
     return graphdef, params, 0
+  if not saved_steps(workdir):
+    raise RunDirError(f"{workdir} holds no checkpoint (train it first, or evaluate with --init)")
   ckpt = Checkpointer(workdir, cfg.train.keep_checkpoints)
   step = ckpt.latest_step()
-  if step is None:
-    ckpt.close()
-    raise RunDirError(f"{workdir} holds no checkpoint (train it first, or evaluate with --init)")
   from train.step import make_optimizer
   tx = make_optimizer(cfg.train)
   abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p),
@@ -127,8 +126,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
   chunk = chunk or cfg.eval.chunk
   if R < 3:
     raise RunDirError(f"--iterations={R}: the analysis needs at least 3 iterations")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if init and os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+  if init and saved_steps(workdir):
     raise RunDirError(f"{workdir} holds a trained run; evaluate the random-init control elsewhere")
   if init and os.path.isdir(workdir):
     check_compatible(workdir, cfg.to_dict())

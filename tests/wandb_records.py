@@ -43,10 +43,13 @@ def _items(items) -> dict:
 
 
 def offline_run(wandb_dir: str, run_id: str) -> dict:
-  """{"run": the run record, "config": {key: value}, "summary": {key: value}, "history": [dict]}."""
-  (path,) = glob.glob(os.path.join(wandb_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
-  out = {"run": None, "config": {}, "summary": {}, "history": []}
-  for rec in read_records(path):
+  """{"run": the run record, "config": {key: value}, "summary": {key: value}, "history": [dict],
+  "parts": n}. A resumed offline run is written as one directory per session, in time order (what
+  `wandb sync` uploads into the one run); their records are read in that order."""
+  paths = sorted(glob.glob(os.path.join(wandb_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb")))
+  assert paths, f"no offline W&B run {run_id} under {wandb_dir}"
+  out = {"run": None, "config": {}, "summary": {}, "history": [], "parts": len(paths)}
+  for rec in (r for path in paths for r in read_records(path)):
     kind = rec.WhichOneof("record_type")
     if kind == "run":
       out["run"] = rec.run

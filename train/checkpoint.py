@@ -16,6 +16,14 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """Steps with a finished checkpoint in WORKDIR/checkpoints, read without creating anything."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
 class Checkpointer:
   """Asynchronous `CheckpointManager` in WORKDIR/checkpoints keeping the newest `keep` steps.
 
