@@ -13,7 +13,7 @@ $(STAMP): requirements.txt
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m train --config configs/base.py --workdir runs/default
+	$(BIN)/python -m sweeps --config configs/sweeps/default.py --workdir runs
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -46,7 +46,7 @@ def load(sweep_dir: str) -> tuple[dict, list[dict]]:
     tdir = os.path.join(sweep_dir, t["name"])
     trial = read_json(os.path.join(tdir, "trial.json")) or {"status": "pending"}
     fp = read_json(os.path.join(tdir, "fixed_points.json"))
-    cfg = read_json(os.path.join(tdir, "config.json")) or {}
+    cfg = read_json(os.path.join(tdir, "config.json")) or t.get("config") or {}
     rows.append({"name": t["name"], "overrides": t["overrides"], "trial": trial, "config": cfg,
                  "fp": fp, "summary": (fp or {}).get("summary", {})})
   return index, rows
@@ -85,7 +85,7 @@ def trial_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     status = r["trial"].get("status", "pending")
     if r["trial"].get("error"):
       status += f": {r['trial']['error']}"
-    body.append([_fmt(r["overrides"].get(a)) for a in axes] +
+    body.append([_fmt(r["overrides"].get(a), "g") for a in axes] +
                 [status, verdict(r) if s else "—", _fmt(s.get("fp/degeneracy_min_cosine"), ".4f"),
                  changes or "—", conv or "—"] + accs + [_fmt(r["trial"].get("wall_s"), ".1f")])
   return header, body

@@ -48,6 +48,16 @@ def trial_config(trial: Trial, sweep: str) -> dict:
   return cfg
 
 
+def _detach_but_die_with_parent() -> None:
+  """In the trial process: its own session (a Ctrl-C reaches the runner, which stops the trials in
+  order), and on Linux a SIGTERM when the runner dies, even by SIGKILL, so that no orphan trial
+  goes on writing while a restarted runner resumes it (the trial saves a checkpoint and exits)."""
+  os.setsid()
+  if sys.platform.startswith("linux"):
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _error_text(log_path: str) -> str:
   lines = [l.strip() for l in open(log_path, errors="replace").read().splitlines() if l.strip()]
   errors = [l for l in lines if l.startswith("error:")]
@@ -75,7 +85,8 @@ class Runner:
     if main:
       os.makedirs(self.sweep_dir, exist_ok=True)
       write_json_atomic(os.path.join(self.sweep_dir, "sweep.json"), {
-          "sweep": self.sweep, "trials": [{"name": t.name, "overrides": t.overrides} for t in self.trials]})
+          "sweep": self.sweep, "trials": [{"name": t.name, "overrides": t.overrides, "config": t.config.to_dict()}
+                                  for t in self.trials]})
     todo = [t for t in self.trials if trial_record(self.trial_dir(t))["status"] not in SKIP]
     handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=len(self.trials), initial=len(self.trials) - len(todo), desc=self.sweep,
@@ -112,7 +123,7 @@ class Runner:
         log = open(os.path.join(tdir, "trial.log"), "a")
         proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", tdir], stdin=subprocess.PIPE,
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True,
-                                start_new_session=True)  # Ctrl-C reaches the runner, not the trials
+                                preexec_fn=_detach_but_die_with_parent)
         proc.stdin.write(json.dumps(trial_config(trial, self.sweep)))
         proc.stdin.close()
         set_trial(tdir, status="running", overrides=trial.overrides, error=None, pid=proc.pid)

@@ -1,0 +1,134 @@
+"""Sweeps: expansion, a SIGKILLed runner resumed, failure isolation, the report, W&B groups."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import tiny_config
+from configs.errors import ConfigError
+from sweeps import hyper
+from sweeps.expand import apply_overrides, expand, load_sweep_module, trial_name
+from sweeps.report import load, regime_grids
+from sweeps.runner import trial_record
+from train.workdir import read_status
+from wandb_records import offline_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sweeps_cli(*args, wait=True):
+  env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT}/tests"}
+  cmd = [sys.executable, "-m", "sweeps", *args]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_expansion_products_zips_chains_and_names():
+  grid = hyper.product([hyper.sweep("model.block_size", [1, 2]), hyper.sweep("model.norm", ["pre", "peri"])])
+  assert grid == [{"model.block_size": 1, "model.norm": "pre"}, {"model.block_size": 1, "model.norm": "peri"},
+                  {"model.block_size": 2, "model.norm": "pre"}, {"model.block_size": 2, "model.norm": "peri"}]
+  zipped = hyper.zip([hyper.sweep("train.lr", [1e-3, 3e-3]), hyper.sweep("train.warmup", [10, 20])])
+  assert zipped == [{"train.lr": 1e-3, "train.warmup": 10}, {"train.lr": 3e-3, "train.warmup": 20}]
+  assert len(hyper.chain(grid, zipped)) == 6
+  with pytest.raises(ValueError):
+    hyper.zip([hyper.sweep("a", [1]), hyper.sweep("b", [1, 2])])
+  assert trial_name({"model.block_size": 4, "model.injection": "concat", "model.norm": "sandwich",
+                     "train.seed": 0}) == "k4-concat-sandwich-s0"
+  assert trial_name({"train.lr": 0.003}) == "lr=0.003"
+
+
+def test_default_sweep_has_the_three_axes():
+  module = load_sweep_module(os.path.join(ROOT, "configs/sweeps/default.py"))
+  trials = expand(module.get_config(), module)
+  assert len(trials) == 27 and len({t.name for t in trials}) == 27
+  assert {t.config.model.block_size for t in trials} == {1, 2, 4}
+  assert {t.config.model.injection for t in trials} == {"none", "add", "concat"}
+  assert {t.config.model.norm for t in trials} == {"pre", "sandwich", "peri"}
+  assert not any(t.invalid for t in trials)
+
+
+def test_unknown_override_key_is_a_config_error():
+  with pytest.raises(ConfigError, match="model.blocksize"):
+    apply_overrides(tiny_config(), {"model.blocksize": 2})
+
+
+def test_sigkilled_runner_resumes_skipping_finished_trials(tmp_path):
+  sweep_dir = tmp_path / "tiny"
+  proc = sweeps_cli("--config", "tests/sweeps/tiny.py", "--workdir", str(tmp_path), wait=False)
+  first = sweep_dir / "k1-pre"
+  deadline = time.time() + 300
+  while trial_record(str(first))["status"] != "done":
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done_record = trial_record(str(first))
+  statuses = [trial_record(str(sweep_dir / n))["status"] for n in ("k2-pre", "k3-pre")]
+  assert "done" not in statuses[1:]  # killed mid-sweep
+  # the running trial got SIGTERM when its runner died: wait for it to save and exit
+  for name in ("k2-pre", "k3-pre"):
+    pid = trial_record(str(sweep_dir / name)).get("pid")
+    while pid and os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+      time.sleep(0.05)
+
+  out = sweeps_cli("--config", "tests/sweeps/tiny.py", "--workdir", str(tmp_path))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert trial_record(str(first)) == done_record  # skipped, not rerun
+  for name in ("k1-pre", "k2-pre", "k3-pre"):
+    assert trial_record(str(sweep_dir / name))["status"] == "done"
+    assert os.path.exists(sweep_dir / name / "fixed_points.json")
+    assert read_status(str(sweep_dir / name))["step"] == 12
+
+  # the report, from disk alone
+  report = open(sweep_dir / "report.md").read()
+  for name in ("k1-pre", "k2-pre", "k3-pre"):
+    assert f"| {name} |" in report
+  html = open(sweep_dir / "report.html").read()
+  assert html.count("data:image/png;base64,") >= 3
+  _, rows = load(str(sweep_dir))
+  grids = regime_grids(rows)
+  assert set(grids) == {1, 2, 3}
+  assert os.path.exists(sweep_dir / "report_regimes.png")
+  os.remove(sweep_dir / "report.md")
+  again = sweeps_cli("report", str(sweep_dir))
+  assert again.returncode == 0 and open(sweep_dir / "report.md").read() == report
+
+  # every trial is an offline W&B run in the sweep's group; one more run carries the report
+  wandb_dir = os.environ["WANDB_DIR"]
+  for name in ("k1-pre", "k2-pre", "k3-pre"):
+    run = offline_run(wandb_dir, read_status(str(sweep_dir / name))["wandb_run_id"])
+    assert run["run"].run_group == "tiny" and run["run"].display_name == name
+    assert run["config"]["model.block_size"] == int(name[1])
+    assert "fp/regime" in run["summary"]
+  reports = [d for d in os.listdir(os.path.join(wandb_dir, "wandb")) if d.startswith("offline-run")]
+  assert len(reports) >= 4
+
+
+def test_failures_are_isolated(tmp_path):
+  out = sweeps_cli("--config", "tests/sweeps/mixed.py", "--workdir", str(tmp_path))
+  assert out.returncode == 1, out.stderr[-3000:]
+  sweep_dir = tmp_path / "mixed"
+  names = [t["name"] for t in json.load(open(sweep_dir / "sweep.json"))["trials"]]
+  records = {n: trial_record(str(sweep_dir / n)) for n in names}
+  good, bad, nan = names
+  assert records[good]["status"] == "done"
+  assert records[bad]["status"] == "failed" and "model.injection" in records[bad]["error"]
+  assert records[nan]["status"] == "diverged" and "diverged" in records[nan]["error"]
+  report = open(sweep_dir / "report.md").read()
+  assert "failed: config error: model.injection='bogus'" in report
+
+
+def test_bad_sweep_input(tmp_path):
+  out = sweeps_cli("--config", "tests/sweeps/nope.py", "--workdir", str(tmp_path))
+  assert out.returncode != 0
+  out = sweeps_cli("report", str(tmp_path / "missing"))
+  assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+  out = sweeps_cli("--config", "tests/sweeps/tiny.py", "--dry-run")
+  assert out.returncode == 0 and "k3-pre" in out.stdout and "3 trials" in out.stdout
