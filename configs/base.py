@@ -72,6 +72,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
 
+  c.distributed = ml_collections.ConfigDict()  # multi-host: every host runs the same command
+  c.distributed.coordinator_address = ""  # HOST:PORT of process 0 ("" : single process or auto)
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.auto = True          # initialise by itself on Cloud TPU pods and SLURM
+  c.distributed.timeout_s = 300
+
   c.wandb = ml_collections.ConfigDict()
   c.wandb.mode = "offline"           # offline | online | disabled
   c.wandb.project = "looped-transformers"

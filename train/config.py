@@ -8,7 +8,7 @@ import ml_collections
 
 from configs.errors import ConfigError, check_choice, check_int
 from looped_models import validate_model_config
-from train import recurrence
+from train import distributed, recurrence
 from train.logger import WANDB_MODES
 from train.tasks import get_task
 
@@ -58,6 +58,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if not t.lr > 0:
     raise ConfigError("train.lr", t.lr, allowed="> 0")
   check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+  distributed.validate(cfg.distributed)
   check_int("eval.iterations", cfg.eval.iterations, minimum=0)
   if 0 < cfg.eval.iterations < 3:
     raise ConfigError("eval.iterations", cfg.eval.iterations, allowed="0 (default) or >= 3")

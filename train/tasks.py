@@ -205,8 +205,9 @@ def get_task(name: str) -> Task:
 
 def make_batch(task: Task, *, seed: int, step: int, batch_size: int, min_length: int, max_length: int,
                pad_to: int | None = None, process_index: int = 0, process_count: int = 1,
-               stream: int = 0) -> dict[str, np.ndarray]:
-  """This process's slice [p*b, (p+1)*b) of the global batch for `step`, b = batch_size // process_count.
+               stream: int = 0, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+  """This process's slice [p*b, (p+1)*b) of the global batch for `step`, b = batch_size // process_count,
+  or, with `rows=(start, stop)`, exactly those rows of the global batch (whatever the sharding needs).
 
   Returns {"inputs": int32 [b, S], "targets": int32 [b, S], "mask": float32 [b, S], "lengths": int32 [b]}
   with S = pad_to or task.seq_len(max_length); shorter examples are right-padded with pad_id, mask 0.
@@ -228,12 +229,16 @@ def make_batch(task: Task, *, seed: int, step: int, batch_size: int, min_length:
   if S < need:
     raise ConfigError("task.pad_to", pad_to, f">= {need} (seq_len at max_length={max_length})")
 
-  b = batch_size // process_count
+  first, stop = (process_index * (batch_size // process_count),
+                 (process_index + 1) * (batch_size // process_count)) if rows is None else rows
+  if not 0 <= first < stop <= batch_size:
+    raise ConfigError("rows", rows, f"a non-empty range within 0..{batch_size}")
+  b = stop - first
   inputs_BS = np.full((b, S), task.pad_id, np.int32)
   targets_BS = np.full((b, S), task.pad_id, np.int32)
   mask_BS = np.zeros((b, S), np.float32)
   lengths_B = np.zeros(b, np.int32)
-  for row, i in enumerate(range(process_index * b, (process_index + 1) * b)):
+  for row, i in enumerate(range(first, stop)):
     rng = np.random.default_rng([stream, seed, step, i])
     length = int(rng.integers(min_length, max_length + 1))
     x_S, y_S, m_S = task.example(rng, length)

@@ -18,7 +18,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from looped_models import LoopedTransformer
-from train import recurrence, sharding
+from train import distributed, recurrence, sharding
 from train.checkpoint import Checkpointer
 from train.config import resolve, seq_lengths
 from train.logger import MetricsLogger
@@ -38,6 +38,7 @@ class Trainer:
     # Everything that can reject the input runs first, before any compile or write.
     self.cfg = cfg = resolve(cfg)
     self.workdir = workdir
+    distributed.initialize(cfg.distributed)
     self.mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisible(cfg.model, cfg.train.batch_size, self.mesh)
     sharding.check_divisible(cfg.model, cfg.train.eval_batch_size, self.mesh)
@@ -84,13 +85,24 @@ class Trainer:
 
   def global_batch(self, step: int, min_length: int, max_length: int, batch_size: int,
                    stream: int) -> dict:
-    """This process's slice of the deterministic global batch, assembled into global arrays."""
+    """The deterministic global batch as sharded arrays; this process generates only the rows its
+    devices hold (a slice when the batch axis spans processes, all rows when it is replicated)."""
+    S = self.task.seq_len(max_length)
+    index = self.batch_sharding.addressable_devices_indices_map((batch_size, S))
+    spans = [sl[0].indices(batch_size)[:2] for sl in index.values()]
+    first, stop = min(lo for lo, _ in spans), max(hi for _, hi in spans)
     local = make_batch(self.task, seed=self.cfg.train.seed, step=step, batch_size=batch_size,
-                       min_length=min_length, max_length=max_length,
-                       process_index=jax.process_index(), process_count=jax.process_count(),
-                       stream=stream)
+                       min_length=min_length, max_length=max_length, stream=stream,
+                       rows=(first, stop))
     local.pop("lengths")
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
+
+    def array(v: np.ndarray) -> jax.Array:
+      def shard(idx):
+        lo, hi, _ = idx[0].indices(batch_size)
+        return v[lo - first:hi - first]
+      return jax.make_array_from_callback((batch_size, S), self.batch_sharding, shard)
+
+    return {k: array(v) for k, v in local.items()}
 
   def evaluate(self, params: dict) -> dict[str, float]:
     """Accuracy at the training length and every test length, at each evaluation iteration count."""
@@ -113,6 +125,17 @@ class Trainer:
   def _on_signal(self, signum, frame) -> None:
     self._stop_signal = signum
 
+  def _stop_requested(self) -> bool:
+    """Whether any process was signalled; every process must stop at the same step, so with several
+    processes the flag is agreed on (an all-gather, done only at logging steps)."""
+    if jax.process_count() == 1:
+      return self._stop_signal is not None
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(self._stop_signal or 0))
+    if self._stop_signal is None and flags.max() > 0:
+      self._stop_signal = int(flags.max())
+    return self._stop_signal is not None
+
   # -- the loop -----------------------------------------------------------------------------------
 
   def run(self) -> dict[str, Any]:
@@ -129,9 +152,9 @@ class Trainer:
       state = self.init_state()
     step = int(state["step"])
     prior = read_status(self.workdir) if self.is_main else None
-    if step >= t.steps and prior and prior.get("status") == "done":
+    if latest is not None and step >= t.steps:  # finished earlier: leave the run as it is
       ckpt.close()
-      return {**prior, "exit_code": 0}
+      return {**(prior or {}), "status": "done", "step": step, "exit_code": 0}
     run_id = meta.get("wandb_run_id") or (prior or {}).get("wandb_run_id")
     logger = MetricsLogger(self.workdir, cfg.wandb, cfg.to_dict(), run_id, enabled=self.is_main)
     if self.is_main:
@@ -168,7 +191,8 @@ class Trainer:
       window_start, window_steps = time.perf_counter(), 0
 
     try:
-      while step < t.steps and self._stop_signal is None:
+      stop = False
+      while step < t.steps and not stop:
         batch = self.global_batch(step, cfg.task.min_train_length, cfg.task.train_length,
                                   t.batch_size, stream=0)
         n_iters = jnp.int32(recurrence.sample(t, step))
@@ -181,15 +205,19 @@ class Trainer:
         save = at_end or (t.checkpoint_every and step % t.checkpoint_every == 0)
         if save or step % t.log_every == 0:
           flush()  # also the divergence check: never checkpoint a NaN state
+          stop = self._stop_requested()
+        elif jax.process_count() == 1:
+          stop = self._stop_signal is not None
         if at_end or (t.eval_every and step % t.eval_every == 0):
           final = self.evaluate(state["params"])
           logger.log(step, final)
           window_start = time.perf_counter()
         if save:
           ckpt.save(step, state, {"wandb_run_id": logger.run_id})
-      if self._stop_signal is not None and step < t.steps:
+      if stop and step < t.steps:
         flush()
-        ckpt.save(step, state, {"wandb_run_id": logger.run_id})
+        if ckpt.latest_step() != step:
+          ckpt.save(step, state, {"wandb_run_id": logger.run_id})
         status, exit_code = "interrupted", 128 + self._stop_signal
     except Diverged as e:
       status, exit_code = "diverged", 3

@@ -1,0 +1,60 @@
+"""Runs the tiny trial under a given mesh (and, optionally, as one of several jax.distributed
+processes); writes the per-step losses and the parameter/optimizer shardings to --out as JSON.
+Used by tests/test_sharding.py in subprocesses with fake CPU devices."""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                os.path.dirname(os.path.abspath(__file__))]
+
+
+def sharding_config(mesh=(1, 1, 1), steps=10, **dist):
+  from conftest import tiny_config
+  c = tiny_config(train__steps=steps, train__log_every=1, train__checkpoint_every=10, train__warmup=2,
+                  train__min_lr_ratio=1.0, train__eval_batch_size=16, train__batch_size=16)
+  c.model.update(n_heads=8, d_model=32, d_ff=64)
+  c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  c.distributed.update(dist)
+  return c
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--mesh", default="1,1,1")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--coordinator", default="")
+  p.add_argument("--nproc", type=int, default=1)
+  p.add_argument("--pid", type=int, default=0)
+  p.add_argument("--out", required=True)
+  a = p.parse_args()
+  import jax
+  from train import sharding
+  from train.logger import read_metrics
+  from train.trainer import Trainer
+
+  mesh = tuple(int(x) for x in a.mesh.split(","))
+  dist = dict(coordinator_address=a.coordinator, num_processes=a.nproc, process_id=a.pid) if a.coordinator else {}
+  trainer = Trainer(sharding_config(mesh, a.steps, **dist), a.workdir)
+  state = trainer.init_state()
+  specs = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    name = sharding.path_str(path)
+    expected = sharding.spec_for(name) if len(sharding.spec_for(name)) == leaf.ndim else ()
+    shard_shape = leaf.addressable_shards[0].data.shape
+    specs[name] = {"spec": [str(s) for s in leaf.sharding.spec], "expected": [str(s) for s in expected],
+                   "shape": list(leaf.shape), "shard_shape": list(shard_shape)}
+  result = trainer.run()
+  out = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+         "devices": jax.device_count(), "status": result["status"], "specs": specs,
+         "mesh": dict(trainer.mesh.shape)}
+  if jax.process_index() == 0:
+    out["losses"] = {m["step"]: m["train/loss"] for m in read_metrics(a.workdir) if "train/loss" in m}
+  json.dump(out, open(a.out, "w"))
+
+
+if __name__ == "__main__":
+  main()
