@@ -15,6 +15,7 @@ from eval import plots
 from eval.capture import Capture
 from eval.fixed_points import FixedPointReport, analyze_stream
 from train.checkpoint import Checkpointer, saved_steps
+from train import distributed
 from train.config import resolve
 from train.logger import MetricsLogger
 from train.recurrence import max_recurrence
@@ -50,8 +51,10 @@ def load_params(cfg: Any, workdir: str, init: bool) -> tuple[Any, dict, int]:
   step = ckpt.latest_step()
   from train.step import make_optimizer
   tx = make_optimizer(cfg.train)
-  abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p),
-                                       "step": np.int32(0)}, params)
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # every process reads it whole
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
+      jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": np.int32(0)}, params))
   state, _ = ckpt.restore(step, abstract)
   ckpt.close()
   return graphdef, state["params"], step
@@ -121,6 +124,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
   from tqdm import tqdm
 
   cfg = resolve(cfg)
+  distributed.initialize(cfg.distributed)
   R = iterations or cfg.eval.iterations or default_iterations(cfg)
   batch_size = batch_size or cfg.eval.batch_size
   chunk = chunk or cfg.eval.chunk
@@ -131,9 +135,11 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
   if init and os.path.isdir(workdir):
     check_compatible(workdir, cfg.to_dict())
   graphdef, params, step = load_params(cfg, workdir, init)
-  os.makedirs(workdir, exist_ok=True)
-  if init and not os.path.exists(os.path.join(workdir, "config.json")):
-    write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
+  main = jax.process_index() == 0  # with several processes, each evaluates; process 0 writes
+  if main:
+    os.makedirs(workdir, exist_ok=True)
+    if init and not os.path.exists(os.path.join(workdir, "config.json")):
+      write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
   task = get_task(cfg.task.name)
   capture = Capture(graphdef, params, chunk=chunk, seed=cfg.train.seed)
 
@@ -164,15 +170,17 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
   bar.close()
 
   summary = summary_fields(report, curves, cfg.task.train_length)
+  if not main:
+    return summary
   plot_paths = plots.all_plots(report, np.concatenate(points), curves, cfg.task.train_length,
                                os.path.join(workdir, "plots"))
-  result = {"summary": summary, "step": step, "init": init, "iterations": R,
-            "batch_size": batch_size, "curve_batch_size": cfg.train.eval_batch_size, "report": report.to_dict(),
+  result = {"summary": summary, "step": step, "init": init, "iterations": R, "batch_size": batch_size,
+            "curve_batch_size": cfg.train.eval_batch_size, "report": report.to_dict(),
             "accuracy_curves": {str(n): c.tolist() for n, c in curves.items()}}
   write_json_atomic(os.path.join(workdir, "fixed_points.json"), result)
   with open(os.path.join(workdir, "fixed_points.md"), "w") as f:
     f.write(markdown(summary, report, cfg, step, init))
-  if log_wandb and jax.process_index() == 0:
+  if log_wandb:
     _log_wandb(cfg, workdir, summary, report, plot_paths, curves, step, init)
   return summary
 

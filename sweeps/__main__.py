@@ -79,6 +79,8 @@ def main(argv: list[str]) -> int:
               + (f"\tINVALID: {t.invalid}" if t.invalid else ""))
       print(f"{len(trials)} trials in {os.path.join(_WORKDIR.value, name)}")
       return 0
+    from train import distributed
+    distributed.initialize(_CONFIG.value.distributed)  # a pod: every host runs this same command
     runner = Runner(name, trials, _WORKDIR.value, parallel=_PARALLEL.value)
     statuses = runner.run()
   except (ConfigError, RunDirError) as e:
