@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.recurrence_sigma = 0.5     # sigma of the log-normal (poisson_lognormal)
   c.train.backprop_depth = 0         # gradients through the last b iterations only (0: all)
   c.train.log_every = 20
-  c.train.eval_every = 200           # 0: only at the end
+  c.train.eval_every = 200           # 0: only at the end; -1: never (sweeps: the evaluator measures it)
   c.train.eval_batch_size = 256
   c.train.eval_recurrences = ()      # () : (mean, 2 mean, 4 mean) of the training recurrence
   c.train.checkpoint_every = 200

@@ -1,7 +1,10 @@
 """`python -m eval --workdir runs/NAME` evaluates a trained run's newest checkpoint;
-`python -m eval --config FILE --init --workdir runs/NAME` evaluates the model at initialisation.
+`python -m eval --config FILE --init --workdir runs/NAME` evaluates the model at initialisation;
+`python -m eval halting --workdir runs/NAME [--iterations R] [--repeats N]` sweeps the adaptive-halting
+criteria of a trained run (eval/halting.py).
 
-Writes WORKDIR/fixed_points.json, fixed_points.md and plots/*.png, and logs them to the run's W&B run.
+Writes WORKDIR/fixed_points.json, fixed_points.md and plots/*.png (halting: WORKDIR/halting.json and
+plots/halting_pareto.png), and logs them to the run's W&B run.
 Exit status 2 with one line on stderr for bad input (missing run, corrupt checkpoint, bad config).
 """
 
@@ -22,16 +25,46 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Sequences analysed (default: 
 _CHUNK = flags.DEFINE_integer("chunk", None, "Iterations per device call (default: eval.chunk).")
 _TAU = flags.DEFINE_float("tau", 0.05, "Token-class cosine threshold.")
 _RHO = flags.DEFINE_float("rho", 0.9, "Share of the tail that must satisfy a class.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "halting: timed calls per setting (median; 0: no timing).")
+
+
+def halting_main() -> int:
+  """`python -m eval halting --workdir runs/NAME`: halting.json, plots/halting_pareto.png, W&B."""
+  from configs.errors import ConfigError
+  from eval.evaluate import load_run_config
+  from eval.halting import evaluate_halting
+  from train.workdir import RunDirError
+
+  try:
+    if _INIT.value:
+      raise RunDirError("halting evaluates a trained run; --init is not supported")
+    cfg = load_run_config(_WORKDIR.value)
+    s = evaluate_halting(cfg, _WORKDIR.value, iterations=_ITERS.value, repeats=_REPEATS.value)["summary"]
+  except (ConfigError, RunDirError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if s["threshold"] is None:
+    print(f"R_fixed={s['R_fixed']}: no fixed_point threshold within {s['max_drop_points']} points; "
+          f"see {_WORKDIR.value}/halting.json")
+  else:
+    print(f"R_fixed={s['R_fixed']}: fixed_point eps={s['threshold']} saves "
+          f"{s['iterations_saved_fraction']:.1%} of the iterations ({s['mean_iterations']:.1f} per token, "
+          f"oracle {s['oracle_mean_iterations']:.1f}), drop {s['accuracy_drop_points']:.2f} points; "
+          f"see {_WORKDIR.value}/halting.json")
+  return 0
 
 
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+  halting = argv[1:2] == ["halting"]
+  if len(argv) > 1 + halting:
+    print(f"error: unexpected arguments {argv[1 + halting:]}", file=sys.stderr)
     return 2
   if not _WORKDIR.value:
     print("error: --workdir is required", file=sys.stderr)
     return 2
+  if halting:
+    return halting_main()
   from configs.errors import ConfigError
   from eval.evaluate import evaluate, load_run_config
   from eval.fixed_points import TrajectoryError

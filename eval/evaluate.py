@@ -19,7 +19,7 @@ from train import distributed
 from train.config import resolve
 from train.logger import MetricsLogger
 from train.recurrence import max_recurrence
-from train.step import init_model
+from train.step import abstract_model, init_model
 from train.tasks import get_task, make_batch
 from train.workdir import RunDirError, check_compatible, read_json, read_status, write_json_atomic
 
@@ -42,8 +42,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_params(cfg: Any, workdir: str, init: bool) -> tuple[Any, dict, int]:
   """(graphdef, params, step): the newest checkpoint, or the model at initialisation (step 0)."""
-  graphdef, params = init_model(cfg.model, cfg.train.seed)
   if init:
+    graphdef, params = init_model(cfg.model, cfg.train.seed)
     return graphdef, params, 0
   if not saved_steps(workdir):
     raise RunDirError(f"{workdir} holds no checkpoint (train it first, or evaluate with --init)")
@@ -51,6 +51,7 @@ def load_params(cfg: Any, workdir: str, init: bool) -> tuple[Any, dict, int]:
   step = ckpt.latest_step()
   from train.step import make_optimizer
   tx = make_optimizer(cfg.train)
+  graphdef, params = abstract_model(cfg.model, cfg.train.seed)
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # every process reads it whole
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
@@ -150,23 +151,26 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
     return b
 
   train_batch = batch_of(cfg.task.train_length, batch_size)
-  bar = tqdm(total=3 * R, desc="eval", unit="iter", disable=not progress, dynamic_ncols=True)
+  n_lengths = 1 + len(cfg.task.test_lengths)
+  bar = tqdm(total=(2 + n_lengths) * R, desc="eval", unit="iter", disable=not progress, dynamic_ncols=True)
+
+  points: list[np.ndarray] = []  # a few tokens' full trajectories for the PCA plot, from pass 1
 
   def counted(chunks):
     def replay():
+      keep = not points
       for st, att in chunks():
         bar.update(len(st))
+        if keep:
+          points.append(st[:, :, 0, -N_PCA_TOKENS:, :])
         yield st, att
     return replay
 
   report = analyze_stream(counted(capture.chunks(train_batch, R, attention=True)), **(thresholds or {}))
-  points = []
-  for st, _, _ in capture.run(train_batch, R):  # a few tokens' full trajectories, for the PCA plot
-    points.append(st[:, :, 0, -N_PCA_TOKENS:, :])
-    bar.update(len(st))
   curves = {}
   for n in (cfg.task.train_length, *cfg.task.test_lengths):
     curves[n] = capture.accuracy_curve(batch_of(n, cfg.train.eval_batch_size), R)["exact_match"]
+    bar.update(R)
   bar.close()
 
   summary = summary_fields(report, curves, cfg.task.train_length)

@@ -8,6 +8,7 @@ input, 3 diverged, 128+signal interrupted (checkpoint saved), anything else a cr
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import ml_collections
@@ -34,6 +35,10 @@ def main() -> int:
 
   logging.set_verbosity(logging.WARNING)
   workdir = sys.argv[1]
+  import jax
+  # Trials of one sweep share compiled programs (same shapes across seeds, reruns after a stop).
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache"))
   try:
     cfg = ml_collections.ConfigDict(json.load(sys.stdin))
     code, result = run_trial(cfg, workdir, progress=False)

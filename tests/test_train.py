@@ -128,25 +128,39 @@ def test_nan_loss_marks_run_diverged(tmp_path):
     assert step < status["step"]
 
 
-BAD_INPUTS = [
-    ("--config.model.injection=sideways", "model.injection"),
-    ("--config.model.norm=weird", "model.norm"),
-    ("--config.task.name=sorting", "task.name"),
-    ("--config.train.recurrence=geometric", "train.recurrence"),
-    ("--config.model.block_size=0", "model.block_size"),
-    ("--config.model.n_heads=3", "model.d_model"),
-    ("--config.model.window=0", "model.window"),
-    ("--config.task.test_lengths=(16,64)", "task.test_lengths"),
+BAD_INPUTS = [  # (config key, bad value, the key the error must name)
+    ("model.injection", "sideways", "model.injection"),
+    ("model.norm", "weird", "model.norm"),
+    ("task.name", "sorting", "task.name"),
+    ("train.recurrence", "geometric", "train.recurrence"),
+    ("model.block_size", 0, "model.block_size"),
+    ("model.n_heads", 3, "model.d_model"),
+    ("model.window", 0, "model.window"),
+    ("task.test_lengths", (16, 64), "task.test_lengths"),
 ]
 
 
-@pytest.mark.parametrize("flag,key", BAD_INPUTS)
-def test_bad_input_one_line_error_exit_2_nothing_written(tmp_path, flag, key):
+@pytest.mark.parametrize("name,value,key", BAD_INPUTS)
+def test_bad_input_is_a_one_line_config_error_before_anything(tmp_path, name, value, key):
+  from configs.errors import ConfigError
+  cfg = tiny_config()
+  section, field = name.split(".")
+  cfg[section][field] = value
+  with pytest.raises(ConfigError) as err:
+    Trainer(cfg, str(tmp_path / "run"))
+  assert key in str(err.value) and "\n" not in str(err.value)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name,value,key", [BAD_INPUTS[0], BAD_INPUTS[-1]])
+def test_cli_bad_input_exit_2_one_line_nothing_written(tmp_path, name, value, key):
   workdir = tmp_path / "run"
-  out = cli(workdir, flag)
+  flag_value = ",".join(map(str, value)).join("()") if isinstance(value, tuple) else value
+  out = cli(workdir, f"--config.{name}={flag_value}")
   assert out.returncode == 2
   lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
   assert len(lines) == 1 and key in lines[0], out.stderr
+  assert "allowed" in lines[0] or "max_len" in lines[0]
   assert not workdir.exists()
 
 

@@ -49,8 +49,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError("task.test_lengths" if n != cfg.task.train_length else "task.train_length",
                         n, reason=f"{task.name} of size {n} needs {task.seq_len(n)} tokens, more "
                         f"than model.max_len={m.max_len}")
-  for key in ("steps", "warmup", "eval_every", "checkpoint_every", "seed"):
+  for key in ("steps", "warmup", "checkpoint_every", "seed"):
     check_int(f"train.{key}", t[key], minimum=0)
+  check_int("train.eval_every", t.eval_every, minimum=-1)
   for key in ("batch_size", "eval_batch_size", "keep_checkpoints", "log_every"):
     check_int(f"train.{key}", t[key], minimum=1)
   for r in t.eval_recurrences:

@@ -43,6 +43,12 @@ def init_model(m: Any, seed: int) -> tuple[nnx.GraphDef, dict]:
   return graphdef, nnx.to_pure_dict(state)
 
 
+def abstract_model(m: Any, seed: int) -> tuple[nnx.GraphDef, dict]:
+  """The graph and the parameter shapes (jax.ShapeDtypeStruct), without computing any values."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: LoopedTransformer(m, rngs=nnx.Rngs(seed))))
+  return graphdef, nnx.to_pure_dict(state)
+
+
 def masked_cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array) -> jax.Array:
   ce_BS = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS)
   return (ce_BS * mask_BS).sum() / jnp.maximum(mask_BS.sum(), 1.0)

@@ -22,7 +22,7 @@ from train import distributed, recurrence, sharding
 from train.checkpoint import Checkpointer
 from train.config import resolve, seq_lengths
 from train.logger import MetricsLogger
-from train.step import TrainState, make_eval_step, make_optimizer, make_schedule, make_train_step
+from train.step import TrainState, abstract_model, make_eval_step, make_optimizer, make_schedule, make_train_step
 from train.tasks import fractions, get_task, make_batch
 from train.workdir import check_compatible, read_status, record_config, write_status
 
@@ -49,9 +49,7 @@ class Trainer:
 
     t = cfg.train
     self.tx, self.schedule = make_optimizer(t), make_schedule(t)
-    self.graphdef, abstract_params = nnx.split(
-        nnx.eval_shape(lambda: LoopedTransformer(cfg.model, rngs=nnx.Rngs(t.seed))))
-    abstract_params = nnx.to_pure_dict(abstract_params)
+    self.graphdef, abstract_params = abstract_model(cfg.model, t.seed)
     abstract_state = {"params": abstract_params,
                       "opt_state": jax.eval_shape(self.tx.init, abstract_params),
                       "step": jax.ShapeDtypeStruct((), jnp.int32)}
@@ -208,7 +206,7 @@ class Trainer:
           stop = self._stop_requested()
         elif jax.process_count() == 1:
           stop = self._stop_signal is not None
-        if at_end or (t.eval_every and step % t.eval_every == 0):
+        if t.eval_every >= 0 and (at_end or (t.eval_every and step % t.eval_every == 0)):
           final = self.evaluate(state["params"])
           logger.log(step, final)
           window_start = time.perf_counter()

@@ -13,8 +13,8 @@ def get_config():
   c = base_config()
   c.task.train_length, c.task.test_lengths = 8, (16, 32)
   c.model.update(d_model=32, n_heads=2, d_ff=64, max_len=32, n_prelude=1, n_coda=1, window=3)
-  c.train.update(steps=150, batch_size=32, lr=3e-3, warmup=20, recurrence="uniform",
-                 min_recurrence=2, max_recurrence=6, mean_recurrence=4, log_every=25, eval_every=0,
+  c.train.update(steps=150, batch_size=32, lr=3e-3, warmup=20, recurrence="uniform", eval_every=-1,
+                 min_recurrence=2, max_recurrence=6, mean_recurrence=4, log_every=25,
                  checkpoint_every=50, eval_batch_size=128)
   c.eval.update(iterations=64, batch_size=4)
   return c

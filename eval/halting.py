@@ -1,0 +1,338 @@
+"""Adaptive halting, evaluated: sweep each criterion of `looped_models.halting` over a threshold grid
+against fixed-iteration inference and the oracle, on one eval batch per length; write halting.json
+and plots/halting_pareto.png, log them to the run's W&B run.
+
+Definitions (all on the mix of all lengths: the training length and every test length, one batch of
+`train.eval_batch_size` sequences each, counts aggregated over lengths):
+- R, the halting cap: `eval.iterations` or max(128, 4 x the training maximum);
+- R_fixed: the smallest r <= R whose exact match on the longest test length equals the best over 1..R
+  (what a user without halting must run for every input); the baseline is fixed inference at R_fixed;
+- mean / max iterations: of the per-token exit iterations over the scored (masked) positions;
+  `mean_iterations_all` averages over every position;
+- oracle (evaluation only): from an unfrozen run of R iterations, a token exits at the first iteration
+  after which its prediction never changes again within R (its prediction is the one at R);
+- FLOPs (forward, as run): 2 x parameters x tokens for every matmul layer application, plus 4 x S x d
+  per token and layer for the attention scores and mixing (the full masked S x S matrix is computed);
+  the loop's block iterations really run (the slowest token of the batch), one prelude, and one decode
+  (coda + unembedding), plus one decode per iteration for the criteria that decode inside the loop;
+- wall time: per length, jit-compiled and warmed up once, then the median of `repeats` timed calls
+  (`block_until_ready`), summed over lengths.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from configs.errors import ConfigError
+from looped_models.halting import CRITERIA, DECODING_CRITERIA, LOOP_CRITERIA, halt_loop, validate
+from train.tasks import accuracy_counts, fractions, get_task, make_batch
+
+DEFAULT_GRIDS: dict[str, tuple] = {
+    "fixed_point": (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4),
+    "kl": (1e-2, 1e-3, 5e-4, 1e-4, 1e-5),
+    "cosine": (1e-2, 1e-3, 1e-4, 1e-5, 1e-6),
+    "argmax_stable": (1, 2, 3, 5, 8),
+}
+MAX_DROP_POINTS = 0.5  # accuracy drop (exact match, percentage points) still counted as "no loss"
+SUMMARY_FIGURES = ("iterations_saved_fraction", "accuracy_drop_points", "oracle_mean_iterations",
+                   "mean_iterations", "wall_speedup")
+
+
+def check_grids(grids: dict | None) -> dict[str, tuple]:
+  """The grids to sweep (DEFAULT_GRIDS when None), every threshold validated; ConfigError if bad."""
+  grids = DEFAULT_GRIDS if grids is None else grids
+  for criterion, values in grids.items():
+    if criterion not in LOOP_CRITERIA:
+      raise ConfigError("halting.grids", criterion, LOOP_CRITERIA,
+                        reason="the oracle is always evaluated" if criterion == "oracle" else None)
+    for v in values:
+      validate(criterion, v, 2)
+  return {c: tuple(v) for c, v in grids.items()}
+
+
+def layer_flops(m: Any, seq: int) -> float:
+  """Forward FLOPs per token of one transformer layer at sequence length `seq`."""
+  d, f = m.d_model, m.d_ff
+  return 2 * (4 * d * d + (3 if m.mlp == "swiglu" else 2) * d * f) + 4 * seq * d
+
+
+def inference_flops(m: Any, batch: int, seq: int, *, iterations: int, decodes: int) -> float:
+  """Forward FLOPs of one batch: prelude, `iterations` block iterations, `decodes` decodes."""
+  layer = layer_flops(m, seq)
+  inject = 2 * 2 * m.d_model * m.d_model if m.injection in ("concat", "gate") else 0
+  decode = m.n_coda * layer + 2 * m.d_model * m.vocab_size
+  per_token = m.n_prelude * layer + iterations * (m.block_size * layer + inject) + decodes * decode
+  return float(batch * seq * per_token)
+
+
+def oracle_exits(preds_RBS: np.ndarray) -> np.ndarray:
+  """[B, S] 1-based first iteration after which the prediction never changes again within R."""
+  changed_RBS = preds_RBS[1:] != preds_RBS[:-1]          # entry t-1: changed at iteration t+1
+  R = preds_RBS.shape[0]
+  last = R - 1 - np.argmax(changed_RBS[::-1], axis=0)    # index into changed of the last change
+  return np.where(changed_RBS.any(0), last + 2, 1).astype(np.int32)
+
+
+class Runner:
+  """Jitted inference of one model: the full trajectory's predictions, fixed r, and halting."""
+
+  def __init__(self, graphdef: nnx.GraphDef, params: dict, R: int, seed: int):
+    self.params, key = params, jax.random.key(seed)
+
+    def trajectory(params, tokens_BS):
+      model = nnx.merge(graphdef, params)
+      ctx = model.context(tokens_BS.shape[1])
+      e_BSD = model.encode(tokens_BS, ctx)
+
+      def body(s_BSD, _):
+        s_BSD, _, _ = model.block_step(s_BSD, e_BSD, ctx)
+        return s_BSD, model.decode(s_BSD, ctx).argmax(-1).astype(np.int32)
+      return jax.lax.scan(body, model.initial_state(e_BSD, key), None, length=R)[1]
+
+    def fixed(params, tokens_BS, *, r):
+      return nnx.merge(graphdef, params)(tokens_BS, r, key=key).logits_BSV
+
+    def halting(params, tokens_BS, threshold, *, criterion):
+      model = nnx.merge(graphdef, params)
+      return halt_loop(model, tokens_BS, criterion=criterion, threshold=threshold, max_iters=R, key=key)
+
+    self._trajectory = jax.jit(trajectory)
+    self._fixed = jax.jit(fixed, static_argnames=("r",))
+    self._halting = jax.jit(halting, static_argnames=("criterion",))
+
+  def trajectory(self, tokens_BS: np.ndarray) -> np.ndarray:
+    """Predictions after each of the R iterations, [R, B, S] (unfrozen, for curves and the oracle)."""
+    return np.asarray(self._trajectory(self.params, tokens_BS))
+
+  def fixed(self, tokens_BS: np.ndarray, r: int) -> Callable[[], Any]:
+    return lambda: self._fixed(self.params, tokens_BS, r=r)
+
+  def halting(self, tokens_BS: np.ndarray, criterion: str, threshold: float) -> Callable[[], Any]:
+    thr = np.float32(threshold)
+    return lambda: self._halting(self.params, tokens_BS, thr, criterion=criterion)
+
+
+def timed(call: Callable[[], Any], repeats: int) -> tuple[Any, float | None]:
+  """(output, median seconds of `repeats` calls after a warm-up/compile call; None if repeats=0)."""
+  out = jax.block_until_ready(call())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - t0)
+  return out, float(np.median(times)) if times else None
+
+
+def _row(criterion: str, threshold: Any, per_len: dict[int, dict], batches: dict[int, dict]) -> dict:
+  """Aggregate one setting's per-length results (preds, exit, loop iterations, flops, wall)."""
+  counts = {k: 0 for k in ("seq_right", "seq_count", "pos_right", "pos_count")}
+  ex_sum = ex_n = ex_all = n_all = 0
+  ex_max, lengths = 0, {}
+  for n, r in per_len.items():
+    b = batches[n]
+    c = {k: int(v) for k, v in accuracy_counts(r["preds"], b["targets"], b["mask"]).items()}
+    on = b["mask"] > 0
+    ex = r["exit"]
+    ex_sum, ex_n = ex_sum + int(ex[on].sum()), ex_n + int(on.sum())
+    ex_all, n_all = ex_all + int(ex.sum()), n_all + ex.size
+    ex_max = max(ex_max, int(ex[on].max()) if on.any() else 0)
+    counts = {k: counts[k] + c[k] for k in counts}
+    lengths[str(n)] = {**fractions(c), "mean_iterations": float(ex[on].mean()) if on.any() else None,
+                       "loop_iterations": r["loop"], "flops": r["flops"], "wall_s": r["wall"]}
+  walls = [r["wall"] for r in per_len.values()]
+  flops = [r["flops"] for r in per_len.values()]
+  return {"criterion": criterion, "threshold": threshold, **fractions(counts),
+          "mean_iterations": ex_sum / max(ex_n, 1), "max_iterations": ex_max,
+          "mean_iterations_all": ex_all / max(n_all, 1),
+          "flops": None if None in flops else float(sum(flops)),
+          "wall_s": None if None in walls else float(sum(walls)), "lengths": lengths}
+
+
+def _eval_batches(cfg: Any) -> dict[int, dict]:
+  task = get_task(cfg.task.name)
+  out = {}
+  for n in (cfg.task.train_length, *cfg.task.test_lengths):
+    b = make_batch(task, seed=cfg.train.seed, step=0, batch_size=cfg.train.eval_batch_size,
+                   min_length=n, max_length=n, stream=1)
+    b.pop("lengths")
+    out[n] = b
+  return out
+
+
+def _figures(row: dict | None, fixed: dict, oracle: dict, R_fixed: int) -> dict:
+  """The summary figures of one halting row against the fixed baseline (None when no row)."""
+  if row is None:
+    return {"threshold": None, **{k: None for k in SUMMARY_FIGURES},
+            "oracle_mean_iterations": oracle["mean_iterations"]}
+  speed = (fixed["wall_s"] / row["wall_s"]) if fixed["wall_s"] and row["wall_s"] else None
+  return {"threshold": row["threshold"],
+          "iterations_saved_fraction": 1.0 - row["mean_iterations"] / R_fixed,
+          "accuracy_drop_points": 100.0 * (fixed["exact_match"] - row["exact_match"]),
+          "oracle_mean_iterations": oracle["mean_iterations"],
+          "mean_iterations": row["mean_iterations"], "wall_speedup": speed,
+          "max_iterations": row["max_iterations"], "exact_match": row["exact_match"],
+          "flops_saved_fraction": 1.0 - row["flops"] / fixed["flops"] if row["flops"] else None}
+
+
+def best_within(rows: list[dict], criterion: str, fixed: dict, max_drop: float = MAX_DROP_POINTS
+                ) -> dict | None:
+  """The row of `criterion` with the fewest mean iterations whose exact match on the mix is within
+  `max_drop` points of the fixed baseline (ties: the lower accuracy drop), or None."""
+  ok = [r for r in rows if r["criterion"] == criterion
+        and 100.0 * (fixed["exact_match"] - r["exact_match"]) <= max_drop + 1e-9]
+  return min(ok, key=lambda r: (r["mean_iterations"], -r["exact_match"])) if ok else None
+
+
+def summarize(rows: list[dict], fixed: dict, oracle: dict, R: int, R_fixed: int) -> dict:
+  """halting.json's `summary`: the best fixed_point threshold within MAX_DROP_POINTS, and `kl_best`."""
+  fp = best_within(rows, "fixed_point", fixed)
+  kl = best_within(rows, "kl", fixed)
+  return {"criterion": "fixed_point", "R": R, "R_fixed": R_fixed, "max_drop_points": MAX_DROP_POINTS,
+          "fixed_exact_match": fixed["exact_match"], "fixed_wall_s": fixed["wall_s"],
+          **_figures(fp, fixed, oracle, R_fixed), "kl_best": _figures(kl, fixed, oracle, R_fixed)}
+
+
+def flat_summary(summary: dict) -> dict[str, Any]:
+  """W&B-style flat fields: halting/R_fixed, halting/mean_iterations, ..., halting/kl/..."""
+  out = {f"halting/{k}": v for k, v in summary.items() if not isinstance(v, dict)}
+  out.update({f"halting/kl/{k}": v for k, v in summary["kl_best"].items()})
+  return out
+
+
+def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dict | None = None,
+                     iterations: int | None = None, repeats: int = 3, log_wandb: bool = True,
+                     progress: bool = True) -> dict:
+  """Sweep every criterion over its grid on a trained run; write WORKDIR/halting.json and
+  WORKDIR/plots/halting_pareto.png, log to W&B; returns the whole result ({"summary", "rows", ...})."""
+  from tqdm import tqdm
+
+  from eval.evaluate import default_iterations, load_params
+  from train import distributed
+  from train.config import resolve
+  from train.workdir import write_json_atomic
+
+  grids = check_grids(grids)
+  if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
+    raise ConfigError("halting.repeats", repeats, allowed="an integer >= 0")
+  cfg = resolve(cfg)
+  R = iterations or cfg.eval.iterations or default_iterations(cfg)
+  if isinstance(R, bool) or not isinstance(R, int) or R < 2:
+    raise ConfigError("halting.iterations", R, allowed="an integer >= 2")
+  distributed.initialize(cfg.distributed)
+  graphdef, params, step = load_params(cfg, workdir, False)
+  m, batches = cfg.model, _eval_batches(cfg)
+  runner = Runner(graphdef, params, R, cfg.train.seed)
+  total = len(batches) * (2 + sum(len(v) for v in grids.values()))
+  bar = tqdm(total=total, desc="halting", unit="run", disable=not progress, dynamic_ncols=True)
+
+  trajectories = {}
+  for n, b in batches.items():
+    trajectories[n] = runner.trajectory(b["inputs"])
+    bar.update()
+  longest = max(cfg.task.test_lengths or (cfg.task.train_length,))
+  b = batches[longest]
+  em_R = np.array([fractions(accuracy_counts(p, b["targets"], b["mask"]))["exact_match"]
+                   for p in trajectories[longest]])
+  R_fixed = int(np.argmax(em_R)) + 1
+  curve = [_row("fixed", r, {n: {"preds": trajectories[n][r - 1], "exit": np.full(bb["inputs"].shape, r),
+                                 "loop": r, "flops": None, "wall": None}
+                             for n, bb in batches.items()}, batches)["exact_match"]
+           for r in range(1, R + 1)]
+  oracle = _row("oracle", None, {n: {"preds": trajectories[n][-1], "exit": oracle_exits(trajectories[n]),
+                                     "loop": R, "flops": None, "wall": None}
+                                 for n in batches}, batches)
+
+  per_len = {}
+  for n, b in batches.items():
+    logits, wall = timed(runner.fixed(b["inputs"], R_fixed), repeats)
+    per_len[n] = {"preds": np.asarray(logits).argmax(-1), "exit": np.full(b["inputs"].shape, R_fixed),
+                  "loop": R_fixed, "wall": wall,
+                  "flops": inference_flops(m, *b["inputs"].shape, iterations=R_fixed, decodes=1)}
+    bar.update()
+  fixed = _row("fixed", R_fixed, per_len, batches)
+
+  rows = []
+  for criterion, values in grids.items():
+    for thr in values:
+      per_len = {}
+      for n, b in batches.items():
+        out, wall = timed(runner.halting(b["inputs"], criterion, thr), repeats)
+        loop = int(out.iterations)
+        decodes = 1 + (loop if criterion in DECODING_CRITERIA else 0)
+        per_len[n] = {"preds": np.asarray(out.logits_BSV).argmax(-1), "exit": np.asarray(out.exit_BS),
+                      "loop": loop, "wall": wall,
+                      "flops": inference_flops(m, *b["inputs"].shape, iterations=loop, decodes=decodes)}
+        bar.update()
+      rows.append(_row(criterion, thr, per_len, batches))
+  bar.close()
+
+  summary = summarize(rows, fixed, oracle, R, R_fixed)
+  result = {"summary": summary, "step": step, "R": R, "R_fixed": R_fixed, "repeats": repeats,
+            "batch_size": cfg.train.eval_batch_size, "lengths": list(batches),
+            "longest_test_length": longest, "grids": {c: list(v) for c, v in grids.items()},
+            "fixed": fixed, "oracle": oracle, "rows": rows, "fixed_curve_exact_match": curve,
+            "criteria": list(CRITERIA)}
+  if jax.process_index() != 0:
+    return result
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  plot = pareto_plot(rows, fixed, oracle, curve, os.path.join(workdir, "plots", "halting_pareto.png"))
+  write_json_atomic(os.path.join(workdir, "halting.json"), result)
+  if log_wandb:
+    _log_wandb(cfg, workdir, summary, rows, plot, step)
+  return result
+
+
+def halting_summary(cfg: ml_collections.ConfigDict, workdir: str, **kwargs: Any) -> dict[str, Any]:
+  """For a sweep trial: run `evaluate_halting` and return the flat `halting/...` summary fields."""
+  return flat_summary(evaluate_halting(cfg, workdir, **kwargs)["summary"])
+
+
+def pareto_plot(rows: list[dict], fixed: dict, oracle: dict, curve: list[float], path: str) -> str:
+  """Exact match on the mix against mean iterations per token: one line per criterion, the oracle,
+  and fixed-iteration inference at every r (R_fixed marked)."""
+  from eval.plots import _save, plt
+
+  fig, ax = plt.subplots(figsize=(6.8, 4.4))
+  r = np.arange(1, len(curve) + 1)
+  ax.plot(r, curve, color="0.6", lw=1, label="fixed r")
+  ax.scatter([fixed["threshold"]], [fixed["exact_match"]], color="0.2", marker="s", zorder=4,
+             label=f"fixed at R_fixed={fixed['threshold']}")
+  for criterion in LOOP_CRITERIA:
+    pts = sorted((x["mean_iterations"], x["exact_match"]) for x in rows if x["criterion"] == criterion)
+    if pts:
+      ax.plot(*zip(*pts), marker="o", ms=4, label=criterion)
+  ax.scatter([oracle["mean_iterations"]], [oracle["exact_match"]], marker="*", s=140, color="k",
+             zorder=5, label="oracle")
+  ax.set(xscale="log", xlabel="mean iterations per token", ylabel="exact match (mix of all lengths)",
+         title="Adaptive halting: accuracy against iterations")
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def _log_wandb(cfg: Any, workdir: str, summary: dict, rows: list[dict], plot: str, step: int) -> None:
+  """Into the run's own W&B run, resumed by the id in status.json; nothing when W&B is disabled."""
+  if cfg.wandb.mode == "disabled":
+    return
+  import wandb
+
+  from train.logger import MetricsLogger
+  from train.workdir import read_status
+
+  status = read_status(workdir) or {}
+  logger = MetricsLogger(workdir, cfg.wandb, cfg.to_dict(), status.get("wandb_run_id"), jsonl=False)
+  if logger.run is None:
+    return
+  cols = ["criterion", "threshold", "mean_iterations", "max_iterations", "exact_match",
+          "per_position", "flops", "wall_s"]
+  table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
+  logger.run.log({"halting/plots/pareto": wandb.Image(plot), "halting/rows": table},
+                 step=max(step, logger.run.step))
+  logger.run.summary.update({k: v for k, v in flat_summary(summary).items() if v is not None})
+  logger.run.finish()
