@@ -1,7 +1,7 @@
 """Device memory of the fixed-point evaluation (R = 128, streamed in chunks) against one forward pass
 at the training iteration count, from XLA's compiled memory analysis (arguments + outputs + temps).
 
-  python -m bench.eval_memory [--d_model 256] [--seq 64] [--batch 8] [--train_iters 8] [--R 128] [--chunk 8]
+  python -m bench.eval_memory [--d_model 256] [--seq 64] [--batch 8] [--train_iters 8] [--R 128] [--chunk 4]
 
 The evaluation's device peak is one chunk call: the state, the chunk's per-layer states and attention
 maps. The full trajectory is never on the device; the host keeps O(k·B·S·D) plus the small series.
@@ -35,7 +35,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--train_iters", type=int, default=8)
   p.add_argument("--R", type=int, default=128)
-  p.add_argument("--chunk", type=int, default=8)
+  p.add_argument("--chunk", type=int, default=4)
   args = p.parse_args()
   m = get_config().model
   m.update(d_model=args.d_model, n_heads=args.d_model // 64, d_ff=4 * args.d_model, n_prelude=2,

@@ -22,7 +22,7 @@ _INIT = flags.DEFINE_bool("init", False, "Evaluate the model at initialisation (
 _ITERS = flags.DEFINE_integer("iterations", None, "R (default: config eval.iterations, else "
                                "max(128, 4 x the training maximum)).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Sequences analysed (default: eval.batch_size).")
-_CHUNK = flags.DEFINE_integer("chunk", None, "Iterations per device call (default: eval.chunk).")
+_CHUNK = flags.DEFINE_integer("chunk", None, "Iterations per device call (default: eval.chunk, 4).")
 _TAU = flags.DEFINE_float("tau", 0.05, "Token-class cosine threshold.")
 _RHO = flags.DEFINE_float("rho", 0.9, "Share of the tail that must satisfy a class.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "halting: timed calls per setting (median; 0: no timing).")

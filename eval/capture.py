@@ -20,7 +20,7 @@ from train.tasks import accuracy_counts
 class Capture:
   """Jitted pieces of one model for trajectory capture; `params` is the pure-dict parameter tree."""
 
-  def __init__(self, graphdef: nnx.GraphDef, params: dict, *, chunk: int = 8, seed: int = 0):
+  def __init__(self, graphdef: nnx.GraphDef, params: dict, *, chunk: int = 4, seed: int = 0):
     self.graphdef, self.params, self.chunk = graphdef, params, chunk
     key = jax.random.key(seed)
 
