@@ -23,28 +23,27 @@ def _positive(x: np.ndarray) -> np.ndarray:
   return np.where(np.isfinite(x) & (x > 0), x, np.nan)
 
 
-def convergence(report, path: str) -> str:
-  """Per-layer successive change (relative norm, solid; 1 - cos, dashed) on a log scale."""
+def _per_layer(report, rel_Rk, cos_Rk, ylabel: str, title: str, legend: str, path: str) -> str:
+  """One line per block layer on a log scale: relative norm (solid) and 1 - cos (dashed)."""
   fig, ax = plt.subplots(figsize=(6.4, 4))
   t = np.arange(report.num_iterations)
   for l in range(report.block_size):
-    line, = ax.semilogy(t, _positive(report.successive_change[:, l]), label=f"layer {l + 1}")
-    ax.semilogy(t, _positive(report.successive_cos[:, l]), "--", color=line.get_color(), alpha=0.6)
-  ax.set(xlabel="iteration t", ylabel="successive change", title=f"Convergence — {report.regime}")
-  ax.legend(title="solid ‖Δ‖/‖X‖, dashed 1−cos", fontsize=8)
+    line, = ax.semilogy(t, _positive(rel_Rk[:, l]), label=f"layer {l + 1}")
+    ax.semilogy(t, _positive(cos_Rk[:, l]), "--", color=line.get_color(), alpha=0.6)
+  ax.set(xlabel="iteration t", ylabel=ylabel, title=title)
+  ax.legend(title=legend, fontsize=8)
   return _save(fig, path)
+
+
+def convergence(report, path: str) -> str:
+  """Per-layer successive change (relative norm, solid; 1 - cos, dashed) on a log scale."""
+  return _per_layer(report, report.successive_change, report.successive_cos, "successive change",
+                    f"Convergence — {report.regime}", "solid ‖Δ‖/‖X‖, dashed 1−cos", path)
 
 
 def distance_to_fixed_point(report, path: str) -> str:
-  fig, ax = plt.subplots(figsize=(6.4, 4))
-  t = np.arange(report.num_iterations)
-  for l in range(report.block_size):
-    line, = ax.semilogy(t, _positive(report.distance_to_fixed[:, l]), label=f"layer {l + 1}")
-    ax.semilogy(t, _positive(report.distance_cos[:, l]), "--", color=line.get_color(), alpha=0.6)
-  ax.set(xlabel="iteration t", ylabel="distance to X*_ℓ = X_ℓ,R",
-         title="Distance to the approximate fixed point")
-  ax.legend(title="solid ‖X−X*‖/‖X*‖, dashed 1−cos", fontsize=8)
-  return _save(fig, path)
+  return _per_layer(report, report.distance_to_fixed, report.distance_cos, "distance to X*_ℓ = X_ℓ,R",
+                    "Distance to the approximate fixed point", "solid ‖X−X*‖/‖X*‖, dashed 1−cos", path)
 
 
 def attention_similarity(report, path: str) -> str:
