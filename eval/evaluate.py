@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from configs.base import get_config as base_config
 from eval import plots
 from eval.capture import Capture
 from eval.fixed_points import FixedPointReport, analyze_stream
@@ -34,10 +35,20 @@ def default_iterations(cfg: Any) -> int:
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isdir(workdir):
     raise RunDirError(f"run directory {workdir} does not exist")
-  cfg = read_json(os.path.join(workdir, "config.json"))
-  if cfg is None:
+  stored = read_json(os.path.join(workdir, "config.json"))
+  if stored is None:
     raise RunDirError(f"{workdir} holds no config.json: not a run directory")
-  return ml_collections.ConfigDict(cfg)
+  cfg = base_config()  # keys added since the run was made take their defaults
+
+  def merge(node, values: dict) -> None:
+    for key, value in values.items():
+      if isinstance(value, dict) and key in node:
+        merge(node[key], value)
+      else:
+        node[key] = value
+
+  merge(cfg, stored)
+  return cfg
 
 
 def load_params(cfg: Any, workdir: str, init: bool) -> tuple[Any, dict, int]:
