@@ -91,16 +91,17 @@ class Runner:
     handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=len(self.trials), initial=len(self.trials) - len(todo), desc=self.sweep,
                unit="trial", disable=not main, dynamic_ncols=True)
+    local: dict[str, str] = {}  # with several processes, each knows its own outcome
     try:
       if jax.process_count() > 1:
-        self._run_in_process(todo, bar)
+        local = self._run_in_process(todo, bar)
       else:
         self._run_subprocesses(todo, bar)
     finally:
       bar.close()
       for s, h in handlers.items():
         signal.signal(s, h)
-    return {t.name: trial_record(self.trial_dir(t))["status"] for t in self.trials}
+    return {t.name: local.get(t.name) or trial_record(self.trial_dir(t))["status"] for t in self.trials}
 
   def _run_subprocesses(self, todo: list[Trial], bar) -> None:
     running: dict[str, tuple[Trial, subprocess.Popen, float, Any]] = {}
@@ -150,12 +151,13 @@ class Runner:
     else:
       set_trial(tdir, status="failed", wall_s=wall, error=_error_text(os.path.join(tdir, "trial.log")))
 
-  def _run_in_process(self, todo: list[Trial], bar) -> None:
+  def _run_in_process(self, todo: list[Trial], bar) -> dict[str, str]:
     """Multi-host: all processes run each trial together over the whole mesh."""
     from sweeps.trial import run_trial
     import ml_collections
 
     main = jax.process_index() == 0
+    statuses: dict[str, str] = {}
     for trial in todo:
       if self.stop_signal is not None:
         break
@@ -170,7 +172,9 @@ class Runner:
         error = result.get("error") if code else None
       except Exception as e:  # one trial's failure must not end the sweep
         code, error = 1, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      statuses[trial.name] = {0: "done", 3: "diverged"}.get(code, "pending" if code >= 128 else "failed")
       if main:
-        status = {0: "done", 3: "diverged"}.get(code, "pending" if code >= 128 else "failed")
-        set_trial(tdir, status=status, wall_s=round(time.perf_counter() - start, 2), error=error)
+        set_trial(tdir, status=statuses[trial.name], wall_s=round(time.perf_counter() - start, 2),
+                  error=error)
       bar.update(1)
+    return statuses

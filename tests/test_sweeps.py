@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -151,3 +152,25 @@ def test_sigterm_stops_the_sweep_cleanly(tmp_path):
     assert "interrupted" in record["error"]
   assert all(trial_record(str(sweep_dir / n))["status"] == "pending" for n in ("k2-pre", "k3-pre"))
   assert os.path.exists(sweep_dir / "report.md")  # written on the way out, nothing lost
+
+
+def test_pod_mode_two_processes_run_trials_over_the_whole_mesh(tmp_path):
+  """Every host runs the same command; trials run in-process over all devices; process 0 writes."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT}/tests",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "sweeps", "--config", "tests/sweeps/one.py", "--workdir", str(tmp_path),
+       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+  trial = tmp_path / "one" / "k2"
+  assert trial_record(str(trial))["status"] == "done"
+  assert read_status(str(trial))["step"] == 8
+  assert os.path.exists(trial / "fixed_points.json") and os.path.exists(tmp_path / "one" / "report.md")
+  assert "report:" in logs[0] and "report:" not in logs[1]  # process 0 alone writes and prints
+  assert "train:" not in logs[1]
