@@ -23,6 +23,9 @@ def run_trial(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     if result["status"] != "done":
       return result["exit_code"], result
   summary = evaluate(cfg, workdir, init=cfg.train.steps == 0, progress=progress)
+  if cfg.eval.halting and cfg.train.steps > 0:  # the savings of adaptive halting, per trial
+    from eval.halting import halting_summary
+    summary.update(halting_summary(cfg, workdir, progress=progress))
   return 0, summary
 
 
