@@ -45,15 +45,15 @@ def main() -> None:
     row = run(sweep, args.parallel)
     print(row, flush=True)
     rows.append(row)
-  lines = [f"## Sweep wall time (train + evaluate + report), --parallel {args.parallel}", "",
-           f"Machine: {machine()}. `python -m bench.sweep_walltime --sweeps {args.sweeps} "
-           f"--parallel {args.parallel}`.", "",
-           "| sweep | trials (done) | wall time | trials per hour | exit status |",
-           "| --- | --- | --- | --- | --- |"]
-  for r in rows:
-    lines.append(f"| {r['sweep']} | {r['trials']} ({r['done']}) | {r['wall_s'] / 60:.1f} min | "
-                 f"{3600 * r['trials'] / r['wall_s']:.0f} | {r['exit']} |")
-  write_section(f"sweep_walltime_p{args.parallel}", "\n".join(lines))
+  for r in rows:  # one section per sweep, so that sweeps measured separately keep their figures
+    lines = [f"## Sweep wall time: `{r['sweep']}` (train + evaluate + report), --parallel {args.parallel}",
+             "", f"Machine: {machine()}. `python -m bench.sweep_walltime --sweeps {r['sweep']} "
+             f"--parallel {args.parallel}`.", "",
+             "| sweep | trials (done) | wall time | trials per hour | exit status |",
+             "| --- | --- | --- | --- | --- |",
+             f"| {r['sweep']} | {r['trials']} ({r['done']}) | {r['wall_s'] / 60:.1f} min | "
+             f"{3600 * r['trials'] / r['wall_s']:.0f} | {r['exit']} |"]
+    write_section(f"sweep_walltime_{r['sweep']}_p{args.parallel}", "\n".join(lines))
 
 
 if __name__ == "__main__":
