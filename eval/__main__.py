@@ -1,6 +1,6 @@
 """`python -m eval --workdir runs/NAME` evaluates a trained run's newest checkpoint;
 `python -m eval --config FILE --init --workdir runs/NAME` evaluates the model at initialisation;
-`python -m eval halting --workdir runs/NAME [--iterations R] [--repeats N]` sweeps the adaptive-halting
+`python -m eval halting --workdir runs/NAME [--iterations R] [--slots P] [--repeats N]` sweeps the halting
 criteria of a trained run (eval/halting.py).
 
 Writes WORKDIR/fixed_points.json, fixed_points.md and plots/*.png (halting: WORKDIR/halting.json and
@@ -26,6 +26,8 @@ _CHUNK = flags.DEFINE_integer("chunk", None, "Iterations per device call (defaul
 _TAU = flags.DEFINE_float("tau", 0.05, "Token-class cosine threshold.")
 _RHO = flags.DEFINE_float("rho", 0.9, "Share of the tail that must satisfy a class.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "halting: timed calls per setting (median; 0: no timing).")
+_SLOTS = flags.DEFINE_integer("slots", None, "halting: sequences in flight for per-sequence exit "
+                              "(default: train.eval_batch_size / 8).")
 
 
 def halting_main() -> int:
@@ -39,7 +41,8 @@ def halting_main() -> int:
     if _INIT.value:
       raise RunDirError("halting evaluates a trained run; --init is not supported")
     cfg = load_run_config(_WORKDIR.value)
-    s = evaluate_halting(cfg, _WORKDIR.value, iterations=_ITERS.value, repeats=_REPEATS.value)["summary"]
+    s = evaluate_halting(cfg, _WORKDIR.value, iterations=_ITERS.value, slots=_SLOTS.value,
+                         repeats=_REPEATS.value)["summary"]
   except (ConfigError, RunDirError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -10,13 +10,22 @@ Definitions (all on the mix of all lengths: the training length and every test l
 - mean / max iterations: of the per-token exit iterations over the scored (masked) positions;
   `mean_iterations_all` averages over every position;
 - oracle (evaluation only): from an unfrozen run of R iterations, a token exits at the first iteration
-  after which its prediction never changes again within R (its prediction is the one at R);
+  after which its prediction never changes again within R (its prediction is the one at R); it may
+  exit at 1, which no real criterion can (`share_exit_at_1`); `causal_mean_iterations`: the same
+  exits raised to the running maximum over positions, the oracle bound for causal-order exit;
+- two ways to run a batch, both measured: per-sequence exit (the rows' and the summary's figures),
+  `slots` sequences in flight with continuous batching (`looped_models.halting`); and one loop over
+  the whole batch until its slowest token is done (`batch_*` figures, and `batch`: its accuracy and
+  iterations, the same up to rounding: a different batch shape can move a criterion value sitting on
+  the threshold by one ulp, hence `batch.exit_agreement`);
 - FLOPs (forward, as run): 2 x parameters x tokens for every matmul layer application, plus 4 x S x d
   per token and layer for the attention scores and mixing (the full masked S x S matrix is computed);
-  the loop's block iterations really run (the slowest token of the batch), one prelude, and one decode
-  (coda + unembedding), plus one decode per iteration for the criteria that decode inside the loop;
+  one prelude and one final decode (coda + unembedding) per sequence, and the block iterations really
+  run (loop steps x rows in the loop), each with a decode for the criteria that decode in the loop;
 - wall time: per length, jit-compiled and warmed up once, then the median of `repeats` timed calls
-  (`block_until_ready`), summed over lengths.
+  (`block_until_ready`), summed over lengths. The fixed baseline takes the faster of the whole batch
+  at once and `slots` sequences per call, each timed before and after the sweep (the faster kept: a
+  shared machine's load drifts, and the baseline gets the benefit of the doubt).
 """
 
 from __future__ import annotations
@@ -42,7 +51,9 @@ DEFAULT_GRIDS: dict[str, tuple] = {
 }
 MAX_DROP_POINTS = 0.5  # accuracy drop (exact match, percentage points) still counted as "no loss"
 SUMMARY_FIGURES = ("iterations_saved_fraction", "accuracy_drop_points", "oracle_mean_iterations",
-                   "mean_iterations", "wall_speedup")
+                   "mean_iterations", "wall_speedup")  # the figures the issue asks for, per criterion
+FIGURE_KEYS = ("threshold", *SUMMARY_FIGURES, "wall_speedup_batch", "max_iterations", "exact_match",
+               "flops_saved_fraction", "flops_saved_fraction_batch")
 
 
 def check_grids(grids: dict | None) -> dict[str, tuple]:
@@ -63,20 +74,23 @@ def layer_flops(m: Any, seq: int) -> float:
   return 2 * (4 * d * d + (3 if m.mlp == "swiglu" else 2) * d * f) + 4 * seq * d
 
 
-def inference_flops(m: Any, batch: int, seq: int, *, iterations: int, decodes: int) -> float:
-  """Forward FLOPs of one batch: prelude, `iterations` block iterations, `decodes` decodes."""
+def inference_flops(m: Any, batch: int, seq: int, *, iterations: int, loop_rows: int | None = None,
+                    decode_each: bool = False) -> float:
+  """Forward FLOPs of one batch: prelude and final decode of `batch` sequences, and `iterations` block
+  iterations over `loop_rows` rows (default: the batch), each with a decode when `decode_each`."""
   layer = layer_flops(m, seq)
   inject = 2 * 2 * m.d_model * m.d_model if m.injection in ("concat", "gate") else 0
   decode = m.n_coda * layer + 2 * m.d_model * m.vocab_size
-  per_token = m.n_prelude * layer + iterations * (m.block_size * layer + inject) + decodes * decode
-  return float(batch * seq * per_token)
+  loop_rows = batch if loop_rows is None else loop_rows
+  per_iter = m.block_size * layer + inject + (decode if decode_each else 0)
+  return float(batch * seq * (m.n_prelude * layer + decode) + iterations * loop_rows * seq * per_iter)
 
 
 def oracle_exits(preds_RBS: np.ndarray) -> np.ndarray:
   """[B, S] 1-based first iteration after which the prediction never changes again within R."""
   changed_RBS = preds_RBS[1:] != preds_RBS[:-1]          # entry t-1: changed at iteration t+1
   R = preds_RBS.shape[0]
-  last = R - 1 - np.argmax(changed_RBS[::-1], axis=0)    # index into changed of the last change
+  last = R - 2 - np.argmax(changed_RBS[::-1], axis=0)    # index into changed of the last change
   return np.where(changed_RBS.any(0), last + 2, 1).astype(np.int32)
 
 
@@ -99,24 +113,31 @@ class Runner:
     def fixed(params, tokens_BS, *, r):
       return nnx.merge(graphdef, params)(tokens_BS, r, key=key).logits_BSV
 
-    def halting(params, tokens_BS, threshold, *, criterion):
+    def halting(params, tokens_BS, threshold, *, criterion, slots):
       model = nnx.merge(graphdef, params)
-      return halt_loop(model, tokens_BS, criterion=criterion, threshold=threshold, max_iters=R, key=key)
+      return halt_loop(model, tokens_BS, criterion=criterion, threshold=threshold, max_iters=R, key=key,
+                       slots=slots)
 
     self._trajectory = jax.jit(trajectory)
     self._fixed = jax.jit(fixed, static_argnames=("r",))
-    self._halting = jax.jit(halting, static_argnames=("criterion",))
+    self._halting = jax.jit(halting, static_argnames=("criterion", "slots"))
 
   def trajectory(self, tokens_BS: np.ndarray) -> np.ndarray:
     """Predictions after each of the R iterations, [R, B, S] (unfrozen, for curves and the oracle)."""
     return np.asarray(self._trajectory(self.params, tokens_BS))
 
-  def fixed(self, tokens_BS: np.ndarray, r: int) -> Callable[[], Any]:
-    return lambda: self._fixed(self.params, tokens_BS, r=r)
+  def fixed(self, tokens_BS: np.ndarray, r: int, rows: int | None = None) -> Callable[[], Any]:
+    """Fixed inference at r iterations, the whole batch at once or `rows` sequences per call."""
+    if rows is None or rows >= len(tokens_BS):
+      return lambda: self._fixed(self.params, tokens_BS, r=r)
+    parts = [jax.device_put(tokens_BS[i:i + rows]) for i in range(0, len(tokens_BS), rows)]
+    return lambda: [self._fixed(self.params, p, r=r) for p in parts]
 
-  def halting(self, tokens_BS: np.ndarray, criterion: str, threshold: float) -> Callable[[], Any]:
+  def halting(self, tokens_BS: np.ndarray, criterion: str, threshold: float,
+              slots: int | None = None) -> Callable[[], Any]:
     thr = np.float32(threshold)
-    return lambda: self._halting(self.params, tokens_BS, thr, criterion=criterion)
+    slots = None if slots is not None and slots >= len(tokens_BS) else slots  # the same loop: one compile
+    return lambda: self._halting(self.params, tokens_BS, thr, criterion=criterion, slots=slots)
 
 
 def timed(call: Callable[[], Any], repeats: int) -> tuple[Any, float | None]:
@@ -130,55 +151,61 @@ def timed(call: Callable[[], Any], repeats: int) -> tuple[Any, float | None]:
   return out, float(np.median(times)) if times else None
 
 
+SUMMED = ("flops", "wall_s", "batch_flops", "batch_wall_s", "chunked_wall_s")
+
+
 def _row(criterion: str, threshold: Any, per_len: dict[int, dict], batches: dict[int, dict]) -> dict:
-  """Aggregate one setting's per-length results (preds, exit, loop iterations, flops, wall)."""
+  """Aggregate one setting over lengths: per_len[n] = {"preds", "exit", and per-length figures}."""
   counts = {k: 0 for k in ("seq_right", "seq_count", "pos_right", "pos_count")}
-  ex_sum = ex_n = ex_all = n_all = 0
-  ex_max, lengths = 0, {}
+  ex_sum = ex_n = ex_all = n_all = ex_max = 0
+  lengths = {}
   for n, r in per_len.items():
     b = batches[n]
     c = {k: int(v) for k, v in accuracy_counts(r["preds"], b["targets"], b["mask"]).items()}
-    on = b["mask"] > 0
-    ex = r["exit"]
+    on, ex = b["mask"] > 0, r["exit"]
     ex_sum, ex_n = ex_sum + int(ex[on].sum()), ex_n + int(on.sum())
     ex_all, n_all = ex_all + int(ex.sum()), n_all + ex.size
     ex_max = max(ex_max, int(ex[on].max()) if on.any() else 0)
     counts = {k: counts[k] + c[k] for k in counts}
     lengths[str(n)] = {**fractions(c), "mean_iterations": float(ex[on].mean()) if on.any() else None,
-                       "loop_iterations": r["loop"], "flops": r["flops"], "wall_s": r["wall"]}
-  walls = [r["wall"] for r in per_len.values()]
-  flops = [r["flops"] for r in per_len.values()]
-  return {"criterion": criterion, "threshold": threshold, **fractions(counts),
-          "mean_iterations": ex_sum / max(ex_n, 1), "max_iterations": ex_max,
-          "mean_iterations_all": ex_all / max(n_all, 1),
-          "flops": None if None in flops else float(sum(flops)),
-          "wall_s": None if None in walls else float(sum(walls)), "lengths": lengths}
+                       **{k: v for k, v in r.items() if k not in ("preds", "exit")}}
+  row = {"criterion": criterion, "threshold": threshold, **fractions(counts),
+         "mean_iterations": ex_sum / max(ex_n, 1), "max_iterations": ex_max,
+         "mean_iterations_all": ex_all / max(n_all, 1)}
+  for key in SUMMED:
+    values = [r.get(key) for r in per_len.values()]
+    if any(key in r for r in per_len.values()):
+      row[key] = None if None in values else float(sum(values))
+  return {**row, "lengths": lengths}
 
 
 def _eval_batches(cfg: Any) -> dict[int, dict]:
+  """One eval batch per length (the training length and every test length), as the evaluator's."""
   task = get_task(cfg.task.name)
-  out = {}
-  for n in (cfg.task.train_length, *cfg.task.test_lengths):
-    b = make_batch(task, seed=cfg.train.seed, step=0, batch_size=cfg.train.eval_batch_size,
-                   min_length=n, max_length=n, stream=1)
-    b.pop("lengths")
-    out[n] = b
-  return out
+  make = lambda n: make_batch(task, seed=cfg.train.seed, step=0, batch_size=cfg.train.eval_batch_size,
+                              min_length=n, max_length=n, stream=1)
+  return {n: {k: v for k, v in make(n).items() if k != "lengths"}
+          for n in (cfg.task.train_length, *cfg.task.test_lengths)}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+  return a / b if a and b else None
 
 
 def _figures(row: dict | None, fixed: dict, oracle: dict, R_fixed: int) -> dict:
   """The summary figures of one halting row against the fixed baseline (None when no row)."""
   if row is None:
-    return {"threshold": None, **{k: None for k in SUMMARY_FIGURES},
-            "oracle_mean_iterations": oracle["mean_iterations"]}
-  speed = (fixed["wall_s"] / row["wall_s"]) if fixed["wall_s"] and row["wall_s"] else None
+    return {k: None for k in FIGURE_KEYS} | {"oracle_mean_iterations": oracle["mean_iterations"]}
   return {"threshold": row["threshold"],
           "iterations_saved_fraction": 1.0 - row["mean_iterations"] / R_fixed,
           "accuracy_drop_points": 100.0 * (fixed["exact_match"] - row["exact_match"]),
           "oracle_mean_iterations": oracle["mean_iterations"],
-          "mean_iterations": row["mean_iterations"], "wall_speedup": speed,
+          "mean_iterations": row["mean_iterations"],
+          "wall_speedup": _ratio(fixed["wall_s"], row["wall_s"]),
+          "wall_speedup_batch": _ratio(fixed["wall_s"], row["batch_wall_s"]),
           "max_iterations": row["max_iterations"], "exact_match": row["exact_match"],
-          "flops_saved_fraction": 1.0 - row["flops"] / fixed["flops"] if row["flops"] else None}
+          "flops_saved_fraction": 1.0 - row["flops"] / fixed["flops"],
+          "flops_saved_fraction_batch": 1.0 - row["batch_flops"] / fixed["flops"]}
 
 
 def best_within(rows: list[dict], criterion: str, fixed: dict, max_drop: float = MAX_DROP_POINTS
@@ -190,12 +217,13 @@ def best_within(rows: list[dict], criterion: str, fixed: dict, max_drop: float =
   return min(ok, key=lambda r: (r["mean_iterations"], -r["exact_match"])) if ok else None
 
 
-def summarize(rows: list[dict], fixed: dict, oracle: dict, R: int, R_fixed: int) -> dict:
+def summarize(rows: list[dict], fixed: dict, oracle: dict, R: int, R_fixed: int, slots: int) -> dict:
   """halting.json's `summary`: the best fixed_point threshold within MAX_DROP_POINTS, and `kl_best`."""
   fp = best_within(rows, "fixed_point", fixed)
   kl = best_within(rows, "kl", fixed)
   return {"criterion": "fixed_point", "R": R, "R_fixed": R_fixed, "max_drop_points": MAX_DROP_POINTS,
-          "fixed_exact_match": fixed["exact_match"], "fixed_wall_s": fixed["wall_s"],
+          "slots": slots, "fixed_exact_match": fixed["exact_match"], "fixed_wall_s": fixed["wall_s"],
+          "oracle_causal_mean_iterations": oracle["causal_mean_iterations"],
           **_figures(fp, fixed, oracle, R_fixed), "kl_best": _figures(kl, fixed, oracle, R_fixed)}
 
 
@@ -207,10 +235,11 @@ def flat_summary(summary: dict) -> dict[str, Any]:
 
 
 def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dict | None = None,
-                     iterations: int | None = None, repeats: int = 3, log_wandb: bool = True,
-                     progress: bool = True) -> dict:
+                     iterations: int | None = None, slots: int | None = None, repeats: int = 3,
+                     log_wandb: bool = True, progress: bool = True) -> dict:
   """Sweep every criterion over its grid on a trained run; write WORKDIR/halting.json and
-  WORKDIR/plots/halting_pareto.png, log to W&B; returns the whole result ({"summary", "rows", ...})."""
+  WORKDIR/plots/halting_pareto.png, log to W&B; returns the whole result ({"summary", "rows", ...}).
+  `slots`: sequences in flight for per-sequence exit (default: eval batch size / 8)."""
   from tqdm import tqdm
 
   from eval.evaluate import default_iterations, load_params
@@ -219,17 +248,19 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   from train.workdir import write_json_atomic
 
   grids = check_grids(grids)
-  if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
-    raise ConfigError("halting.repeats", repeats, allowed="an integer >= 0")
+  for key, value, low in (("halting.repeats", repeats, 0), ("halting.slots", slots, 1)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+      raise ConfigError(key, value, allowed=f"an integer >= {low}")
   cfg = resolve(cfg)
   R = iterations or cfg.eval.iterations or default_iterations(cfg)
   if isinstance(R, bool) or not isinstance(R, int) or R < 2:
     raise ConfigError("halting.iterations", R, allowed="an integer >= 2")
+  slots = min(slots or max(1, cfg.train.eval_batch_size // 8), cfg.train.eval_batch_size)
   distributed.initialize(cfg.distributed)
   graphdef, params, step = load_params(cfg, workdir, False)
   m, batches = cfg.model, _eval_batches(cfg)
   runner = Runner(graphdef, params, R, cfg.train.seed)
-  total = len(batches) * (2 + sum(len(v) for v in grids.values()))
+  total = len(batches) * (3 + sum(len(v) for v in grids.values()))
   bar = tqdm(total=total, desc="halting", unit="run", disable=not progress, dynamic_ncols=True)
 
   trajectories = {}
@@ -241,41 +272,66 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   em_R = np.array([fractions(accuracy_counts(p, b["targets"], b["mask"]))["exact_match"]
                    for p in trajectories[longest]])
   R_fixed = int(np.argmax(em_R)) + 1
-  curve = [_row("fixed", r, {n: {"preds": trajectories[n][r - 1], "exit": np.full(bb["inputs"].shape, r),
-                                 "loop": r, "flops": None, "wall": None}
+  curve = [_row("fixed", r, {n: {"preds": trajectories[n][r - 1], "exit": np.full(bb["inputs"].shape, r)}
                              for n, bb in batches.items()}, batches)["exact_match"]
            for r in range(1, R + 1)]
-  oracle = _row("oracle", None, {n: {"preds": trajectories[n][-1], "exit": oracle_exits(trajectories[n]),
-                                     "loop": R, "flops": None, "wall": None}
-                                 for n in batches}, batches)
+  exits = {n: oracle_exits(trajectories[n]) for n in batches}
+  oracle = _row("oracle", None, {n: {"preds": trajectories[n][-1], "exit": exits[n]} for n in batches},
+                batches)
+  oracle["causal_mean_iterations"] = _row("oracle", None, {  # if tokens had to exit in causal order
+      n: {"preds": trajectories[n][-1], "exit": np.maximum.accumulate(exits[n], axis=1)}
+      for n in batches}, batches)["mean_iterations"]
+  oracle["share_exit_at_1"] = float(np.mean(np.concatenate(
+      [exits[n][batches[n]["mask"] > 0] for n in batches]) == 1))
 
-  per_len = {}
-  for n, b in batches.items():
-    logits, wall = timed(runner.fixed(b["inputs"], R_fixed), repeats)
-    per_len[n] = {"preds": np.asarray(logits).argmax(-1), "exit": np.full(b["inputs"].shape, R_fixed),
-                  "loop": R_fixed, "wall": wall,
-                  "flops": inference_flops(m, *b["inputs"].shape, iterations=R_fixed, decodes=1)}
-    bar.update()
-  fixed = _row("fixed", R_fixed, per_len, batches)
+  def time_fixed(fixed_len: dict) -> None:
+    """Time fixed inference at R_fixed (whole batch, and `slots` rows per call); keep the fastest."""
+    for n, b in batches.items():
+      logits, whole = timed(runner.fixed(b["inputs"], R_fixed), repeats)
+      _, chunked = timed(runner.fixed(b["inputs"], R_fixed, rows=slots), repeats)
+      r = fixed_len.setdefault(n, {"preds": np.asarray(logits).argmax(-1), "loop_iterations": R_fixed,
+                                   "exit": np.full(b["inputs"].shape, R_fixed),
+                                   "flops": inference_flops(m, *b["inputs"].shape, iterations=R_fixed)})
+      for key, value in (("batch_wall_s", whole), ("chunked_wall_s", chunked)):
+        r[key] = None if value is None else min(value, r.get(key) or value)
+      r["wall_s"] = None if whole is None else min(r["batch_wall_s"], r["chunked_wall_s"])
+      bar.update()
+
+  fixed_len: dict[int, dict] = {}
+  time_fixed(fixed_len)  # timed again after the sweep: the machine's load drifts
 
   rows = []
   for criterion, values in grids.items():
+    each = criterion in DECODING_CRITERIA
     for thr in values:
-      per_len = {}
+      per_len, batch_len = {}, {}
       for n, b in batches.items():
-        out, wall = timed(runner.halting(b["inputs"], criterion, thr), repeats)
-        loop = int(out.iterations)
-        decodes = 1 + (loop if criterion in DECODING_CRITERIA else 0)
+        B, S = b["inputs"].shape
+        out, wall = timed(runner.halting(b["inputs"], criterion, thr, slots), repeats)
+        whole, batch_wall = (out, wall) if slots >= B else timed(runner.halting(b["inputs"], criterion,
+                                                                                  thr), repeats)
+        loop, batch_loop = int(out.iterations), int(whole.iterations)
         per_len[n] = {"preds": np.asarray(out.logits_BSV).argmax(-1), "exit": np.asarray(out.exit_BS),
-                      "loop": loop, "wall": wall,
-                      "flops": inference_flops(m, *b["inputs"].shape, iterations=loop, decodes=decodes)}
+                      "loop_iterations": loop, "wall_s": wall, "batch_loop_iterations": batch_loop,
+                      "batch_wall_s": batch_wall,
+                      "flops": inference_flops(m, B, S, iterations=loop, loop_rows=min(slots, B),
+                                               decode_each=each),
+                      "batch_flops": inference_flops(m, B, S, iterations=batch_loop, decode_each=each)}
+        batch_len[n] = {"preds": np.asarray(whole.logits_BSV).argmax(-1), "exit": np.asarray(whole.exit_BS),
+                        "exit_agreement": float((per_len[n]["exit"] == np.asarray(whole.exit_BS)).mean())}
         bar.update()
-      rows.append(_row(criterion, thr, per_len, batches))
+      row, batch = _row(criterion, thr, per_len, batches), _row(criterion, thr, batch_len, batches)
+      row["batch"] = {k: batch[k] for k in ("exact_match", "per_position", "mean_iterations",
+                                            "max_iterations")}
+      row["batch"]["exit_agreement"] = float(np.mean([r["exit_agreement"] for r in batch_len.values()]))
+      rows.append(row)
+  time_fixed(fixed_len)
+  fixed = _row("fixed", R_fixed, fixed_len, batches)
   bar.close()
 
-  summary = summarize(rows, fixed, oracle, R, R_fixed)
-  result = {"summary": summary, "step": step, "R": R, "R_fixed": R_fixed, "repeats": repeats,
-            "batch_size": cfg.train.eval_batch_size, "lengths": list(batches),
+  summary = summarize(rows, fixed, oracle, R, R_fixed, slots)
+  result = {"summary": summary, "step": step, "R": R, "R_fixed": R_fixed, "slots": slots,
+            "repeats": repeats, "batch_size": cfg.train.eval_batch_size, "lengths": list(batches),
             "longest_test_length": longest, "grids": {c: list(v) for c, v in grids.items()},
             "fixed": fixed, "oracle": oracle, "rows": rows, "fixed_curve_exact_match": curve,
             "criteria": list(CRITERIA)}
@@ -289,9 +345,15 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   return result
 
 
-def halting_summary(cfg: ml_collections.ConfigDict, workdir: str, **kwargs: Any) -> dict[str, Any]:
-  """For a sweep trial: run `evaluate_halting` and return the flat `halting/...` summary fields."""
-  return flat_summary(evaluate_halting(cfg, workdir, **kwargs)["summary"])
+SWEEP_GRIDS = {c: DEFAULT_GRIDS[c] for c in ("fixed_point", "kl")}  # what the summary needs
+
+
+def halting_summary(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dict | None = None,
+                    repeats: int = 1, **kwargs: Any) -> dict[str, Any]:
+  """For a sweep trial: `evaluate_halting` over the fixed_point and KL grids (one timed call each, to
+  keep a trial cheap) and the flat `halting/...` summary fields it returns."""
+  return flat_summary(evaluate_halting(cfg, workdir, grids=grids or SWEEP_GRIDS, repeats=repeats,
+                                       **kwargs)["summary"])
 
 
 def pareto_plot(rows: list[dict], fixed: dict, oracle: dict, curve: list[float], path: str) -> str:
@@ -310,6 +372,9 @@ def pareto_plot(rows: list[dict], fixed: dict, oracle: dict, curve: list[float],
       ax.plot(*zip(*pts), marker="o", ms=4, label=criterion)
   ax.scatter([oracle["mean_iterations"]], [oracle["exact_match"]], marker="*", s=140, color="k",
              zorder=5, label="oracle")
+  if oracle.get("causal_mean_iterations"):
+    ax.scatter([oracle["causal_mean_iterations"]], [oracle["exact_match"]], marker="*", s=140,
+               facecolors="none", edgecolors="k", zorder=5, label="oracle, causal order")
   ax.set(xscale="log", xlabel="mean iterations per token", ylabel="exact match (mix of all lengths)",
          title="Adaptive halting: accuracy against iterations")
   ax.legend(fontsize=8)
@@ -330,7 +395,7 @@ def _log_wandb(cfg: Any, workdir: str, summary: dict, rows: list[dict], plot: st
   if logger.run is None:
     return
   cols = ["criterion", "threshold", "mean_iterations", "max_iterations", "exact_match",
-          "per_position", "flops", "wall_s"]
+          "per_position", "flops", "wall_s", "batch_flops", "batch_wall_s"]
   table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
   logger.run.log({"halting/plots/pareto": wandb.Image(plot), "halting/rows": table},
                  step=max(step, logger.run.step))

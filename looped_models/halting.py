@@ -8,9 +8,12 @@ iterations after the last exit are really not computed. Criteria, per token, aft
 - `fixed_point` (eps = threshold): every block layer l has settled, by the evaluator's per-layer
   criterion (`eval.fixed_points`) applied per token at iteration t: its direction turns by less than
   eps, ||X_t/||X_t|| - X_{t-1}/||X_{t-1}|| || < eps, and its relative change
-  ||X_t - X_{t-1}|| / ||X_t|| < eps, or, as for a pre-norm stream whose norm grows linearly while its
-  direction is fixed, rel * t <= linear_slack (1.5) with at least half of the change outward
-  (norm growth >= rel / 2); `linear_slack=0` keeps the plain relative change;
+  ||X_t - X_{t-1}|| / ||X_t|| < eps, or it is a pre-norm stream growing linearly along a fixed
+  direction (relative change falling only like 1/t): successive increments D_t = X_t - X_{t-1} agree,
+  ||D_t - D_{t-1}|| / ||X_t|| < eps, and the change is mostly outward (norm growth >= rel / 2).
+  The evaluator tests linear growth over the whole tail (rel * t <= 1.5 at every later t); at one
+  iteration that bound would pass any outward jump early on, hence the test on increments here
+  (`linear_growth=False`: the plain relative change);
 - `kl`: KL(p_{t-1} || p_t) < threshold between successive next-token distributions (Huginn's rule,
   KL taken as in its code; its paper uses 5e-4);
 - `cosine`: 1 - cos(s_t, s_{t-1}) < threshold between successive block outputs;
@@ -23,6 +26,18 @@ Comparisons are strict (`<`), so a zero threshold never halts: the result then e
 others go on; later tokens still attend to it. Exit iteration = the iteration whose output was kept;
 tokens that never meet the criterion get exit = max_iters. Only `kl` and `argmax_stable` decode inside
 the loop; `fixed_point` and `cosine` decode once, at the end.
+
+Causal order (`causal=True`, the default): a token exits only when it meets the criterion and every
+earlier position has exited. A token still waiting for information from the left looks settled (it is
+on the fixed point of the context it sees so far); freezing it would cut the path that information
+takes through it. Once its whole causal context is frozen, its own map is fixed and a small change
+really means a fixed point — as in KV-cached generation, where earlier tokens are final.
+
+Batching (`slots`): None runs all B sequences in one loop until the slowest token of the batch is done
+(the others stay frozen meanwhile). An integer P runs per-sequence exit with continuous batching: P
+sequences are in flight, and a sequence whose tokens have all exited leaves its slot to the next one,
+so each sequence costs only its own iterations (same outputs; `iterations` counts loop steps of P
+slots).
 """
 
 from __future__ import annotations
@@ -38,7 +53,6 @@ from configs.errors import ConfigError
 CRITERIA = ("fixed_point", "kl", "cosine", "argmax_stable", "oracle")
 LOOP_CRITERIA = CRITERIA[:4]          # the ones `halt` runs; `oracle` is evaluation-only
 DECODING_CRITERIA = ("kl", "argmax_stable")  # decode (coda + unembedding) every iteration
-LINEAR_SLACK = 1.5  # the evaluator's default (eval.fixed_points.DEFAULT_THRESHOLDS)
 _TINY = 1e-30
 
 
@@ -71,91 +85,125 @@ def validate(criterion: Any, threshold: Any, max_iters: Any) -> float | int:
 
 
 def halt(model: Any, tokens_BS: jax.Array, *, criterion: str, threshold: float | int, max_iters: int,
-         key: jax.Array | None = None, linear_slack: float = LINEAR_SLACK) -> HaltOutput:
+         key: jax.Array | None = None, slots: int | None = None, causal: bool = True,
+         linear_growth: bool = True) -> HaltOutput:
   """Adaptive-depth inference of a `LoopedTransformer` (see the module docstring); `key` seeds
   state_init=normal. Validates the arguments first; jit `halt_loop` (traced threshold) for speed."""
   threshold = validate(criterion, threshold, max_iters)
-  if isinstance(linear_slack, bool) or not isinstance(linear_slack, (int, float)) or not (
-      0 <= linear_slack < math.inf):
-    raise ConfigError("halting.linear_slack", linear_slack, allowed="a finite number >= 0")
+  if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+    raise ConfigError("halting.slots", slots, allowed="None or an integer >= 1")
   return halt_loop(model, tokens_BS, criterion=criterion, threshold=threshold, max_iters=max_iters,
-                   key=key, linear_slack=linear_slack)
+                   key=key, slots=slots, causal=causal, linear_growth=linear_growth)
 
 
-def fixed_point_meets(new_kBSD: jax.Array, old_kBSD: jax.Array, t: jax.Array, eps: jax.Array,
-                      linear_slack: float) -> jax.Array:
-  """[B, S] bool: every block layer l has settled between iterations t-1 and t (see module doc)."""
+def fixed_point_meets(new_kBSD: jax.Array, old_kBSD: jax.Array, delta_kBSD: jax.Array,
+                      eps: jax.Array, linear_growth: bool = True) -> tuple[jax.Array, jax.Array]:
+  """([B, S] bool: every block layer has settled between iterations t-1 and t, this increment)."""
   new, old = new_kBSD.astype(jnp.float32), old_kBSD.astype(jnp.float32)
   n_new = jnp.maximum(jnp.linalg.norm(new, axis=-1), _TINY)
   n_old = jnp.maximum(jnp.linalg.norm(old, axis=-1), _TINY)
-  rel = jnp.linalg.norm(new - old, axis=-1) / n_new
+  step = new - old
+  rel = jnp.linalg.norm(step, axis=-1) / n_new
   turn = jnp.linalg.norm(new / n_new[..., None] - old / n_old[..., None], axis=-1)
-  growth = (n_new - n_old) / n_new
-  linear = (rel * t.astype(jnp.float32) <= linear_slack) & (growth >= rel / 2)
-  return ((turn < eps) & ((rel < eps) | linear)).all(0)
+  settled = rel < eps
+  if linear_growth:
+    steady = jnp.linalg.norm(step - delta_kBSD, axis=-1) / n_new < eps  # NaN at t = 2: False
+    settled |= steady & ((n_new - n_old) / n_new >= rel / 2)
+  return ((turn < eps) & settled).all(0), step
 
 
 def _one_minus_cos_BS(a_BSD: jax.Array, b_BSD: jax.Array) -> jax.Array:
   a, b = a_BSD.astype(jnp.float32), b_BSD.astype(jnp.float32)
   dot = (a * b).sum(-1)
-  return 1.0 - dot / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), _TINY)
+  cos = dot / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), _TINY)
+  return jnp.maximum(1.0 - cos, 0.0)  # rounding can make it negative: a zero threshold never halts
+
+
+def _initial_prev(model: Any, criterion: str, s_PSD: jax.Array) -> dict[str, jax.Array]:
+  """Placeholders for what the criterion keeps of the previous iteration (unused at t = 1)."""
+  P, S, D = s_PSD.shape
+  if criterion == "fixed_point":
+    shape = (model.spec.block_size, P, S, D)
+    return {"outs_kPSD": jnp.zeros(shape, s_PSD.dtype), "delta_kPSD": jnp.zeros(shape, jnp.float32)}
+  if criterion == "kl":
+    return {"logp_PSV": jnp.zeros((P, S, model.spec.vocab_size), jnp.float32)}
+  if criterion == "argmax_stable":
+    return {"pred_PS": jnp.zeros((P, S), jnp.int32), "stable_PS": jnp.zeros((P, S), jnp.int32)}
+  return {}
+
+
+def _criterion(model: Any, criterion: str, ctx: Any, s_old: jax.Array, s_new: jax.Array,
+               outs_kPSD: jax.Array, prev: dict, first_P: jax.Array, thr: jax.Array,
+               linear_growth: bool) -> tuple[jax.Array, dict]:
+  """(meets [P, S], what to keep for the next iteration); no token meets it at its first iteration."""
+  first_PS, nxt = first_P[:, None], {}
+  if criterion == "fixed_point":
+    meets, step = fixed_point_meets(outs_kPSD, prev["outs_kPSD"], prev["delta_kPSD"], thr, linear_growth)
+    nxt["outs_kPSD"] = outs_kPSD
+    nxt["delta_kPSD"] = jnp.where(first_P[None, :, None, None], jnp.nan, step)
+  elif criterion == "cosine":
+    meets = _one_minus_cos_BS(s_new, s_old) < thr
+  else:
+    logits_PSV = model.decode(s_new, ctx)
+    if criterion == "kl":
+      logp_PSV = jax.nn.log_softmax(logits_PSV, axis=-1)
+      kl_PS = jnp.maximum((jnp.exp(prev["logp_PSV"]) * (prev["logp_PSV"] - logp_PSV)).sum(-1), 0.0)
+      meets, nxt["logp_PSV"] = kl_PS < thr, logp_PSV
+    else:
+      pred_PS = logits_PSV.argmax(-1).astype(jnp.int32)
+      same = (pred_PS == prev["pred_PS"]) & ~first_PS
+      nxt["pred_PS"], nxt["stable_PS"] = pred_PS, jnp.where(same, prev["stable_PS"] + 1, 0)
+      meets = (nxt["stable_PS"] >= thr) & (thr > 0)
+  return meets & ~first_PS, nxt
 
 
 def halt_loop(model: Any, tokens_BS: jax.Array, *, criterion: str, threshold: Any, max_iters: int,
-              key: jax.Array | None = None, linear_slack: float = LINEAR_SLACK) -> HaltOutput:
-  """`halt` without validation: `threshold` may be a traced scalar (one compile for every value)."""
-  ctx = model.context(tokens_BS.shape[1])
-  e_BSD = model.encode(tokens_BS, ctx)
-  s0_BSD = model.initial_state(e_BSD, key)
-  decodes = criterion in DECODING_CRITERIA
+              key: jax.Array | None = None, slots: int | None = None, causal: bool = True,
+              linear_growth: bool = True) -> HaltOutput:
+  """`halt` without validation: `threshold` may be a traced scalar (one compile for every value).
+  Slot p holds sequence seq[p] (N: none left) at its own iteration t[p]; a sequence whose tokens have
+  all exited (or reached max_iters) is written out and its slot refilled from the queue."""
+  N, S = tokens_BS.shape
+  P = N if slots is None else min(slots, N)
+  ctx = model.context(S)
+  e_NSD = model.encode(tokens_BS, ctx)
+  s0_NSD = model.initial_state(e_NSD, key)
   thr = jnp.asarray(threshold, jnp.float32)
+  carry = {"n": jnp.int32(0), "queue": jnp.int32(P), "seq_P": jnp.arange(P), "t_P": jnp.zeros(P, jnp.int32),
+           "s_PSD": s0_NSD[:P], "e_PSD": e_NSD[:P], "done_PS": jnp.zeros((P, S), bool),
+           "exit_PS": jnp.full((P, S), max_iters, jnp.int32),
+           "prev": _initial_prev(model, criterion, s0_NSD[:P]),
+           "out_s_NSD": jnp.zeros_like(s0_NSD), "out_exit_NS": jnp.full((N, S), max_iters, jnp.int32)}
 
-  # Iteration 1 (peeled): no predecessor, so it only fills the "previous" slots of the carry.
-  s_BSD, outs_kBSD, _ = model.block_step(s0_BSD, e_BSD, ctx)
-  B, S = tokens_BS.shape
-  prev: dict[str, jax.Array] = {}
-  if criterion == "fixed_point":
-    prev["outs_kBSD"] = outs_kBSD
-  if decodes:
-    logits_BSV = model.decode(s_BSD, ctx)
-    if criterion == "kl":
-      prev["logp_BSV"] = jax.nn.log_softmax(logits_BSV, axis=-1)
-    else:
-      prev["pred_BS"] = logits_BSV.argmax(-1).astype(jnp.int32)
-      prev["stable_BS"] = jnp.zeros((B, S), jnp.int32)
-  done_BS = jnp.zeros((B, S), bool)
-  exit_BS = jnp.full((B, S), max_iters, jnp.int32)
-
-  def cond(carry):
-    t, _, _, done, _ = carry
-    return (t < max_iters) & ~done.all()
-
-  def body(carry):
-    t, s_old, prev, done, exit_ = carry
-    t = t + 1
-    s_new, outs_kBSD, _ = model.block_step(s_old, e_BSD, ctx)
-    nxt = dict(prev)
-    if criterion == "fixed_point":
-      meets = fixed_point_meets(outs_kBSD, prev["outs_kBSD"], t, thr, linear_slack)
-      nxt["outs_kBSD"] = outs_kBSD
-    elif criterion == "cosine":
-      meets = _one_minus_cos_BS(s_new, s_old) < thr
-    else:
-      logits_BSV = model.decode(s_new, ctx)
-      if criterion == "kl":
-        logp_BSV = jax.nn.log_softmax(logits_BSV, axis=-1)
-        kl_BS = (jnp.exp(prev["logp_BSV"]) * (prev["logp_BSV"] - logp_BSV)).sum(-1)
-        meets = kl_BS < thr
-        nxt["logp_BSV"] = logp_BSV
-      else:
-        pred_BS = logits_BSV.argmax(-1).astype(jnp.int32)
-        stable_BS = jnp.where(pred_BS == prev["pred_BS"], prev["stable_BS"] + 1, 0)
-        meets = (stable_BS >= thr) & (thr > 0)
-        nxt["pred_BS"], nxt["stable_BS"] = pred_BS, stable_BS
+  def body(c):
+    s_new, outs_kPSD, _ = model.block_step(c["s_PSD"], c["e_PSD"], ctx)
+    t_P, done = c["t_P"] + 1, c["done_PS"]
+    meets, prev = _criterion(model, criterion, ctx, c["s_PSD"], s_new, outs_kPSD, c["prev"], t_P == 1,
+                             thr, linear_growth)
+    if causal:  # a token exits only once every earlier position has exited (or exits now)
+      meets = jnp.cumsum(~(meets | done), axis=1) == 0
     newly = meets & ~done
-    s_keep = jnp.where(done[..., None], s_old, s_new)
-    return t, s_keep, nxt, done | newly, jnp.where(newly, t, exit_)
+    c = {**c, "n": c["n"] + 1, "t_P": t_P, "prev": prev,
+         "s_PSD": jnp.where(done[..., None], c["s_PSD"], s_new), "done_PS": done | newly,
+         "exit_PS": jnp.where(newly, t_P[:, None], c["exit_PS"])}
+    finished_P = (c["done_PS"].all(1) | (t_P >= max_iters)) & (c["seq_P"] < N)
+    return jax.lax.cond(finished_P.any(), _swap, lambda c, f: c, c, finished_P)
 
-  carry = (jnp.int32(1), s_BSD, prev, done_BS, exit_BS)
-  t, s_BSD, _, _, exit_BS = jax.lax.while_loop(cond, body, carry)
-  return HaltOutput(model.decode(s_BSD, ctx), exit_BS, t, s_BSD)
+  def _swap(c, finished_P):
+    """Write the finished sequences out; load the next ones from the queue into their slots."""
+    where_P = jnp.where(finished_P, c["seq_P"], N)
+    c = {**c, "out_s_NSD": c["out_s_NSD"].at[where_P].set(c["s_PSD"], mode="drop"),
+         "out_exit_NS": c["out_exit_NS"].at[where_P].set(c["exit_PS"], mode="drop")}
+    seq_P = jnp.where(finished_P, c["queue"] + jnp.cumsum(finished_P) - 1, c["seq_P"])
+    seq_P = jnp.minimum(seq_P, N)
+    take_P = jnp.minimum(seq_P, N - 1)
+    load_P, load_PS = finished_P[:, None, None], finished_P[:, None]
+    return {**c, "seq_P": seq_P, "queue": c["queue"] + finished_P.sum(),
+            "t_P": jnp.where(finished_P, 0, c["t_P"]),
+            "s_PSD": jnp.where(load_P, s0_NSD[take_P], c["s_PSD"]),
+            "e_PSD": jnp.where(load_P, e_NSD[take_P], c["e_PSD"]),
+            "done_PS": jnp.where(load_PS, (seq_P >= N)[:, None], c["done_PS"]),
+            "exit_PS": jnp.where(load_PS, max_iters, c["exit_PS"])}
+
+  c = jax.lax.while_loop(lambda c: (c["seq_P"] < N).any(), body, carry)
+  return HaltOutput(model.decode(c["out_s_NSD"], ctx), c["out_exit_NS"], c["n"], c["out_s_NSD"])
