@@ -83,7 +83,8 @@ def section(result: dict, title: str, command: str) -> str:
            f" {fixed['wall_s']:.3f} s (whole batch {_f(fixed.get('batch_wall_s'))} s, "
            f"{s['slots']} sequences per call {_f(fixed.get('chunked_wall_s'))} s). Oracle: mean "
            f"{oracle['mean_iterations']:.2f}, max {oracle['max_iterations']} iterations, exact match "
-           f"{oracle['exact_match']:.4f} (the predictions at R); {oracle.get('share_exit_at_1', 0):.1%} of its "
+           f"{oracle['exact_match']:.4f} (the predictions at R); "
+           f"{oracle.get('share_exit_at_1', 0):.1%} of its "
            f"tokens exit at iteration 1, which no real criterion can (it compares with the previous "
            f"iteration); in causal order (running maximum over positions) its mean would be "
            f"{_f(oracle.get('causal_mean_iterations'), '.2f')}. Halting runs in causal order (a token exits "
@@ -108,7 +109,8 @@ def section(result: dict, title: str, command: str) -> str:
       if kl["threshold"] is not None else f"no KL threshold on the grid stays within {s['max_drop_points']} "
       "points.") + huginn(result), "",
             "Every setting (exact match on the mix, then per length; drop in points against fixed at "
-            "R_fixed; loop steps per length with per-sequence exit; speedups against the fixed baseline):", "",
+            "R_fixed; loop steps per length with per-sequence exit; speedups against the fixed "
+            "baseline):", "",
             "| criterion | threshold | mean it. | max it. | exact match | drop | it. saved | loop steps | "
             "FLOPs saved | wall × (per-seq) | wall × (batch loop) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

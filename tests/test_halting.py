@@ -15,7 +15,7 @@ from flax import nnx
 from configs.errors import ConfigError
 from conftest import tiny_config
 from eval.halting import SUMMARY_FIGURES, evaluate_halting, oracle_exits
-from looped_models.halting import CRITERIA, halt, halt_loop
+from looped_models.halting import CRITERIA, halt
 from train.config import resolve
 from train.step import init_model
 from train.tasks import get_task, make_batch
@@ -47,14 +47,12 @@ def replay(graphdef, params, tokens_BS, exit_BS, iterations):
 
 
 @pytest.mark.parametrize("criterion,grid,causal", [("fixed_point", (1e-2, 3e-2, 3e-3), True),
-                                                   ("cosine", (1e-3, 1e-4, 1e-5), False),
-                                                   ("argmax_stable", (2, 3, 1), True)])
+                                                   ("cosine", (1e-3, 1e-4, 1e-5), False)])
 def test_frozen_tokens_equal_running_each_to_its_exit(criterion, grid, causal):
   graphdef, params, tokens = model_and_tokens(model__block_size=2, model__init_std=0.2)
-  run = jax.jit(lambda p, t, thr: halt_loop(nnx.merge(graphdef, p), t, criterion=criterion,
-                                            threshold=thr, max_iters=24, causal=causal))
   for thr in grid:  # a threshold at which tokens exit at several different iterations
-    out = run(params, tokens, thr)
+    out = jax.jit(lambda p, t: halt(nnx.merge(graphdef, p), t, criterion=criterion, threshold=thr,
+                                    max_iters=24, causal=causal))(params, tokens)
     exits = np.unique(np.asarray(out.exit_BS))
     if len(exits[exits < 24]) >= 2:
       break
@@ -118,7 +116,7 @@ def test_zero_threshold_is_fixed_inference():
   graphdef, params, tokens = model_and_tokens(model__block_size=2)
   model = nnx.merge(graphdef, params)
   fixed_BSV = model(tokens, 9).logits_BSV
-  for criterion, threshold in [("fixed_point", 0.0), ("kl", 0.0), ("cosine", 0.0), ("argmax_stable", 50)]:
+  for criterion, threshold in [("fixed_point", 0.0), ("kl", 0.0), ("argmax_stable", 50)]:  # 50 > max_iters
     out = halt(model, tokens, criterion=criterion, threshold=threshold, max_iters=9)
     assert (np.asarray(out.exit_BS) == 9).all() and int(out.iterations) == 9, criterion
     np.testing.assert_allclose(out.logits_BSV, fixed_BSV, atol=1e-6, rtol=1e-6)
@@ -161,11 +159,12 @@ def test_cli_missing_run_is_one_line(tmp_path):
 
 def test_evaluate_halting_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
-  cfg = tiny_config(train__steps=60, train__checkpoint_every=0, train__eval_batch_size=8)
+  cfg = tiny_config(train__steps=60, train__checkpoint_every=0, train__eval_batch_size=8,
+                    task__test_lengths=())  # one length keeps the test fast; the bench mixes three
   cfg.eval.iterations = 12
   cfg.wandb.mode = "offline"
   Trainer(cfg, workdir).run()
-  grids = {"fixed_point": (1e-1, 0.0), "kl": (5e-4,)}
+  grids = {"fixed_point": (1e-1, 0.0)}  # no KL row: kl_best is all None
   with pytest.raises(ConfigError, match="halting.grids='oracle'"):
     evaluate_halting(cfg, workdir, grids={"oracle": (0,)}, progress=False)
   result = evaluate_halting(cfg, workdir, grids=grids, slots=8, repeats=1, progress=False)
@@ -176,9 +175,10 @@ def test_evaluate_halting_end_to_end(tmp_path):
   assert summary["R"] == 12 and 1 <= summary["R_fixed"] <= 12
   assert summary["oracle_mean_iterations"] >= 1 and set(summary["kl_best"]) >= set(SUMMARY_FIGURES)
   assert summary["slots"] == 8
-  assert len(saved["rows"]) == 3 and len(saved["fixed_curve_exact_match"]) == 12
+  assert len(saved["rows"]) == 2 and len(saved["fixed_curve_exact_match"]) == 12
+  assert summary["kl_best"]["threshold"] is None and summary["kl_best"]["mean_iterations"] is None
   for row in saved["rows"]:
-    assert set(row["lengths"]) == {"8", "16"} and row["wall_s"] > 0 and row["flops"] > 0
+    assert set(row["lengths"]) == {"8"} and row["wall_s"] > 0 and row["flops"] > 0
     assert 1 <= row["mean_iterations"] <= row["max_iterations"] <= 12
   curve = saved["fixed_curve_exact_match"]
   never = next(r for r in saved["rows"] if r["threshold"] == 0.0)
@@ -199,4 +199,3 @@ def test_evaluate_halting_end_to_end(tmp_path):
   assert os.path.getsize(os.path.join(workdir, "plots", "halting_pareto.png")) > 1000
   run = offline_run(str(tmp_path / "wandb"), read_status(workdir)["wandb_run_id"])
   assert run["summary"]["halting/R_fixed"] == summary["R_fixed"] and "train/loss" in run["summary"]
-  assert "halting/kl/mean_iterations" in run["summary"] or summary["kl_best"]["threshold"] is None
