@@ -13,7 +13,6 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from bench.results import machine, write_section

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 

@@ -3,7 +3,6 @@ fixed points, measure accuracy against iterations, write fixed_points.json/.md a
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 

@@ -8,7 +8,6 @@ Exit status: 0 when every trial is done, 1 when some failed or diverged (the rep
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from absl import app, flags, logging

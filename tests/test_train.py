@@ -1,6 +1,5 @@
 """The trainer end to end: learning, resume (incl. a real SIGKILL), W&B, status, bad input."""
 
-import json
 import os
 import signal
 import subprocess
