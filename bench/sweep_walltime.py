@@ -1,8 +1,9 @@
 """Wall time of whole sweeps (train + evaluate + report for every trial) and trials per hour.
 
-  python -m bench.sweep_walltime [--sweeps smoke,default] [--parallel 1]
+  python -m bench.sweep_walltime [--sweeps smoke,default] [--parallel 1] [--keep DIR]
 
-Each sweep runs from scratch in a temporary directory with W&B offline, as `make run` does.
+Each sweep runs from scratch with W&B offline, as `make run` does, in a temporary directory, or in
+DIR/SWEEP (which must not exist yet) with `--keep`, to read its report afterwards.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from bench.results import machine, write_section
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(sweep: str, parallel: int) -> dict:
-  with tempfile.TemporaryDirectory() as tmp:
+def run(sweep: str, parallel: int, keep: str | None = None) -> dict:
+  if keep and os.path.exists(os.path.join(keep, sweep)):
+    sys.exit(f"error: {os.path.join(keep, sweep)} exists; --keep needs a fresh directory")
+  with tempfile.TemporaryDirectory() as scratch:
+    tmp = keep or scratch
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": tmp}
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "sweeps", "--config", f"configs/sweeps/{sweep}.py",
@@ -39,10 +43,11 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--sweeps", default="smoke,default")
   p.add_argument("--parallel", type=int, default=1)
+  p.add_argument("--keep", default=None, help="run in DIR/SWEEP and keep it (default: a temporary dir)")
   args = p.parse_args()
   rows = []
   for sweep in args.sweeps.split(","):
-    row = run(sweep, args.parallel)
+    row = run(sweep, args.parallel, args.keep)
     print(row, flush=True)
     rows.append(row)
   for r in rows:  # one section per sweep, so that sweeps measured separately keep their figures

@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.iterations = 0              # R; 0: max(128, 4 x the training maximum)
   c.eval.batch_size = 8              # sequences whose trajectories are analysed
   c.eval.chunk = 4                   # iterations per device call (device memory grows with it)
-  c.eval.halting = False             # also measure adaptive halting (halting.json; eval/halting.py)
+  c.eval.halting = True              # sweep trials also measure adaptive halting (halting.json)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # -1: all devices not used by the other axes

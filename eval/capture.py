@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,39 +31,44 @@ class Capture:
       return model.initial_state(e_BSD, key), e_BSD
 
     def advance(params, s_BSD, e_BSD, targets_BS, mask_BS, *, n: int, attention: bool):
-      """n iterations: the new state, per-layer states [n,k,B,S,D], attention [n,k,B,H,S,S] and
-      the accuracy counts of the model's prediction after each of the n iterations."""
+      """n iterations: the new state, per-layer states [n,k,B,S,D], attention [n,k,B,H,S,S], the
+      accuracy counts of the model's prediction after each of the n iterations, and those
+      predictions [n,B,S]."""
       model = nnx.merge(graphdef, params)
       ctx = model.context(s_BSD.shape[1])
       trace = model.iterate(s_BSD, e_BSD, ctx, n, n, return_states=True, return_attention=attention)
-      preds_nBS = jax.lax.map(lambda s: model.decode(s, ctx).argmax(-1), trace.states_RkBSD[:, -1])
+      preds_nBS = jax.lax.map(lambda s: model.decode(s, ctx).argmax(-1).astype(jnp.int32),
+                              trace.states_RkBSD[:, -1])
       counts = jax.vmap(lambda p: accuracy_counts(p, targets_BS, mask_BS))(preds_nBS)
-      return trace.state_BSD, trace.states_RkBSD, trace.attention_RkBHSS, counts
+      return trace.state_BSD, trace.states_RkBSD, trace.attention_RkBHSS, counts, preds_nBS
 
     self._start = jax.jit(start)
     self._advance = jax.jit(advance, static_argnames=("n", "attention"))
 
   def run(self, batch: dict, R: int, *, states: bool = True, attention: bool = False
-          ) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, dict]]:
+          ) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, dict, np.ndarray]]:
     """Yield, per chunk of consecutive iterations, (states [n,k,B,S,D] or None,
-    attention [n,k,B,H,S,S] or None, accuracy counts per iteration {name: [n]}) as numpy."""
+    attention [n,k,B,H,S,S] or None, accuracy counts per iteration {name: [n]}, predictions [n,B,S])
+    as numpy."""
     s_BSD, e_BSD = self._start(self.params, batch["inputs"])
     done = 0
     while done < R:
       n = min(self.chunk, R - done)
-      s_BSD, st, att, counts = self._advance(self.params, s_BSD, e_BSD, batch["targets"],
+      s_BSD, st, att, counts, preds = self._advance(self.params, s_BSD, e_BSD, batch["targets"],
                                              batch["mask"], n=n, attention=attention)
       done += n
       yield (np.asarray(st) if states else None, np.asarray(att) if attention else None,
-             jax.tree.map(np.asarray, counts))
+             jax.tree.map(np.asarray, counts), np.asarray(preds))
 
   def chunks(self, batch: dict, R: int, attention: bool = True) -> Callable[[], Iterator]:
     """A replayable chunk source for `eval.fixed_points.analyze_stream`."""
-    return lambda: ((st, att) for st, att, _ in self.run(batch, R, attention=attention))
+    return lambda: ((st, att) for st, att, _, _ in self.run(batch, R, attention=attention))
 
   def accuracy_curve(self, batch: dict, R: int) -> dict[str, np.ndarray]:
-    """Exact-match and per-position accuracy after each of 1..R iterations ([R] arrays)."""
-    parts = [counts for _, _, counts in self.run(batch, R, states=False)]
-    c = {k: np.concatenate([p[k] for p in parts]).astype(np.float64) for k in parts[0]}
+    """Exact-match and per-position accuracy after each of 1..R iterations ([R] arrays), and the
+    predictions behind them ([R, B, S])."""
+    parts = list(self.run(batch, R, states=False))
+    c = {k: np.concatenate([p[2][k] for p in parts]).astype(np.float64) for k in parts[0][2]}
     return {"exact_match": c["seq_right"] / np.maximum(c["seq_count"], 1),
-            "per_position": c["pos_right"] / np.maximum(c["pos_count"], 1)}
+            "per_position": c["pos_right"] / np.maximum(c["pos_count"], 1),
+            "predictions": np.concatenate([p[3] for p in parts])}

@@ -129,9 +129,12 @@ def markdown(summary: dict, report: FixedPointReport, cfg: Any, step: int, init:
 
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False,
              iterations: int | None = None, batch_size: int | None = None, chunk: int | None = None,
-             thresholds: dict | None = None, log_wandb: bool = True, progress: bool = True) -> dict:
+             thresholds: dict | None = None, log_wandb: bool = True, progress: bool = True,
+             predictions: dict | None = None) -> dict:
   """Evaluate one run; returns the summary fields (also written to fixed_points.json).
-  Unset arguments come from the config's `eval` section."""
+  Unset arguments come from the config's `eval` section. `predictions`, when given, is filled with
+  {size: the [R, B, S] predictions behind that size's accuracy curve} (a sweep trial hands them on to
+  the halting evaluation, which uses the same batches)."""
   from tqdm import tqdm
 
   cfg = resolve(cfg)
@@ -179,7 +182,10 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
   report = analyze_stream(counted(capture.chunks(train_batch, R, attention=True)), **(thresholds or {}))
   curves = {}
   for n in (cfg.task.train_length, *cfg.task.test_lengths):
-    curves[n] = capture.accuracy_curve(batch_of(n, cfg.train.eval_batch_size), R)["exact_match"]
+    curve = capture.accuracy_curve(batch_of(n, cfg.train.eval_batch_size), R)
+    curves[n] = curve["exact_match"]
+    if predictions is not None:
+      predictions[n] = curve["predictions"]
     bar.update(R)
   bar.close()
 

@@ -11,8 +11,9 @@ Definitions (all on the mix of all lengths: the training length and every test l
   `mean_iterations_all` averages over every position;
 - oracle (evaluation only): from an unfrozen run of R iterations, a token exits at the first iteration
   after which its prediction never changes again within R (its prediction is the one at R); it may
-  exit at 1, which no real criterion can (`share_exit_at_1`); `causal_mean_iterations`: the same
-  exits raised to the running maximum over positions, the oracle bound for causal-order exit;
+  exit at 1, which no real criterion can (`share_exit_at_1`); `floor_mean_iterations`: its exits
+  raised to at least 2, the oracle's mean if, like every real criterion, it could not exit at 1; `causal_mean_iterations`: the exits raised to the running maximum over
+  positions, the oracle bound for causal-order exit;
 - two ways to run a batch, both measured: per-sequence exit (the rows' and the summary's figures),
   `slots` sequences in flight with continuous batching (`looped_models.halting`); and one loop over
   the whole batch until its slowest token is done (`batch_*` figures, and `batch`: its accuracy and
@@ -22,10 +23,13 @@ Definitions (all on the mix of all lengths: the training length and every test l
   per token and layer for the attention scores and mixing (the full masked S x S matrix is computed);
   one prelude and one final decode (coda + unembedding) per sequence, and the block iterations really
   run (loop steps x rows in the loop), each with a decode for the criteria that decode in the loop;
-- wall time: per length, jit-compiled and warmed up once, then the median of `repeats` timed calls
-  (`block_until_ready`), summed over lengths. The fixed baseline takes the faster of the whole batch
-  at once and `slots` sequences per call, each timed before and after the sweep (the faster kept: a
-  shared machine's load drifts, and the baseline gets the benefit of the doubt).
+- wall time: per length, jit-compiled and warmed up by the untimed run that gives the figures above,
+  then the median of `repeats` timed calls (`block_until_ready`), summed over lengths. The fixed
+  baseline takes the faster of the whole batch at once and `slots` sequences per call, each timed
+  before and after the halting settings (the faster kept: a shared machine's load drifts, and the
+  baseline gets the benefit of the doubt). That is `mode="full"` (`python -m eval halting`); a sweep
+  trial (`halting_summary`, `mode="trial"`) runs per-sequence exit only and times just the settings
+  its summary reports (untimed rows: wall_s None) against the whole batch at once, timed once.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ DEFAULT_GRIDS: dict[str, tuple] = {
     "cosine": (1e-2, 1e-3, 1e-4, 1e-5, 1e-6),
     "argmax_stable": (1, 2, 3, 5, 8),
 }
+MODES = ("full", "trial")  # what evaluate_halting runs and times (see there)
 MAX_DROP_POINTS = 0.5  # accuracy drop (exact match, percentage points) still counted as "no loss"
 SUMMARY_FIGURES = ("iterations_saved_fraction", "accuracy_drop_points", "oracle_mean_iterations",
                    "mean_iterations", "wall_speedup")  # the figures the issue asks for, per criterion
@@ -140,15 +145,14 @@ class Runner:
     return lambda: self._halting(self.params, tokens_BS, thr, criterion=criterion, slots=slots)
 
 
-def timed(call: Callable[[], Any], repeats: int) -> tuple[Any, float | None]:
-  """(output, median seconds of `repeats` calls after a warm-up/compile call; None if repeats=0)."""
-  out = jax.block_until_ready(call())
+def median_time(call: Callable[[], Any], repeats: int) -> float | None:
+  """Median seconds of `repeats` calls of an already compiled and warmed-up `call` (None if 0)."""
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(call())
     times.append(time.perf_counter() - t0)
-  return out, float(np.median(times)) if times else None
+  return float(np.median(times)) if times else None
 
 
 SUMMED = ("flops", "wall_s", "batch_flops", "batch_wall_s", "chunked_wall_s")
@@ -201,11 +205,12 @@ def _figures(row: dict | None, fixed: dict, oracle: dict, R_fixed: int) -> dict:
           "accuracy_drop_points": 100.0 * (fixed["exact_match"] - row["exact_match"]),
           "oracle_mean_iterations": oracle["mean_iterations"],
           "mean_iterations": row["mean_iterations"],
-          "wall_speedup": _ratio(fixed["wall_s"], row["wall_s"]),
-          "wall_speedup_batch": _ratio(fixed["wall_s"], row["batch_wall_s"]),
+          "wall_speedup": _ratio(fixed["wall_s"], row.get("wall_s")),
+          "wall_speedup_batch": _ratio(fixed["wall_s"], row.get("batch_wall_s")),
           "max_iterations": row["max_iterations"], "exact_match": row["exact_match"],
           "flops_saved_fraction": 1.0 - row["flops"] / fixed["flops"],
-          "flops_saved_fraction_batch": 1.0 - row["batch_flops"] / fixed["flops"]}
+          "flops_saved_fraction_batch": (1.0 - row["batch_flops"] / fixed["flops"]
+                                         if row.get("batch_flops") is not None else None)}
 
 
 def best_within(rows: list[dict], criterion: str, fixed: dict, max_drop: float = MAX_DROP_POINTS
@@ -224,6 +229,7 @@ def summarize(rows: list[dict], fixed: dict, oracle: dict, R: int, R_fixed: int,
   return {"criterion": "fixed_point", "R": R, "R_fixed": R_fixed, "max_drop_points": MAX_DROP_POINTS,
           "slots": slots, "fixed_exact_match": fixed["exact_match"], "fixed_wall_s": fixed["wall_s"],
           "oracle_causal_mean_iterations": oracle["causal_mean_iterations"],
+          "oracle_floor_mean_iterations": oracle["floor_mean_iterations"],
           **_figures(fp, fixed, oracle, R_fixed), "kl_best": _figures(kl, fixed, oracle, R_fixed)}
 
 
@@ -236,10 +242,19 @@ def flat_summary(summary: dict) -> dict[str, Any]:
 
 def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dict | None = None,
                      iterations: int | None = None, slots: int | None = None, repeats: int = 3,
-                     log_wandb: bool = True, progress: bool = True) -> dict:
+                     mode: str = "full", trajectories: dict | None = None, log_wandb: bool = True,
+                     progress: bool = True) -> dict:
   """Sweep every criterion over its grid on a trained run; write WORKDIR/halting.json and
   WORKDIR/plots/halting_pareto.png, log to W&B; returns the whole result ({"summary", "rows", ...}).
-  `slots`: sequences in flight for per-sequence exit (default: eval batch size / 8)."""
+  `slots`: sequences in flight for per-sequence exit (default: eval batch size / 8). Every setting
+  runs once for its accuracy, iterations and FLOPs, then `mode` decides what is timed:
+  - "full" (`python -m eval halting`, the benchmark): every setting, with per-sequence exit and as one
+    loop over the whole batch (`batch_*` figures); the fixed baseline is the faster of the whole batch
+    and `slots` rows per call, timed before and after the settings;
+  - "trial" (a sweep trial, kept cheap): per-sequence exit only, timing only the summary's settings
+    (the best fixed_point and KL thresholds) against the fixed baseline on the whole batch.
+  `trajectories`: {length: [R, B, S] predictions of the unfrozen run} on these eval batches, as
+  `eval.evaluate.evaluate(predictions=...)` collects them, instead of running them again."""
   from tqdm import tqdm
 
   from eval.evaluate import default_iterations, load_params
@@ -248,6 +263,9 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   from train.workdir import write_json_atomic
 
   grids = check_grids(grids)
+  if mode not in MODES:
+    raise ConfigError("halting.mode", mode, MODES)
+  full = mode == "full"
   for key, value, low in (("halting.repeats", repeats, 0), ("halting.slots", slots, 1)):
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
       raise ConfigError(key, value, allowed=f"an integer >= {low}")
@@ -260,12 +278,15 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   graphdef, params, step = load_params(cfg, workdir, False)
   m, batches = cfg.model, _eval_batches(cfg)
   runner = Runner(graphdef, params, R, cfg.train.seed)
-  total = len(batches) * (3 + sum(len(v) for v in grids.values()))
-  bar = tqdm(total=total, desc="halting", unit="run", disable=not progress, dynamic_ncols=True)
+  bar = tqdm(total=len(batches) * (2 + sum(len(v) for v in grids.values())), desc="halting", unit="run",
+             disable=not progress, dynamic_ncols=True)
 
-  trajectories = {}
+  given, trajectories = trajectories or {}, {}
   for n, b in batches.items():
-    trajectories[n] = runner.trajectory(b["inputs"])
+    trajectories[n] = given[n] if n in given else runner.trajectory(b["inputs"])
+    if trajectories[n].shape != (R, *b["inputs"].shape):
+      raise ValueError(f"trajectory of length {n}: shape {trajectories[n].shape}, expected "
+                       f"{(R, *b['inputs'].shape)} (R iterations of the eval batch)")
     bar.update()
   longest = max(cfg.task.test_lengths or (cfg.task.train_length,))
   b = batches[longest]
@@ -283,55 +304,97 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
       for n in batches}, batches)["mean_iterations"]
   oracle["share_exit_at_1"] = float(np.mean(np.concatenate(
       [exits[n][batches[n]["mask"] > 0] for n in batches]) == 1))
+  oracle["floor_mean_iterations"] = _row("oracle", None, {  # the oracle, but no exit before 2
+      n: {"preds": trajectories[n][-1], "exit": np.maximum(exits[n], 2)} for n in batches},
+      batches)["mean_iterations"]
 
-  def time_fixed(fixed_len: dict) -> None:
-    """Time fixed inference at R_fixed (whole batch, and `slots` rows per call); keep the fastest."""
-    for n, b in batches.items():
-      logits, whole = timed(runner.fixed(b["inputs"], R_fixed), repeats)
-      _, chunked = timed(runner.fixed(b["inputs"], R_fixed, rows=slots), repeats)
-      r = fixed_len.setdefault(n, {"preds": np.asarray(logits).argmax(-1), "loop_iterations": R_fixed,
-                                   "exit": np.full(b["inputs"].shape, R_fixed),
-                                   "flops": inference_flops(m, *b["inputs"].shape, iterations=R_fixed)})
-      for key, value in (("batch_wall_s", whole), ("chunked_wall_s", chunked)):
-        r[key] = None if value is None else min(value, r.get(key) or value)
-      r["wall_s"] = None if whole is None else min(r["batch_wall_s"], r["chunked_wall_s"])
-      bar.update()
+  # Fixed inference at R_fixed, the whole batch at once (and, in full mode, `slots` rows per call):
+  # compiled and warmed up here, timed below.
+  fixed_len, fixed_calls = {}, {}
+  for n, b in batches.items():
+    whole = runner.fixed(b["inputs"], R_fixed)
+    logits = jax.block_until_ready(whole())
+    fixed_len[n] = {"preds": np.asarray(logits).argmax(-1), "loop_iterations": R_fixed,
+                    "exit": np.full(b["inputs"].shape, R_fixed),
+                    "flops": inference_flops(m, *b["inputs"].shape, iterations=R_fixed),
+                    "wall_s": None, "batch_wall_s": None}
+    fixed_calls[n] = {"batch_wall_s": whole}
+    if full:
+      fixed_calls[n]["chunked_wall_s"] = chunked = runner.fixed(b["inputs"], R_fixed, rows=slots)
+      jax.block_until_ready(chunked())
+      fixed_len[n]["chunked_wall_s"] = None
+    bar.update()
 
-  fixed_len: dict[int, dict] = {}
-  time_fixed(fixed_len)  # timed again after the sweep: the machine's load drifts
-
-  rows = []
+  # Every setting once: predictions, exits, loop iterations, FLOPs (and its compile and warm-up).
+  settings = []  # (row, its per-length figures, per length {figure: the call to time for it})
   for criterion, values in grids.items():
     each = criterion in DECODING_CRITERIA
     for thr in values:
-      per_len, batch_len = {}, {}
+      per_len, batch_len, calls = {}, {}, {}
       for n, b in batches.items():
         B, S = b["inputs"].shape
-        out, wall = timed(runner.halting(b["inputs"], criterion, thr, slots), repeats)
-        whole, batch_wall = (out, wall) if slots >= B else timed(runner.halting(b["inputs"], criterion,
-                                                                                  thr), repeats)
-        loop, batch_loop = int(out.iterations), int(whole.iterations)
+        per_seq = runner.halting(b["inputs"], criterion, thr, slots)
+        out = jax.block_until_ready(per_seq())
+        loop = int(out.iterations)
         per_len[n] = {"preds": np.asarray(out.logits_BSV).argmax(-1), "exit": np.asarray(out.exit_BS),
-                      "loop_iterations": loop, "wall_s": wall, "batch_loop_iterations": batch_loop,
-                      "batch_wall_s": batch_wall,
+                      "loop_iterations": loop, "wall_s": None,
                       "flops": inference_flops(m, B, S, iterations=loop, loop_rows=min(slots, B),
-                                               decode_each=each),
-                      "batch_flops": inference_flops(m, B, S, iterations=batch_loop, decode_each=each)}
-        batch_len[n] = {"preds": np.asarray(whole.logits_BSV).argmax(-1), "exit": np.asarray(whole.exit_BS),
-                        "exit_agreement": float((per_len[n]["exit"] == np.asarray(whole.exit_BS)).mean())}
+                                               decode_each=each)}
+        calls[n] = {"wall_s": per_seq}
+        if full:  # one loop over the whole batch (the same call when slots >= B)
+          whole_call = per_seq if slots >= B else runner.halting(b["inputs"], criterion, thr)
+          whole = out if slots >= B else jax.block_until_ready(whole_call())
+          per_len[n].update(batch_loop_iterations=int(whole.iterations), batch_wall_s=None,
+                            batch_flops=inference_flops(m, B, S, iterations=int(whole.iterations),
+                                                        decode_each=each))
+          batch_len[n] = {"preds": np.asarray(whole.logits_BSV).argmax(-1),
+                          "exit": np.asarray(whole.exit_BS),
+                          "exit_agreement": float((per_len[n]["exit"] == np.asarray(whole.exit_BS)).mean())}
+          calls[n]["batch_wall_s"] = whole_call
         bar.update()
-      row, batch = _row(criterion, thr, per_len, batches), _row(criterion, thr, batch_len, batches)
-      row["batch"] = {k: batch[k] for k in ("exact_match", "per_position", "mean_iterations",
-                                            "max_iterations")}
-      row["batch"]["exit_agreement"] = float(np.mean([r["exit_agreement"] for r in batch_len.values()]))
-      rows.append(row)
-  time_fixed(fixed_len)
+      row = _row(criterion, thr, per_len, batches)
+      if full:
+        batch = _row(criterion, thr, batch_len, batches)
+        row["batch"] = {k: batch[k] for k in ("exact_match", "per_position", "mean_iterations",
+                                              "max_iterations")}
+        row["batch"]["exit_agreement"] = float(np.mean([r["exit_agreement"] for r in batch_len.values()]))
+      settings.append((row, per_len, calls))
+  rows = [row for row, _, _ in settings]
+
+  # Wall times. Full mode times the fixed baseline before and after the halting settings (the faster
+  # kept: a shared machine's load drifts, and the baseline gets the benefit of the doubt).
+  fixed = _row("fixed", R_fixed, fixed_len, batches)
+  chosen = rows if full else [r for r in (best_within(rows, c, fixed) for c in ("fixed_point", "kl")) if r]
+  timed = [s for s in settings if any(s[0] is r for r in chosen)]
+  bar.total += len(batches) * (1 + full + len(timed))
+  bar.refresh()
+
+  def time_fixed() -> None:
+    for n, calls in fixed_calls.items():
+      r = fixed_len[n]
+      for key, call in calls.items():
+        t = median_time(call, repeats)
+        r[key] = t if r[key] is None or t is None else min(t, r[key])
+      r["wall_s"] = min(r[k] for k in calls) if r["batch_wall_s"] is not None else None
+      bar.update()
+
+  time_fixed()
+  for row, per_len, calls in timed:
+    for n, figure_calls in calls.items():
+      for key, call in figure_calls.items():
+        per_len[n][key] = median_time(call, repeats)
+      bar.update()
+    again = _row(row["criterion"], row["threshold"], per_len, batches)
+    row.update({k: again[k] for k in (*SUMMED, "lengths") if k in again})
+  if full:
+    time_fixed()
   fixed = _row("fixed", R_fixed, fixed_len, batches)
   bar.close()
 
   summary = summarize(rows, fixed, oracle, R, R_fixed, slots)
   result = {"summary": summary, "step": step, "R": R, "R_fixed": R_fixed, "slots": slots,
-            "repeats": repeats, "batch_size": cfg.train.eval_batch_size, "lengths": list(batches),
+            "repeats": repeats, "mode": mode,
+            "batch_size": cfg.train.eval_batch_size, "lengths": list(batches),
             "longest_test_length": longest, "grids": {c: list(v) for c, v in grids.items()},
             "fixed": fixed, "oracle": oracle, "rows": rows, "fixed_curve_exact_match": curve,
             "criteria": list(CRITERIA)}
@@ -345,15 +408,16 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   return result
 
 
-SWEEP_GRIDS = {c: DEFAULT_GRIDS[c] for c in ("fixed_point", "kl")}  # what the summary needs
+TRIAL_GRIDS = {"fixed_point": DEFAULT_GRIDS["fixed_point"]}  # what a sweep trial's summary needs
 
 
 def halting_summary(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dict | None = None,
-                    repeats: int = 1, **kwargs: Any) -> dict[str, Any]:
-  """For a sweep trial: `evaluate_halting` over the fixed_point and KL grids (one timed call each, to
-  keep a trial cheap) and the flat `halting/...` summary fields it returns."""
-  return flat_summary(evaluate_halting(cfg, workdir, grids=grids or SWEEP_GRIDS, repeats=repeats,
-                                       **kwargs)["summary"])
+                    repeats: int = 3, **kwargs: Any) -> dict[str, Any]:
+  """For a sweep trial: `evaluate_halting` over the fixed_point grid, per-sequence exit only, timing
+  just the fixed baseline and the best threshold (so that a trial stays cheap); returns the flat
+  `halting/...` summary fields."""
+  return flat_summary(evaluate_halting(cfg, workdir, grids=grids or TRIAL_GRIDS, repeats=repeats,
+                                       mode="trial", **kwargs)["summary"])
 
 
 def pareto_plot(rows: list[dict], fixed: dict, oracle: dict, curve: list[float], path: str) -> str:
@@ -396,7 +460,7 @@ def _log_wandb(cfg: Any, workdir: str, summary: dict, rows: list[dict], plot: st
     return
   cols = ["criterion", "threshold", "mean_iterations", "max_iterations", "exact_match",
           "per_position", "flops", "wall_s", "batch_flops", "batch_wall_s"]
-  table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
+  table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
   logger.run.log({"halting/plots/pareto": wandb.Image(plot), "halting/rows": table},
                  step=max(step, logger.run.step))
   logger.run.summary.update({k: v for k, v in flat_summary(summary).items() if v is not None})

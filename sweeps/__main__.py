@@ -26,7 +26,7 @@ def log_sweep_to_wandb(base_cfg, sweep: str, sweep_dir: str, paths: dict) -> Non
     return
   import wandb
 
-  from sweeps.report import load, trial_table
+  from sweeps.report import HALTING_HEADER, halting_table, load, trial_table
   from train.logger import MetricsLogger
 
   cfg = base_cfg.copy_and_resolve_references()
@@ -39,9 +39,12 @@ def log_sweep_to_wandb(base_cfg, sweep: str, sweep_dir: str, paths: dict) -> Non
     return
   _, rows = load(sweep_dir)
   header, body = trial_table(rows)
-  logger.run.log({"sweep/trials": wandb.Table(columns=["trial"] + header,
-                                              data=[[r["name"]] + c for r, c in zip(rows, body)]),
-                  **{f"sweep/{k}": wandb.Image(p) for k, p in paths.items() if p.endswith(".png")}})
+  tables = {"sweep/trials": wandb.Table(columns=["trial"] + header,
+                                        data=[[r["name"]] + c for r, c in zip(rows, body)])}
+  halting = halting_table(rows)
+  if halting:
+    tables["sweep/halting"] = wandb.Table(columns=["trial"] + HALTING_HEADER, data=halting)
+  logger.run.log({**tables, **{f"sweep/{k}": wandb.Image(p) for k, p in paths.items() if p.endswith(".png")}})
   logger.run.finish()
 
 

@@ -5,6 +5,7 @@
 Per trial: its axes, status, regime, degeneracy cosine, final per-layer change, converged_at, accuracy
 at every size with its best iteration count, wall time. Per block size: a regime grid of injection x
 norm with agreement across seeds. Overlaid convergence and extrapolation curves grouped by each axis.
+Where trials measured adaptive halting (`eval.halting`, on by default), a table of its savings.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ REGIME_COLORS = {"cyclic": "#2a9d8f", "degenerate": "#e9c46a", "orbit": "#8e7dbe
                  "divergent": "#e63946", "unconverged": "#adb5bd", "failed": "#343a40",
                  "diverged": "#e63946", "pending": "#ffffff", "running": "#ffffff"}
 GRID_AXES = ("model.block_size", "model.injection", "model.norm")
+HALTING_NOTE = ("Per trial, on a mix of all sizes: fixed inference at R_fixed (the fewest iterations "
+                "reaching the best exact match on the longest size) against per-token exit once every "
+                "block layer has settled, at the ε with the fewest iterations whose exact match is within "
+                "0.5 points of it; "
+                "the oracle exits once the prediction never changes again (causal: in position order). "
+                "Wall × is the measured speedup with per-sequence exit.")
 
 
 def _get(cfg: dict, key: str) -> Any:
@@ -46,9 +53,11 @@ def load(sweep_dir: str) -> tuple[dict, list[dict]]:
     tdir = os.path.join(sweep_dir, t["name"])
     trial = read_json(os.path.join(tdir, "trial.json")) or {"status": "pending"}
     fp = read_json(os.path.join(tdir, "fixed_points.json"))
+    halting = read_json(os.path.join(tdir, "halting.json"))
     cfg = read_json(os.path.join(tdir, "config.json")) or t.get("config") or {}
     rows.append({"name": t["name"], "overrides": t["overrides"], "trial": trial, "config": cfg,
-                 "fp": fp, "summary": (fp or {}).get("summary", {})})
+                 "fp": fp, "summary": (fp or {}).get("summary", {}),
+                 "halting": (halting or {}).get("summary")})
   return index, rows
 
 
@@ -89,6 +98,29 @@ def trial_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                 [status, verdict(r) if s else "—", _fmt(s.get("fp/degeneracy_min_cosine"), ".4f"),
                  changes or "—", conv or "—"] + accs + [_fmt(r["trial"].get("wall_s"), ".1f")])
   return header, body
+
+
+HALTING_HEADER = ["regime", "R_fixed", "acc. at R_fixed", "best ε", "it./token (max)",
+                  "oracle (causal)", "it. saved", "acc. drop (pts)", "FLOPs saved", "wall ×"]
+
+
+def halting_table(rows: list[dict]) -> list[list[str]]:
+  """One line per trial with halting.json: the best fixed_point threshold within the allowed accuracy
+  drop against fixed inference at R_fixed (eval/halting.py), and what it saves."""
+  body = []
+  for r in rows:
+    h = r["halting"]
+    if not h:
+      continue
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"
+    body.append([r["name"], verdict(r), _fmt(h["R_fixed"]), _fmt(h["fixed_exact_match"]),
+                 _fmt(h["threshold"], "g") if h["threshold"] is not None else "none within "
+                 f"{h['max_drop_points']:g} pts",
+                 f"{_fmt(h['mean_iterations'], '.2f')} ({_fmt(h['max_iterations'])})",
+                 f"{_fmt(h['oracle_mean_iterations'], '.2f')} ({_fmt(h['oracle_causal_mean_iterations'], '.2f')})",
+                 pct(h["iterations_saved_fraction"]), _fmt(h["accuracy_drop_points"], "+.2f"),
+                 pct(h["flops_saved_fraction"]), _fmt(h["wall_speedup"], ".2f")])
+  return body
 
 
 def regime_grids(rows: list[dict]) -> dict[Any, dict]:
@@ -197,17 +229,22 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   md += ["## Trials", "", "| trial | " + " | ".join(header) + " |", "|" + " --- |" * (len(header) + 1)]
   md += [f"| {r['name']} | " + " | ".join(c.replace("|", "/") for c in cells) + " |"
          for r, cells in zip(rows, body)]
+  halting = halting_table(rows)
+  if halting:
+    md += ["", "## Adaptive halting (fixed_point criterion)", "", HALTING_NOTE, "",
+           "| trial | " + " | ".join(HALTING_HEADER) + " |", "|" + " --- |" * (len(HALTING_HEADER) + 1)]
+    md += ["| " + " | ".join(cells) + " |" for cells in halting]
   md += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(p)})" for name, p in images.items()]
   md_path = os.path.join(sweep_dir, "report.md")
   with open(md_path, "w") as f:
     f.write("\n".join(md) + "\n")
   html_path = os.path.join(sweep_dir, "report.html")
   with open(html_path, "w") as f:
-    f.write(_html(index["sweep"], grids, header, body, rows, images, counts))
+    f.write(_html(index["sweep"], grids, header, body, rows, images, counts, halting))
   return {"md": md_path, "html": html_path, **images}
 
 
-def _html(sweep, grids, header, body, rows, images, counts) -> str:
+def _html(sweep, grids, header, body, rows, images, counts, halting) -> str:
   e = html.escape
   parts = [f"<!doctype html><meta charset='utf-8'><title>Sweep {e(sweep)}</title>",
            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
@@ -228,7 +265,13 @@ def _html(sweep, grids, header, body, rows, images, counts) -> str:
   parts.append("<h2>Trials</h2><table><tr><th>trial</th>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
   for r, cells in zip(rows, body):
     parts.append(f"<tr><td>{e(r['name'])}</td>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
-  parts.append("</table><h2>Figures</h2>")
+  parts.append("</table>")
+  if halting:
+    parts.append(f"<h2>Adaptive halting (fixed_point criterion)</h2><p>{e(HALTING_NOTE)}</p><table><tr>"
+                 + "".join(f"<th>{e(h)}</th>" for h in ["trial", *HALTING_HEADER]) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>" for cells in halting]
+    parts.append("</table>")
+  parts.append("<h2>Figures</h2>")
   for name, p in images.items():
     data = base64.b64encode(open(p, "rb").read()).decode()
     parts.append(f"<h3>{e(name)}</h3><img alt='{e(name)}' src='data:image/png;base64,{data}'>")

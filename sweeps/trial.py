@@ -1,4 +1,5 @@
-"""One trial = train (skipped when train.steps = 0: the random-init control) + fixed-point evaluation.
+"""One trial = train (skipped when train.steps = 0: the random-init control) + fixed-point evaluation
++ adaptive halting (`eval.halting`).
 
 Run by the sweep runner as `python -m sweeps.trial WORKDIR` with the trial's config as JSON on stdin,
 so that a crash, an out-of-memory kill or a NaN stays inside the trial. Exit status: 0 done, 2 bad
@@ -22,10 +23,11 @@ def run_trial(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     result = Trainer(cfg, workdir).run()
     if result["status"] != "done":
       return result["exit_code"], result
-  summary = evaluate(cfg, workdir, init=cfg.train.steps == 0, progress=progress)
+  predictions: dict = {}  # the accuracy curves' per-iteration predictions: the halting oracle's too
+  summary = evaluate(cfg, workdir, init=cfg.train.steps == 0, progress=progress, predictions=predictions)
   if cfg.eval.halting and cfg.train.steps > 0:  # the savings of adaptive halting, per trial
     from eval.halting import halting_summary
-    summary.update(halting_summary(cfg, workdir, progress=progress))
+    summary.update(halting_summary(cfg, workdir, trajectories=predictions, progress=progress))
   return 0, summary
 
 

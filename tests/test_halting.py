@@ -14,7 +14,7 @@ from flax import nnx
 
 from configs.errors import ConfigError
 from conftest import tiny_config
-from eval.halting import SUMMARY_FIGURES, evaluate_halting, oracle_exits
+from eval.halting import SUMMARY_FIGURES, evaluate_halting, halting_summary, oracle_exits
 from looped_models.halting import CRITERIA, halt
 from train.config import resolve
 from train.step import init_model
@@ -187,6 +187,9 @@ def test_evaluate_halting_end_to_end(tmp_path):
   assert oracle["exact_match"] == pytest.approx(curve[-1])
   assert 1 <= oracle["mean_iterations"] <= oracle["causal_mean_iterations"] <= 12
   assert summary["oracle_causal_mean_iterations"] == oracle["causal_mean_iterations"]
+  assert max(2, oracle["mean_iterations"]) <= oracle["floor_mean_iterations"] <= oracle["mean_iterations"] + 1
+  assert oracle["floor_mean_iterations"] == pytest.approx(  # the oracle's exits, none before 2
+      oracle["mean_iterations"] + oracle["share_exit_at_1"])
   for row in saved["rows"]:
     assert row["batch"]["exit_agreement"] > 0.99 and row["batch_flops"] >= row["flops"] > 0
   fixed = saved["fixed"]
@@ -199,3 +202,28 @@ def test_evaluate_halting_end_to_end(tmp_path):
   assert os.path.getsize(os.path.join(workdir, "plots", "halting_pareto.png")) > 1000
   run = offline_run(str(tmp_path / "wandb"), read_status(workdir)["wandb_run_id"])
   assert run["summary"]["halting/R_fixed"] == summary["R_fixed"] and "train/loss" in run["summary"]
+
+  # A sweep trial's cheaper pass: the fixed_point grid, per-sequence exit only, and only the
+  # summary's setting timed; the same accuracy and iterations as the full evaluation.
+  # The evaluator's accuracy-curve predictions are the same trajectory (a trial hands them on).
+  from eval.capture import Capture
+  from eval.evaluate import load_params
+  from eval.halting import Runner, _eval_batches
+  graphdef, params, _ = load_params(resolve(cfg), workdir, False)
+  batch = _eval_batches(resolve(cfg))[8]
+  curve = Capture(graphdef, params, chunk=5, seed=0).accuracy_curve(batch, 12)
+  np.testing.assert_array_equal(curve["predictions"], Runner(graphdef, params, 12, 0).trajectory(batch["inputs"]))
+  with pytest.raises(ValueError, match="expected"):
+    halting_summary(cfg, workdir, trajectories={8: curve["predictions"][:5]}, progress=False)
+  fields = halting_summary(cfg, workdir, grids={"fixed_point": (1e-1, 3e-2, 0.0)}, repeats=1,
+                           trajectories={8: curve["predictions"]}, progress=False, log_wandb=False)
+  trial = json.load(open(os.path.join(workdir, "halting.json")))
+  assert trial["mode"] == "trial" and "chunked_wall_s" not in trial["fixed"]
+  timed = [r["threshold"] for r in trial["rows"] if r["wall_s"] is not None]
+  assert timed == [trial["summary"]["threshold"]] and fields["halting/wall_speedup"] > 0
+  assert all("batch" not in r and "batch_wall_s" not in r for r in trial["rows"])
+  full = {r["threshold"]: r for r in saved["rows"]}
+  assert trial["rows"][0]["mean_iterations"] == full[1e-1]["mean_iterations"]
+  assert trial["rows"][0]["exact_match"] == full[1e-1]["exact_match"]
+  assert fields["halting/R_fixed"] == summary["R_fixed"] and fields["halting/wall_speedup_batch"] is None
+  assert trial["oracle"]["mean_iterations"] == oracle["mean_iterations"]

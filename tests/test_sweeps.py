@@ -124,6 +124,15 @@ def test_failures_are_isolated(tmp_path):
   assert records[nan]["status"] == "diverged" and "diverged" in records[nan]["error"]
   report = open(sweep_dir / "report.md").read()
   assert "failed: config error: model.injection='bogus'" in report
+  # the good trial measured adaptive halting (eval.halting); the report has its line, and only its
+  halting = json.load(open(sweep_dir / good / "halting.json"))["summary"]
+  assert halting["R_fixed"] >= 1 and halting["oracle_mean_iterations"] >= 1
+  assert not os.path.exists(sweep_dir / nan / "halting.json")
+  section = report.split("## Adaptive halting")[1].split("## Figures")[0]
+  lines = [line for line in section.splitlines() if line.startswith(f"| {good} |")]
+  assert len(lines) == 1 and f"| {bad} |" not in section and f"| {nan} |" not in section
+  assert f"| {halting['R_fixed']} |" in lines[0]
+  assert "Adaptive halting" in open(sweep_dir / "report.html").read()
 
 
 def test_bad_sweep_input(tmp_path):
@@ -172,5 +181,6 @@ def test_pod_mode_two_processes_run_trials_over_the_whole_mesh(tmp_path):
   assert trial_record(str(trial))["status"] == "done"
   assert read_status(str(trial))["step"] == 8
   assert os.path.exists(trial / "fixed_points.json") and os.path.exists(tmp_path / "one" / "report.md")
+  assert json.load(open(trial / "halting.json"))["summary"]["R"] == 6  # halting, on every process
   assert "report:" in logs[0] and "report:" not in logs[1]  # process 0 alone writes and prints
   assert "train:" not in logs[1]

@@ -5,7 +5,7 @@ from conftest import tiny_config
 
 def get_config():
   c = tiny_config(train__steps=8, train__checkpoint_every=0, train__eval_batch_size=16)
-  c.eval.update(iterations=6, batch_size=2, chunk=3)
+  c.eval.update(halting=True, iterations=6, batch_size=2, chunk=3)
   c.wandb.mode = "offline"
   return c
 
