@@ -79,7 +79,8 @@ def section(result: dict, title: str, command: str) -> str:
   fixed_per_len = " / ".join(f"{fixed['lengths'][n]['exact_match']:.3f}" for n in lengths)
   lines = [f"## Adaptive halting: {title}", "",
            f"Machine: {machine()}. `{command}` (median of {result['repeats']} timed calls per setting "
-           f"after an untimed compile/warm-up call that gives the accuracy and iterations; wall times on a shared CPU are noisy).", "",
+           f"after an untimed compile/warm-up call that gives the accuracy and iterations; wall times "
+           f"on a shared CPU are noisy).", "",
            f"Mix of all lengths ({', '.join(lengths)}; {result['batch_size']} sequences each). Halting cap "
            f"R = {s['R']}; R_fixed = {s['R_fixed']} (smallest r reaching the best exact match on length "
            f"{result['longest_test_length']}); fixed inference at R_fixed: exact match "

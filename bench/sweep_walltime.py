@@ -53,7 +53,8 @@ def main() -> None:
   for r in rows:  # one section per sweep, so that sweeps measured separately keep their figures
     lines = [f"## Sweep wall time: `{r['sweep']}` (train + evaluate + report), --parallel {args.parallel}",
              "", f"Machine: {machine()}. `python -m bench.sweep_walltime --sweeps {r['sweep']} "
-             f"--parallel {args.parallel}`.", "",
+             f"--parallel {args.parallel}`. Each trial trains, evaluates its fixed points and, with "
+             f"`eval.halting` (the default), what adaptive halting saves.", "",
              "| sweep | trials (done) | wall time | trials per hour | exit status |",
              "| --- | --- | --- | --- | --- |",
              f"| {r['sweep']} | {r['trials']} ({r['done']}) | {r['wall_s'] / 60:.1f} min | "

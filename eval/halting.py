@@ -12,8 +12,9 @@ Definitions (all on the mix of all lengths: the training length and every test l
 - oracle (evaluation only): from an unfrozen run of R iterations, a token exits at the first iteration
   after which its prediction never changes again within R (its prediction is the one at R); it may
   exit at 1, which no real criterion can (`share_exit_at_1`); `floor_mean_iterations`: its exits
-  raised to at least 2, the oracle's mean if, like every real criterion, it could not exit at 1; `causal_mean_iterations`: the exits raised to the running maximum over
-  positions, the oracle bound for causal-order exit;
+  raised to at least 2, the oracle's mean if, like every real criterion, it could not exit at 1;
+  `causal_mean_iterations`: the exits raised to the running maximum over positions, the oracle bound
+  for causal-order exit;
 - two ways to run a batch, both measured: per-sequence exit (the rows' and the summary's figures),
   `slots` sequences in flight with continuous batching (`looped_models.halting`); and one loop over
   the whole batch until its slowest token is done (`batch_*` figures, and `batch`: its accuracy and
@@ -97,6 +98,24 @@ def oracle_exits(preds_RBS: np.ndarray) -> np.ndarray:
   R = preds_RBS.shape[0]
   last = R - 2 - np.argmax(changed_RBS[::-1], axis=0)    # index into changed of the last change
   return np.where(changed_RBS.any(0), last + 2, 1).astype(np.int32)
+
+
+def oracle_row(trajectories: dict[int, np.ndarray], batches: dict[int, dict]) -> dict:
+  """The oracle's row from the unfrozen predictions [R, B, S] per length, with its mean in causal
+  order, with no exit before iteration 2 (`floor_mean_iterations`), and its share of exits at 1."""
+  exits = {n: oracle_exits(trajectories[n]) for n in batches}
+
+  def mean_of(exit_of) -> float:
+    return _row("oracle", None, {n: {"preds": trajectories[n][-1], "exit": exit_of(exits[n])}
+                                 for n in batches}, batches)["mean_iterations"]
+
+  oracle = _row("oracle", None, {n: {"preds": trajectories[n][-1], "exit": exits[n]} for n in batches},
+                batches)
+  oracle["causal_mean_iterations"] = mean_of(lambda e: np.maximum.accumulate(e, axis=1))
+  oracle["floor_mean_iterations"] = mean_of(lambda e: np.maximum(e, 2))
+  oracle["share_exit_at_1"] = float(np.mean(np.concatenate(
+      [exits[n][batches[n]["mask"] > 0] for n in batches]) == 1))
+  return oracle
 
 
 class Runner:
@@ -296,17 +315,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   curve = [_row("fixed", r, {n: {"preds": trajectories[n][r - 1], "exit": np.full(bb["inputs"].shape, r)}
                              for n, bb in batches.items()}, batches)["exact_match"]
            for r in range(1, R + 1)]
-  exits = {n: oracle_exits(trajectories[n]) for n in batches}
-  oracle = _row("oracle", None, {n: {"preds": trajectories[n][-1], "exit": exits[n]} for n in batches},
-                batches)
-  oracle["causal_mean_iterations"] = _row("oracle", None, {  # if tokens had to exit in causal order
-      n: {"preds": trajectories[n][-1], "exit": np.maximum.accumulate(exits[n], axis=1)}
-      for n in batches}, batches)["mean_iterations"]
-  oracle["share_exit_at_1"] = float(np.mean(np.concatenate(
-      [exits[n][batches[n]["mask"] > 0] for n in batches]) == 1))
-  oracle["floor_mean_iterations"] = _row("oracle", None, {  # the oracle, but no exit before 2
-      n: {"preds": trajectories[n][-1], "exit": np.maximum(exits[n], 2)} for n in batches},
-      batches)["mean_iterations"]
+  oracle = oracle_row(trajectories, batches)
 
   # Fixed inference at R_fixed, the whole batch at once (and, in full mode, `slots` rows per call):
   # compiled and warmed up here, timed below.

@@ -117,7 +117,8 @@ def halting_table(rows: list[dict]) -> list[list[str]]:
                  _fmt(h["threshold"], "g") if h["threshold"] is not None else "none within "
                  f"{h['max_drop_points']:g} pts",
                  f"{_fmt(h['mean_iterations'], '.2f')} ({_fmt(h['max_iterations'])})",
-                 f"{_fmt(h['oracle_mean_iterations'], '.2f')} ({_fmt(h['oracle_causal_mean_iterations'], '.2f')})",
+                 f"{_fmt(h['oracle_mean_iterations'], '.2f')} "
+                 f"({_fmt(h['oracle_causal_mean_iterations'], '.2f')})",
                  pct(h["iterations_saved_fraction"]), _fmt(h["accuracy_drop_points"], "+.2f"),
                  pct(h["flops_saved_fraction"]), _fmt(h["wall_speedup"], ".2f")])
   return body

@@ -212,7 +212,8 @@ def test_evaluate_halting_end_to_end(tmp_path):
   graphdef, params, _ = load_params(resolve(cfg), workdir, False)
   batch = _eval_batches(resolve(cfg))[8]
   curve = Capture(graphdef, params, chunk=5, seed=0).accuracy_curve(batch, 12)
-  np.testing.assert_array_equal(curve["predictions"], Runner(graphdef, params, 12, 0).trajectory(batch["inputs"]))
+  np.testing.assert_array_equal(curve["predictions"],
+                                Runner(graphdef, params, 12, 0).trajectory(batch["inputs"]))
   with pytest.raises(ValueError, match="expected"):
     halting_summary(cfg, workdir, trajectories={8: curve["predictions"][:5]}, progress=False)
   fields = halting_summary(cfg, workdir, grids={"fixed_point": (1e-1, 3e-2, 0.0)}, repeats=1,

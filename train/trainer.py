@@ -31,6 +31,39 @@ class Diverged(Exception):
   """The loss became NaN or infinite."""
 
 
+class LogWindow:
+  """The training steps since the last log line: their metrics (on the device until flushed, so the
+  loop never waits for them) and the time they took."""
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step, self.pending = tokens_per_step, []
+    self.restart()
+
+  def restart(self) -> None:
+    """Time from now (an evaluation in between is not training time)."""
+    self.start = time.perf_counter()
+
+  def add(self, metrics: dict) -> None:
+    self.pending.append(metrics)
+
+  def flush(self, step: int) -> dict[str, float] | None:
+    """The window's mean metrics with steps/s and tokens/s (None if empty); Diverged on a NaN loss."""
+    if not self.pending:
+      return None
+    host = jax.device_get(self.pending)
+    losses = np.array([m["train/loss"] for m in host])
+    if not np.all(np.isfinite(losses)):
+      raise Diverged(f"loss is {losses[~np.isfinite(losses)][0]} at step "
+                     f"{step - len(host) + int(np.argmin(np.isfinite(losses)))}")
+    elapsed = time.perf_counter() - self.start
+    metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    metrics["train/steps_per_s"] = len(host) / elapsed
+    metrics["train/tokens_per_s"] = len(host) * self.tokens_per_step / elapsed
+    self.pending = []
+    self.restart()
+    return metrics
+
+
 class Trainer:
   """Builds everything for one run; `run()` trains to `train.steps` (resuming from WORKDIR)."""
 
@@ -142,12 +175,7 @@ class Trainer:
     if self.is_main:
       os.makedirs(self.workdir, exist_ok=True)
     ckpt = Checkpointer(self.workdir, t.keep_checkpoints)
-    latest = ckpt.latest_step()
-    meta: dict = {}
-    if latest is not None:
-      state, meta = ckpt.restore(latest, self.abstract_state)
-    else:
-      state = self.init_state()
+    state, latest, meta = self._resume(ckpt)
     step = int(state["step"])
     prior = read_status(self.workdir) if self.is_main else None
     if latest is not None and step >= t.steps:  # finished earlier: leave the run as it is
@@ -160,33 +188,19 @@ class Trainer:
       write_status(self.workdir, "running", step=step, steps=t.steps, error=None,
                    wandb_run_id=logger.run_id, resumed_from=latest)
     old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    tokens_per_step = t.batch_size * self.task.seq_len(cfg.task.train_length)
-    pending: list[dict] = []
-    window_start, window_steps = time.perf_counter(), 0
+    window = LogWindow(t.batch_size * self.task.seq_len(cfg.task.train_length))
     final: dict[str, Any] = {}
     status, exit_code = "done", 0
     bar = tqdm(total=t.steps, initial=step, disable=not self.is_main, desc="train", unit="step",
                dynamic_ncols=True)
 
     def flush() -> None:
-      nonlocal window_start, window_steps
-      if not pending:
-        return
-      host = jax.device_get(pending)
-      losses = np.array([m["train/loss"] for m in host])
-      if not np.all(np.isfinite(losses)):
-        raise Diverged(f"loss is {losses[~np.isfinite(losses)][0]} at step "
-                       f"{step - len(host) + int(np.argmin(np.isfinite(losses)))}")
-      elapsed = time.perf_counter() - window_start
-      metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-      metrics["train/steps_per_s"] = window_steps / elapsed
-      metrics["train/tokens_per_s"] = window_steps * tokens_per_step / elapsed
-      metrics["train/lr"] = float(self.schedule(step))
-      logger.log(step, metrics)
-      bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", steps_s=f"{metrics['train/steps_per_s']:.1f}",
-                      tok_s=f"{metrics['train/tokens_per_s']:.0f}")
-      pending.clear()
-      window_start, window_steps = time.perf_counter(), 0
+      metrics = window.flush(step)
+      if metrics:
+        metrics["train/lr"] = float(self.schedule(step))
+        logger.log(step, metrics)
+        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", steps_s=f"{metrics['train/steps_per_s']:.1f}",
+                        tok_s=f"{metrics['train/tokens_per_s']:.0f}")
 
     try:
       stop = False
@@ -195,9 +209,8 @@ class Trainer:
                                   t.batch_size, stream=0)
         n_iters = jnp.int32(recurrence.sample(t, step))
         state, metrics = self.train_step(state, batch, n_iters)
-        pending.append(metrics)
+        window.add(metrics)
         step += 1
-        window_steps += 1
         bar.update(1)
         at_end = step == t.steps
         save = at_end or (t.checkpoint_every and step % t.checkpoint_every == 0)
@@ -209,7 +222,7 @@ class Trainer:
         if t.eval_every >= 0 and (at_end or (t.eval_every and step % t.eval_every == 0)):
           final = self.evaluate(state["params"])
           logger.log(step, final)
-          window_start = time.perf_counter()
+          window.restart()
         if save:
           ckpt.save(step, state, {"wandb_run_id": logger.run_id})
       if stop and step < t.steps:
@@ -225,11 +238,18 @@ class Trainer:
       ckpt.close()
       for s, h in old_handlers.items():
         signal.signal(s, h)
-    result = {"step": step, "exit_code": exit_code, **final}
     if self.is_main:
       logger.summary({k: v for k, v in final.items() if k != "error"})
       write_status(self.workdir, status, step=step, error=final.get("error"),
                    final={k: v for k, v in final.items() if k.startswith("eval/")})
       logger.close(exit_code=0 if status == "done" else 1)
-    result["status"] = status
-    return result
+    return {"step": step, "exit_code": exit_code, **final, "status": status}
+
+  def _resume(self, ckpt: Checkpointer) -> tuple[TrainState, int | None, dict]:
+    """(state, the step it was restored from or None, the checkpoint's metadata): the newest
+    checkpoint in WORKDIR, or a freshly initialised state."""
+    latest = ckpt.latest_step()
+    if latest is None:
+      return self.init_state(), None, {}
+    state, meta = ckpt.restore(latest, self.abstract_state)
+    return state, latest, meta
