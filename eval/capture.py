@@ -55,7 +55,7 @@ class Capture:
     while done < R:
       n = min(self.chunk, R - done)
       s_BSD, st, att, counts, preds = self._advance(self.params, s_BSD, e_BSD, batch["targets"],
-                                             batch["mask"], n=n, attention=attention)
+                                                    batch["mask"], n=n, attention=attention)
       done += n
       yield (np.asarray(st) if states else None, np.asarray(att) if attention else None,
              jax.tree.map(np.asarray, counts), np.asarray(preds))

@@ -76,6 +76,10 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
   return str(v)
 
 
+def _pct(v: float | None) -> str:
+  return "—" if v is None else f"{100 * v:.1f}%"
+
+
 def trial_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
   axes = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
   sizes = sorted({int(k.split("/")[1][3:]) for r in rows for k in r["summary"]
@@ -112,15 +116,14 @@ def halting_table(rows: list[dict]) -> list[list[str]]:
     h = r["halting"]
     if not h:
       continue
-    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"
     body.append([r["name"], verdict(r), _fmt(h["R_fixed"]), _fmt(h["fixed_exact_match"]),
                  _fmt(h["threshold"], "g") if h["threshold"] is not None else "none within "
                  f"{h['max_drop_points']:g} pts",
                  f"{_fmt(h['mean_iterations'], '.2f')} ({_fmt(h['max_iterations'])})",
                  f"{_fmt(h['oracle_mean_iterations'], '.2f')} "
                  f"({_fmt(h['oracle_causal_mean_iterations'], '.2f')})",
-                 pct(h["iterations_saved_fraction"]), _fmt(h["accuracy_drop_points"], "+.2f"),
-                 pct(h["flops_saved_fraction"]), _fmt(h["wall_speedup"], ".2f")])
+                 _pct(h["iterations_saved_fraction"]), _fmt(h["accuracy_drop_points"], "+.2f"),
+                 _pct(h["flops_saved_fraction"]), _fmt(h["wall_speedup"], ".2f")])
   return body
 
 
