@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from looped_models.config import ModelSpec
+from looped_models.halting import HaltOutput, halt
 from looped_models.injection import Injection
 from looped_models.layers import Context, Layer, compute_dtype, make_context, make_norm
 
@@ -153,3 +154,10 @@ class LoopedTransformer(nnx.Module):
                          backprop_depth=backprop_depth, return_states=return_states,
                          return_attention=return_attention)
     return LoopOutput(self.decode(trace.state_BSD, ctx), trace.states_RkBSD, trace.attention_RkBHSS)
+
+  def halt(self, tokens_BS: jax.Array, *, criterion: str, threshold: float | int, max_iters: int,
+           **options) -> HaltOutput:
+    """Adaptive-depth inference: each token exits once `criterion` holds below `threshold`, the loop
+    stops when all have (or at `max_iters`). `looped_models.halting.halt`; options: key, slots,
+    causal, linear_growth."""
+    return halt(self, tokens_BS, criterion=criterion, threshold=threshold, max_iters=max_iters, **options)

@@ -117,7 +117,7 @@ def test_zero_threshold_is_fixed_inference():
   model = nnx.merge(graphdef, params)
   fixed_BSV = model(tokens, 9).logits_BSV
   for criterion, threshold in [("fixed_point", 0.0), ("kl", 0.0), ("argmax_stable", 50)]:  # 50 > max_iters
-    out = halt(model, tokens, criterion=criterion, threshold=threshold, max_iters=9)
+    out = model.halt(tokens, criterion=criterion, threshold=threshold, max_iters=9)  # = halt(model, ...)
     assert (np.asarray(out.exit_BS) == 9).all() and int(out.iterations) == 9, criterion
     np.testing.assert_allclose(out.logits_BSV, fixed_BSV, atol=1e-6, rtol=1e-6)
 
