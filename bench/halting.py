@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from bench.results import machine, write_section
+from eval.halting import ratio
 
 TARGET_SAVED, TARGET_ORACLE, TARGET_SPEEDUP = 0.40, 0.10, 1.5
 
@@ -54,12 +55,8 @@ def _row_line(r: dict, fixed: dict, R_fixed: int, lengths: list[str]) -> str:
   return (f"| {r['criterion']} | {r['threshold']} | {r['mean_iterations']:.2f} | {r['max_iterations']} | "
           f"{r['exact_match']:.4f} ({per_len}) | {drop:+.2f} | {1 - r['mean_iterations'] / R_fixed:.1%} | "
           f"{loops} | {1 - r['flops'] / fixed['flops']:.1%} | "
-          f"{_f(_div(fixed['wall_s'], r['wall_s']), '.2f')} | "
-          f"{_f(_div(fixed['wall_s'], r.get('batch_wall_s')), '.2f')} |")
-
-
-def _div(a, b):
-  return a / b if a and b else None
+          f"{_f(ratio(fixed['wall_s'], r['wall_s']), '.2f')} | "
+          f"{_f(ratio(fixed['wall_s'], r.get('batch_wall_s')), '.2f')} |")
 
 
 def huginn(result: dict) -> str:

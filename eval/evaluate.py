@@ -14,12 +14,12 @@ from configs.base import get_config as base_config
 from eval import plots
 from eval.capture import Capture
 from eval.fixed_points import FixedPointReport, analyze_stream
-from train.checkpoint import Checkpointer, saved_steps
 from train import distributed
+from train.checkpoint import Checkpointer, saved_steps
 from train.config import resolve
 from train.logger import MetricsLogger
 from train.recurrence import max_recurrence
-from train.step import abstract_model, init_model
+from train.step import abstract_train_state, init_model, make_optimizer
 from train.tasks import get_task, make_batch
 from train.workdir import RunDirError, check_compatible, read_json, read_status, write_json_atomic
 
@@ -59,13 +59,9 @@ def load_params(cfg: Any, workdir: str, init: bool) -> tuple[Any, dict, int]:
     raise RunDirError(f"{workdir} holds no checkpoint (train it first, or evaluate with --init)")
   ckpt = Checkpointer(workdir, cfg.train.keep_checkpoints)
   step = ckpt.latest_step()
-  from train.step import make_optimizer
-  tx = make_optimizer(cfg.train)
-  graphdef, params = abstract_model(cfg.model, cfg.train.seed)
+  graphdef, abstract = abstract_train_state(cfg.model, make_optimizer(cfg.train), cfg.train.seed)
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # every process reads it whole
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
-      jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": np.int32(0)}, params))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), abstract)
   state, _ = ckpt.restore(step, abstract)
   ckpt.close()
   return graphdef, state["params"], step

@@ -211,7 +211,8 @@ def _eval_batches(cfg: Any) -> dict[int, dict]:
           for n in (cfg.task.train_length, *cfg.task.test_lengths)}
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def ratio(a: float | None, b: float | None) -> float | None:
+  """a / b, or None when either is missing (an untimed setting) or zero."""
   return a / b if a and b else None
 
 
@@ -224,8 +225,8 @@ def _figures(row: dict | None, fixed: dict, oracle: dict, R_fixed: int) -> dict:
           "accuracy_drop_points": 100.0 * (fixed["exact_match"] - row["exact_match"]),
           "oracle_mean_iterations": oracle["mean_iterations"],
           "mean_iterations": row["mean_iterations"],
-          "wall_speedup": _ratio(fixed["wall_s"], row.get("wall_s")),
-          "wall_speedup_batch": _ratio(fixed["wall_s"], row.get("batch_wall_s")),
+          "wall_speedup": ratio(fixed["wall_s"], row.get("wall_s")),
+          "wall_speedup_batch": ratio(fixed["wall_s"], row.get("batch_wall_s")),
           "max_iterations": row["max_iterations"], "exact_match": row["exact_match"],
           "flops_saved_fraction": 1.0 - row["flops"] / fixed["flops"],
           "flops_saved_fraction_batch": (1.0 - row["batch_flops"] / fixed["flops"]

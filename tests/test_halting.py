@@ -69,15 +69,14 @@ def test_frozen_tokens_equal_running_each_to_its_exit(criterion, grid, causal):
 def test_per_sequence_exit_with_slots_gives_the_same_outputs():
   graphdef, params, tokens = model_and_tokens(batch=7, model__init_std=0.2)
   model = nnx.merge(graphdef, params)
-  for criterion, threshold in [("fixed_point", 3e-2)]:  # one decoding criterion: test_evaluate_halting
-    whole = halt(model, tokens, criterion=criterion, threshold=threshold, max_iters=20)
-    ex = np.asarray(whole.exit_BS)
-    assert len(np.unique(ex.max(1))) >= 2  # sequences finish at different iterations
-    streamed = halt(model, tokens, criterion=criterion, threshold=threshold, max_iters=20, slots=3)
-    np.testing.assert_array_equal(streamed.exit_BS, ex)
-    np.testing.assert_allclose(streamed.logits_BSV, whole.logits_BSV, atol=1e-5, rtol=1e-5)
-    assert int(whole.iterations) == ex.max()
-    assert int(streamed.iterations) < ex.max(1).sum()  # 3 slots: less than one sequence at a time
+  whole = halt(model, tokens, criterion="fixed_point", threshold=3e-2, max_iters=20)
+  ex = np.asarray(whole.exit_BS)
+  assert len(np.unique(ex.max(1))) >= 2  # sequences finish at different iterations
+  streamed = halt(model, tokens, criterion="fixed_point", threshold=3e-2, max_iters=20, slots=3)
+  np.testing.assert_array_equal(streamed.exit_BS, ex)
+  np.testing.assert_allclose(streamed.logits_BSV, whole.logits_BSV, atol=1e-5, rtol=1e-5)
+  assert int(whole.iterations) == ex.max()
+  assert int(streamed.iterations) < ex.max(1).sum()  # 3 slots: less than one sequence at a time
 
 
 def identity_block(injection="none", norm="pre"):

@@ -49,6 +49,14 @@ def abstract_model(m: Any, seed: int) -> tuple[nnx.GraphDef, dict]:
   return graphdef, nnx.to_pure_dict(state)
 
 
+def abstract_train_state(m: Any, tx: optax.GradientTransformation, seed: int
+                         ) -> tuple[nnx.GraphDef, TrainState]:
+  """The graph and the shapes of the training state a checkpoint holds: params, optimiser state, step."""
+  graphdef, params = abstract_model(m, seed)
+  return graphdef, {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+                    "step": jax.ShapeDtypeStruct((), jnp.int32)}
+
+
 def masked_cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array) -> jax.Array:
   ce_BS = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS)
   return (ce_BS * mask_BS).sum() / jnp.maximum(mask_BS.sum(), 1.0)

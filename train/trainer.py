@@ -22,7 +22,8 @@ from train import distributed, recurrence, sharding
 from train.checkpoint import Checkpointer
 from train.config import resolve, seq_lengths
 from train.logger import MetricsLogger
-from train.step import TrainState, abstract_model, make_eval_step, make_optimizer, make_schedule, make_train_step
+from train.step import (TrainState, abstract_train_state, make_eval_step, make_optimizer, make_schedule,
+                        make_train_step)
 from train.tasks import fractions, get_task, make_batch
 from train.workdir import check_compatible, read_status, record_config, write_status
 
@@ -82,10 +83,7 @@ class Trainer:
 
     t = cfg.train
     self.tx, self.schedule = make_optimizer(t), make_schedule(t)
-    self.graphdef, abstract_params = abstract_model(cfg.model, t.seed)
-    abstract_state = {"params": abstract_params,
-                      "opt_state": jax.eval_shape(self.tx.init, abstract_params),
-                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    self.graphdef, abstract_state = abstract_train_state(cfg.model, self.tx, t.seed)
     self.state_sharding = sharding.tree_shardings(abstract_state, self.mesh)
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
