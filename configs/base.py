@@ -11,8 +11,9 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = "prefix_or"          # prefix_or | prefix_parity | var_chain | addition
-  c.task.train_length = 16           # largest problem size seen in training
+  c.task.name = "prefix_or"          # prefix_or | prefix_parity | var_chain | addition | text
+  c.task.path = ""                   # text: a prepared corpus directory (python -m train.data prepare)
+  c.task.train_length = 16           # largest problem size seen in training (text: window tokens)
   c.task.min_train_length = 0        # smallest (0: same as train_length)
   c.task.test_lengths = (32, 64)     # longer sizes for extrapolation
 
@@ -58,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 20
   c.train.eval_every = 200           # 0: only at the end; -1: never (sweeps: the evaluator measures it)
   c.train.eval_batch_size = 256
-  c.train.eval_recurrences = ()      # () : (mean, 2 mean, 4 mean) of the training recurrence
+  c.train.eval_recurrences = ()      # (): (mean, 2 mean, 4 mean); text: 1, 2, 4, ... up to 4 x max
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 2
 

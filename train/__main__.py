@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
     print(f"interrupted at step {result['step']}; checkpoint saved, rerun the same command to resume",
           file=sys.stderr)
   else:
-    summary = {k: v for k, v in result.get("final", result).items() if k.endswith("best_exact_match")}
+    summary = {k: v for k, v in result.get("final", result).items()
+               if k.endswith(("best_exact_match", "best_loss"))}
     print(f"done at step {result['step']}: " + ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
   return result["exit_code"]
 

@@ -10,14 +10,16 @@ from configs.errors import ConfigError, check_choice, check_int
 from looped_models import validate_model_config
 from train import distributed, recurrence
 from train.logger import WANDB_MODES
-from train.tasks import get_task
+from train.tasks import task_of
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A validated copy of `cfg` with the derived values filled in (vocab size from the task,
   the minimum training length, the evaluation iteration counts)."""
   cfg = ml_collections.ConfigDict(cfg.to_dict())
-  task = get_task(cfg.task.name)
+  if "path" not in cfg.task:  # runs recorded before the text task existed
+    cfg.task.path = ""
+  task = task_of(cfg)
   t, m = cfg.train, cfg.model
   if not m.vocab_size:
     m.vocab_size = task.vocab_size
@@ -25,17 +27,41 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     cfg.task.min_train_length = cfg.task.train_length
   recurrence.validate(t)
   if not t.eval_recurrences:
-    r = t.mean_recurrence
-    t.eval_recurrences = (r, 2 * r, 4 * r)
+    t.eval_recurrences = default_eval_recurrences(cfg)
   validate(cfg)
   return cfg
 
 
+def is_text(cfg: Any) -> bool:
+  return cfg.task.name == "text"
+
+
+def default_eval_recurrences(cfg: Any) -> tuple[int, ...]:
+  """Synthetic tasks: (r, 2r, 4r) of the mean training recurrence. Text: 1, 2, 4, ... up to 4x the
+  training maximum (how Huginn's authors monitor a looped language model)."""
+  if is_text(cfg):
+    top = 4 * recurrence.max_recurrence(cfg.train)
+    return tuple(2 ** i for i in range(top.bit_length()) if 2 ** i <= top)
+  r = cfg.train.mean_recurrence
+  return (r, 2 * r, 4 * r)
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  task = get_task(cfg.task.name)
+  task = task_of(cfg)
   validate_model_config(cfg.model)
   m, t = cfg.model, cfg.train
-  if m.vocab_size < task.vocab_size:
+  if is_text(cfg):
+    if m.vocab_size < task.vocab_size:
+      raise ConfigError("model.vocab_size", m.vocab_size, reason=f"the corpus {cfg.task.path} was "
+                        f"prepared with a vocabulary of {task.vocab_size}; use a model of at least that")
+    if task.max_token_id >= m.vocab_size:
+      raise ConfigError("task.path", cfg.task.path, reason=f"holds token id {task.max_token_id}, "
+                        f"outside the model's vocabulary of {m.vocab_size}")
+    if cfg.task.min_train_length != cfg.task.train_length:
+      raise ConfigError("task.min_train_length", cfg.task.min_train_length,
+                        allowed=f"0 or task.train_length={cfg.task.train_length} (text windows have "
+                        "one length)")
+  elif m.vocab_size < task.vocab_size:
     raise ConfigError("model.vocab_size", m.vocab_size, allowed=f">= {task.vocab_size} ({task.name})")
   check_int("task.train_length", cfg.task.train_length, minimum=task.min_length)
   check_int("task.min_train_length", cfg.task.min_train_length, minimum=task.min_length)
@@ -71,5 +97,5 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def seq_lengths(cfg: Any) -> dict[int, int]:
   """Problem size -> tokens, for the training length and every test length."""
-  task = get_task(cfg.task.name)
+  task = task_of(cfg)
   return {n: task.seq_len(n) for n in (cfg.task.train_length, *cfg.task.test_lengths)}

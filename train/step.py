@@ -62,6 +62,15 @@ def masked_cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: 
   return (ce_BS * mask_BS).sum() / jnp.maximum(mask_BS.sum(), 1.0)
 
 
+def text_counts(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array, token_bytes
+                ) -> dict[str, jax.Array]:
+  """Summed next-token loss (nats) and the UTF-8 bytes of the counted targets: bits per byte is
+  nats / bytes / ln 2, comparable across tokenizers."""
+  ce_BS = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS)
+  bytes_BS = jnp.asarray(token_bytes, jnp.float32)[targets_BS]
+  return {"nats": (ce_BS * mask_BS).sum(), "bytes": (bytes_BS * mask_BS).sum()}
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, max_iters: int,
                     backprop_depth: int, seed: int) -> Callable:
   """step(state, batch, n_iters) -> (state, metrics). `n_iters` is traced: one compile for every r."""
@@ -88,14 +97,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, max_iters: int, seed: int) -> Callable:
-  """eval(params, batch, n_iters) -> accuracy counts at n_iters iterations (one compile per shape)."""
+def make_eval_step(graphdef: nnx.GraphDef, *, max_iters: int, seed: int,
+                   token_bytes=None) -> Callable:
+  """eval(params, batch, n_iters) -> accuracy counts at n_iters iterations (one compile per shape).
+  With `token_bytes` ([V] UTF-8 bytes per token id: text), also the summed loss in nats and the bytes
+  of the counted targets, for bits per byte."""
 
   def eval_step(params: dict, batch: dict, n_iters: jax.Array) -> dict:
     model = nnx.merge(graphdef, params)
     out = model(batch["inputs"], n_iters, max_iters=max_iters, key=jax.random.key(seed))
     counts = accuracy_counts(out.logits_BSV.argmax(-1), batch["targets"], batch["mask"])
     counts["loss"] = masked_cross_entropy(out.logits_BSV, batch["targets"], batch["mask"])
+    if token_bytes is not None:
+      counts.update(text_counts(out.logits_BSV, batch["targets"], batch["mask"], token_bytes))
     return counts
 
   return eval_step

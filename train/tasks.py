@@ -1,4 +1,5 @@
-"""Synthetic reasoning tasks, generated on the fly and deterministically (pure numpy).
+"""Tasks: synthetic reasoning tasks generated on the fly, and text windows from a prepared corpus
+(train/data.py). Both are deterministic (pure numpy).
 
 Every task is "predict at each position" for a causal model: `targets[i]` is what the model must output
 at position i having seen `inputs[:i+1]`; `mask[i]` is 1 where the loss and accuracy count.
@@ -12,7 +13,7 @@ import numpy as np
 
 from configs.errors import ConfigError
 
-TASK_NAMES = ("prefix_or", "prefix_parity", "var_chain", "addition")
+TASK_NAMES = ("prefix_or", "prefix_parity", "var_chain", "addition", "text")
 
 Example = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -45,6 +46,11 @@ class Task:
   def solve(self, inputs_S: np.ndarray, length: int) -> np.ndarray:
     """Brute-force targets from the inputs alone (for tests); positions past seq_len(length) get pad_id."""
     raise NotImplementedError
+
+  def for_stream(self, stream: int) -> "Task":
+    """The task that data stream `stream` draws from (0 training, 1 evaluation): the same task for
+    generated problems; the held-out split for text."""
+    return self
 
   def __repr__(self) -> str:
     return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
@@ -193,14 +199,61 @@ class Addition(Task):
     return out_S
 
 
+class Text(Task):
+  """Next-token prediction on random windows of a prepared corpus (`task.path`): a problem of size n
+  is a window of n tokens, targets the next n, every position counted. Stream 0 reads the training
+  split, every other stream the validation split."""
+
+  name, pad_id, min_length = "text", 0, 1
+  default_train_length, default_test_lengths = 256, ()
+
+  def __init__(self, path: str, split: str = "train", data=None):
+    from train.data import DataError, TextData
+    if not path:
+      raise ConfigError("task.path", path, reason="the text task needs a prepared corpus directory "
+                        "(python -m train.data prepare ... --out DIR)")
+    try:
+      self.data = data or TextData(path)
+    except DataError as e:
+      raise ConfigError("task.path", path, reason=str(e)) from None
+    self.path, self.split = path, split
+    self.vocab_size = self.data.vocab_size
+    self.max_token_id = int(self.data.meta.get("max_token_id", self.vocab_size - 1))
+
+  def seq_len(self, length: int) -> int:
+    return length
+
+  def check_length(self, length: int) -> None:
+    super().check_length(length)
+    self.data.check_window(length)
+
+  def for_stream(self, stream: int) -> "Text":
+    split = "train" if stream == 0 else "val"
+    return self if split == self.split else Text(self.path, split, self.data)
+
+  def example(self, rng: np.random.Generator, length: int) -> Example:
+    w = self.data.window(rng, length, self.split)
+    return w[:-1], w[1:], np.ones(length, np.float32)
+
+  def solve(self, inputs_S: np.ndarray, length: int) -> np.ndarray:
+    raise NotImplementedError("text has no brute-force solution")
+
+
 _TASKS = {cls.name: cls for cls in (PrefixOr, PrefixParity, VarChain, Addition)}
 
 
-def get_task(name: str) -> Task:
-  """The task called `name` (one of TASK_NAMES)."""
+def get_task(name: str, path: str = "") -> Task:
+  """The task called `name` (one of TASK_NAMES); `text` reads the prepared corpus at `path`."""
+  if name == "text":
+    return Text(path)
   if name not in _TASKS:
     raise ConfigError("task.name", name, TASK_NAMES)
   return _TASKS[name]()
+
+
+def task_of(cfg) -> Task:
+  """The task of a config (its `task` section: name, and path for text)."""
+  return get_task(cfg.task.name, cfg.task.get("path", ""))
 
 
 def make_batch(task: Task, *, seed: int, step: int, batch_size: int, min_length: int, max_length: int,
@@ -222,6 +275,7 @@ def make_batch(task: Task, *, seed: int, step: int, batch_size: int, min_length:
     raise ConfigError("train.batch_size", batch_size, f"a positive multiple of process_count={process_count}")
   if min_length > max_length:
     raise ConfigError("task.lengths", (min_length, max_length), reason="min_length > max_length")
+  task = task.for_stream(stream)
   task.check_length(min_length)
   task.check_length(max_length)
   need = task.seq_len(max_length)

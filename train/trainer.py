@@ -20,11 +20,11 @@ from tqdm import tqdm
 from looped_models import LoopedTransformer
 from train import distributed, recurrence, sharding
 from train.checkpoint import Checkpointer
-from train.config import resolve, seq_lengths
+from train.config import is_text, resolve, seq_lengths
 from train.logger import MetricsLogger
 from train.step import (TrainState, abstract_train_state, make_eval_step, make_optimizer, make_schedule,
                         make_train_step)
-from train.tasks import fractions, get_task, make_batch
+from train.tasks import fractions, make_batch, task_of
 from train.workdir import check_compatible, read_status, record_config, write_status
 
 
@@ -78,7 +78,8 @@ class Trainer:
     sharding.check_divisible(cfg.model, cfg.train.eval_batch_size, self.mesh)
     self.is_main = jax.process_index() == 0
     self.old_config = check_compatible(workdir, cfg.to_dict()) if os.path.isdir(workdir) else None
-    self.task = get_task(cfg.task.name)
+    self.task = task_of(cfg)
+    self.text = is_text(cfg)
     self.lengths = seq_lengths(cfg)
 
     t = cfg.train
@@ -95,7 +96,8 @@ class Trainer:
                               backprop_depth=t.backprop_depth, seed=t.seed)
     self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding, rep),
                               out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
-    eval_fn = make_eval_step(self.graphdef, max_iters=max(t.eval_recurrences), seed=t.seed)
+    eval_fn = make_eval_step(self.graphdef, max_iters=max(t.eval_recurrences), seed=t.seed,
+                             token_bytes=self.task.data.token_bytes if self.text else None)
     self.eval_step = jax.jit(eval_fn, in_shardings=(self.state_sharding["params"],
                                                     self.batch_sharding, rep), out_shardings=rep)
     self._stop_signal: int | None = None
@@ -134,7 +136,10 @@ class Trainer:
     return {k: array(v) for k, v in local.items()}
 
   def evaluate(self, params: dict) -> dict[str, float]:
-    """Accuracy at the training length and every test length, at each evaluation iteration count."""
+    """Accuracy at the training length and every test length, at each evaluation iteration count
+    (text: held-out loss, bits per byte and next-token accuracy)."""
+    if self.text:
+      return self.evaluate_text(params)
     t = self.cfg.train
     out: dict[str, float] = {}
     for n in self.lengths:
@@ -149,6 +154,26 @@ class Trainer:
         best = max(best, (acc["exact_match"], -r))
       out[f"eval/len{n}/best_exact_match"] = best[0]
       out[f"eval/len{n}/best_iters"] = -best[1]
+    return out
+
+  def evaluate_text(self, params: dict) -> dict[str, float]:
+    """Held-out windows of the validation split at every `train.eval_recurrences` count:
+    val/iters{r}/{loss, bits_per_byte, accuracy} (loss in nats per token), and the best of them
+    (windows of a test length n > train_length: val/len{n}/iters{r}/...)."""
+    t = self.cfg.train
+    out: dict[str, float] = {}
+    for n in self.lengths:
+      prefix = "val/" if n == self.cfg.task.train_length else f"val/len{n}/"
+      batch = self.global_batch(0, n, n, t.eval_batch_size, stream=1)
+      best = (np.inf, 0)
+      for r in t.eval_recurrences:
+        c = jax.device_get(self.eval_step(params, batch, jnp.int32(r)))
+        loss = float(c["nats"]) / max(float(c["pos_count"]), 1.0)
+        out[f"{prefix}iters{r}/loss"] = loss
+        out[f"{prefix}iters{r}/bits_per_byte"] = float(c["nats"]) / max(float(c["bytes"]), 1.0) / np.log(2)
+        out[f"{prefix}iters{r}/accuracy"] = fractions(c)["per_position"]
+        best = min(best, (loss, r))
+      out[f"{prefix}best_loss"], out[f"{prefix}best_iters"] = best
     return out
 
   def _on_signal(self, signum, frame) -> None:
@@ -239,7 +264,7 @@ class Trainer:
     if self.is_main:
       logger.summary({k: v for k, v in final.items() if k != "error"})
       write_status(self.workdir, status, step=step, error=final.get("error"),
-                   final={k: v for k, v in final.items() if k.startswith("eval/")})
+                   final={k: v for k, v in final.items() if k.startswith(("eval/", "val/"))})
       logger.close(exit_code=0 if status == "done" else 1)
     return {"step": step, "exit_code": exit_code, **final, "status": status}
 
