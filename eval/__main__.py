@@ -1,5 +1,7 @@
 """`python -m eval --workdir runs/NAME` evaluates a trained run's newest checkpoint;
 `python -m eval --config FILE --init --workdir runs/NAME` evaluates the model at initialisation;
+`--data DIR` evaluates on held-out windows of a prepared text corpus, `--compare RUN` shows a control
+run's stage metrics beside this one's;
 `python -m eval halting --workdir runs/NAME [--iterations R] [--slots P] [--repeats N]` sweeps the halting
 criteria of a trained run (eval/halting.py).
 
@@ -25,6 +27,10 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Sequences analysed (default: 
 _CHUNK = flags.DEFINE_integer("chunk", None, "Iterations per device call (default: eval.chunk, 4).")
 _TAU = flags.DEFINE_float("tau", 0.05, "Token-class cosine threshold.")
 _RHO = flags.DEFINE_float("rho", 0.9, "Share of the tail that must satisfy a class.")
+_DATA = flags.DEFINE_string("data", None, "A prepared text corpus (python -m train.data prepare) to "
+                            "evaluate on: held-out windows of it, whatever the run trained on.")
+_COMPARE = flags.DEFINE_string("compare", None, "A control run (e.g. a feedforward model), already "
+                               "evaluated, whose stage metrics are shown beside this run's.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "halting: timed calls per setting (median; 0: no timing).")
 _SLOTS = flags.DEFINE_integer("slots", None, "halting: sequences in flight for per-sequence exit "
                               "(default: train.eval_batch_size / 8).")
@@ -69,7 +75,7 @@ def main(argv: list[str]) -> int:
   if halting:
     return halting_main()
   from configs.errors import ConfigError
-  from eval.evaluate import evaluate, load_run_config
+  from eval.evaluate import evaluate, load_run_config, with_text_data
   from eval.fixed_points import TrajectoryError
   from train.workdir import RunDirError
 
@@ -80,13 +86,17 @@ def main(argv: list[str]) -> int:
       cfg = _CONFIG.value
     else:
       cfg = load_run_config(_WORKDIR.value)
+    if _DATA.value:
+      cfg = with_text_data(cfg, _DATA.value)
     summary = evaluate(cfg, _WORKDIR.value, init=_INIT.value, iterations=_ITERS.value,
                        batch_size=_BATCH.value, chunk=_CHUNK.value,
-                       thresholds={"tau": _TAU.value, "rho": _RHO.value})
+                       thresholds={"tau": _TAU.value, "rho": _RHO.value}, compare=_COMPARE.value)
   except (ConfigError, RunDirError, TrajectoryError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"{summary['fp/regime']}: degeneracy {summary['fp/degeneracy_min_cosine']:.4f}; "
+  text = "" if "val/best_loss" not in summary else (
+      f"; held-out loss {summary['val/best_loss']:.4f} at {summary['val/best_iters']} iterations")
+  print(f"{summary['fp/regime']}: degeneracy {summary['fp/degeneracy_min_cosine']:.4f}{text}; "
         f"see {_WORKDIR.value}/fixed_points.md")
   return 0
 

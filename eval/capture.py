@@ -14,13 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from train.step import text_counts
 from train.tasks import accuracy_counts
 
 
 class Capture:
   """Jitted pieces of one model for trajectory capture; `params` is the pure-dict parameter tree."""
 
-  def __init__(self, graphdef: nnx.GraphDef, params: dict, *, chunk: int = 4, seed: int = 0):
+  def __init__(self, graphdef: nnx.GraphDef, params: dict, *, chunk: int = 4, seed: int = 0,
+               token_bytes: np.ndarray | None = None):
+    """`token_bytes` ([V] UTF-8 bytes per token id; text) adds the summed loss ("nats") and the
+    targets' "bytes" to the per-iteration counts."""
     self.graphdef, self.params, self.chunk = graphdef, params, chunk
     key = jax.random.key(seed)
 
@@ -37,9 +41,16 @@ class Capture:
       model = nnx.merge(graphdef, params)
       ctx = model.context(s_BSD.shape[1])
       trace = model.iterate(s_BSD, e_BSD, ctx, n, n, return_states=True, return_attention=attention)
-      preds_nBS = jax.lax.map(lambda s: model.decode(s, ctx).argmax(-1).astype(jnp.int32),
-                              trace.states_RkBSD[:, -1])
+
+      def read(s):  # one iteration's prediction (and text loss), one logits tensor at a time
+        logits_BSV = model.decode(s, ctx)
+        extra = ({} if token_bytes is None else
+                 text_counts(logits_BSV, targets_BS, mask_BS, token_bytes))
+        return logits_BSV.argmax(-1).astype(jnp.int32), extra
+
+      preds_nBS, extra = jax.lax.map(read, trace.states_RkBSD[:, -1])
       counts = jax.vmap(lambda p: accuracy_counts(p, targets_BS, mask_BS))(preds_nBS)
+      counts.update(extra)
       return trace.state_BSD, trace.states_RkBSD, trace.attention_RkBHSS, counts, preds_nBS
 
     self._start = jax.jit(start)
@@ -65,10 +76,14 @@ class Capture:
     return lambda: ((st, att) for st, att, _, _ in self.run(batch, R, attention=attention))
 
   def accuracy_curve(self, batch: dict, R: int) -> dict[str, np.ndarray]:
-    """Exact-match and per-position accuracy after each of 1..R iterations ([R] arrays), and the
-    predictions behind them ([R, B, S])."""
+    """Exact-match and per-position accuracy after each of 1..R iterations ([R] arrays), the
+    predictions behind them ([R, B, S]) and, for text, "loss" and "bits_per_byte" ([R])."""
     parts = list(self.run(batch, R, states=False))
     c = {k: np.concatenate([p[2][k] for p in parts]).astype(np.float64) for k in parts[0][2]}
-    return {"exact_match": c["seq_right"] / np.maximum(c["seq_count"], 1),
-            "per_position": c["pos_right"] / np.maximum(c["pos_count"], 1),
-            "predictions": np.concatenate([p[3] for p in parts])}
+    out = {"exact_match": c["seq_right"] / np.maximum(c["seq_count"], 1),
+           "per_position": c["pos_right"] / np.maximum(c["pos_count"], 1),
+           "predictions": np.concatenate([p[3] for p in parts])}
+    if "nats" in c:  # text: loss (nats per token) and bits per byte after each iteration count
+      out["loss"] = c["nats"] / np.maximum(c["pos_count"], 1)
+      out["bits_per_byte"] = c["nats"] / np.maximum(c["bytes"], 1) / np.log(2)
+    return out

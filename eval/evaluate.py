@@ -16,11 +16,11 @@ from eval.capture import Capture
 from eval.fixed_points import FixedPointReport, analyze_stream
 from train import distributed
 from train.checkpoint import Checkpointer, saved_steps
-from train.config import resolve
+from train.config import is_text, resolve
 from train.logger import MetricsLogger
 from train.recurrence import max_recurrence
 from train.step import abstract_train_state, init_model, make_optimizer
-from train.tasks import get_task, make_batch
+from train.tasks import make_batch, task_of
 from train.workdir import RunDirError, check_compatible, read_json, read_status, write_json_atomic
 
 N_PCA_TOKENS = 4
@@ -47,6 +47,17 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         node[key] = value
 
   merge(cfg, stored)
+  return cfg
+
+
+def with_text_data(cfg: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+  """`cfg` evaluated on held-out windows of the prepared corpus at `path` (`--data`); a run that did
+  not train on text gets windows of min(256, model.max_len) tokens and no longer test windows."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  if cfg.task.name != "text":
+    cfg.task.train_length = min(256, cfg.model.max_len)
+    cfg.task.test_lengths = ()
+  cfg.task.name, cfg.task.path, cfg.task.min_train_length = "text", path, 0
   return cfg
 
 
@@ -95,6 +106,41 @@ def summary_fields(report: FixedPointReport, curves: dict[int, np.ndarray], trai
   return out
 
 
+def text_summary_fields(report: FixedPointReport, curves: dict[int, dict], cfg: Any) -> dict:
+  """Flat summary of a text run: fp/* for the analysis, val/* for the held-out loss against
+  iterations 1..R at the training window (nats per token, bits per byte)."""
+  out = summary_fields(report, {}, cfg.task.train_length)
+  r_train = max_recurrence(cfg.train)
+  for n, c in curves.items():
+    prefix = "val/" if n == cfg.task.train_length else f"val/len{n}/"
+    loss, bpb = c["loss"], c["bits_per_byte"]
+    best = int(np.nanargmin(loss))
+    out[f"{prefix}best_loss"] = float(loss[best])
+    out[f"{prefix}best_iters"] = best + 1
+    out[f"{prefix}best_bits_per_byte"] = float(bpb[best])
+    out[f"{prefix}final_loss"] = float(loss[-1])
+    for r in sorted({1, r_train, 2 * r_train, 4 * r_train}):
+      if r <= len(loss):
+        out[f"{prefix}iters{r}/loss"] = float(loss[r - 1])
+        out[f"{prefix}iters{r}/bits_per_byte"] = float(bpb[r - 1])
+  out["val/train_recurrence"] = r_train
+  return out
+
+
+def compare_stage_metrics(workdir: str) -> dict:
+  """The stage metrics of a control run (e.g. a feedforward model) at its first iteration, one value
+  per layer, from its evaluation's fixed_points.json: {"run", "colsum_concentration": [k], ...}."""
+  record = read_json(os.path.join(workdir, "fixed_points.json")) if os.path.isdir(workdir) else None
+  if record is None:
+    raise RunDirError(f"--compare {workdir}: no fixed_points.json there (evaluate that run first)")
+  series = record["report"]["series"]
+  out: dict[str, Any] = {"run": workdir}
+  for name in ("colsum_concentration", "sink_rate", "mixing", "residual_norm"):
+    if series.get(name) is not None:
+      out[name] = series[name][0]
+  return out
+
+
 def markdown(summary: dict, report: FixedPointReport, cfg: Any, step: int, init: bool) -> str:
   m = cfg.model
   lines = [f"# Fixed points: **{report.regime}**", "",
@@ -103,7 +149,7 @@ def markdown(summary: dict, report: FixedPointReport, cfg: Any, step: int, init:
            f"`{m.norm}`/{m.norm_type}, d={m.d_model}, task `{cfg.task.name}`; R = {report.num_iterations}.",
            "", f"- degeneracy (min cos between layer fixed points): {report.degeneracy_min_cosine:.4f}",
            "- tokens at the last block layer: " + ", ".join(
-               f"{k} {v:.0%}" for k, v in report.token_classes.items()), "",
+               f"{k} {v:.2%}" for k, v in report.token_classes.items()), "",
            "| layer | converged | converged_at | final change | contraction rate |",
            "| --- | --- | --- | --- | --- |"]
   for l in report.layers:
@@ -116,6 +162,17 @@ def markdown(summary: dict, report: FixedPointReport, cfg: Any, step: int, init:
     n = key.split("/")[1]
     lines.append(f"| {n[3:]} | {summary[key]:.3f} | {summary[f'acc/{n}/best']:.3f} | "
                  f"{summary[f'acc/{n}/best_iters']} | {summary[f'acc/{n}/plateau_iters']} |")
+  if is_text(cfg):
+    lines = lines[:-2] + [
+        f"Held-out loss (nats per token) against iterations; the model trained at up to "
+        f"{summary['val/train_recurrence']}:", "", "| iterations | loss | bits per byte |",
+        "| --- | --- | --- |"]
+    for key in sorted((k for k in summary if k.startswith("val/iters") and k.endswith("/loss")),
+                      key=lambda k: int(k.split("/")[1][5:])):
+      r = key.split("/")[1][5:]
+      lines.append(f"| {r} | {summary[key]:.4f} | {summary[f'val/iters{r}/bits_per_byte']:.4f} |")
+    lines.append(f"| best ({summary['val/best_iters']}) | {summary['val/best_loss']:.4f} | "
+                 f"{summary['val/best_bits_per_byte']:.4f} |")
   lines += ["", "Thresholds: " + ", ".join(f"{k}={v}" for k, v in report.thresholds.items()), "",
             "Plots: " + ", ".join(f"[{p}](plots/{p}.png)" for p in (
                 "convergence", "distance", "attention_similarity", "trajectory_pca", "stage_metrics",
@@ -126,11 +183,14 @@ def markdown(summary: dict, report: FixedPointReport, cfg: Any, step: int, init:
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False,
              iterations: int | None = None, batch_size: int | None = None, chunk: int | None = None,
              thresholds: dict | None = None, log_wandb: bool = True, progress: bool = True,
-             predictions: dict | None = None) -> dict:
+             predictions: dict | None = None, compare: str | None = None) -> dict:
   """Evaluate one run; returns the summary fields (also written to fixed_points.json).
   Unset arguments come from the config's `eval` section. `predictions`, when given, is filled with
   {size: the [R, B, S] predictions behind that size's accuracy curve} (a sweep trial hands them on to
-  the halting evaluation, which uses the same batches)."""
+  the halting evaluation, which uses the same batches). A text run is measured on held-out windows
+  of its corpus: loss and bits per byte against iterations instead of accuracy, the PCA tokens
+  labelled with their text, and, with `compare` (a control run's directory, e.g. a feedforward
+  model), that run's stage metrics beside this one's."""
   from tqdm import tqdm
 
   cfg = resolve(cfg)
@@ -144,14 +204,17 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
     raise RunDirError(f"{workdir} holds a trained run; evaluate the random-init control elsewhere")
   if init and os.path.isdir(workdir):
     check_compatible(workdir, cfg.to_dict())
+  text = is_text(cfg)
+  control = compare_stage_metrics(compare) if compare else None
   graphdef, params, step = load_params(cfg, workdir, init)
   main = jax.process_index() == 0  # with several processes, each evaluates; process 0 writes
   if main:
     os.makedirs(workdir, exist_ok=True)
     if init and not os.path.exists(os.path.join(workdir, "config.json")):
       write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
-  task = get_task(cfg.task.name)
-  capture = Capture(graphdef, params, chunk=chunk, seed=cfg.train.seed)
+  task = task_of(cfg)
+  capture = Capture(graphdef, params, chunk=chunk, seed=cfg.train.seed,
+                    token_bytes=task.data.token_bytes if text else None)
 
   def batch_of(n: int, size: int) -> dict:
     b = make_batch(task, seed=cfg.train.seed, step=0, batch_size=size, min_length=n,
@@ -176,23 +239,39 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
     return replay
 
   report = analyze_stream(counted(capture.chunks(train_batch, R, attention=True)), **(thresholds or {}))
-  curves = {}
+  curves, text_curves = {}, {}
   for n in (cfg.task.train_length, *cfg.task.test_lengths):
     curve = capture.accuracy_curve(batch_of(n, cfg.train.eval_batch_size), R)
-    curves[n] = curve["exact_match"]
+    curves[n] = curve["per_position"] if text else curve["exact_match"]
+    if text:
+      text_curves[n] = {k: curve[k] for k in ("loss", "bits_per_byte", "per_position")}
     if predictions is not None:
       predictions[n] = curve["predictions"]
     bar.update(R)
   bar.close()
 
-  summary = summary_fields(report, curves, cfg.task.train_length)
+  summary = (text_summary_fields(report, text_curves, cfg) if text else
+             summary_fields(report, curves, cfg.task.train_length))
   if not main:
     return summary
+  pca_tokens = None
+  if text:  # the PCA plot's tokens: the last N_PCA_TOKENS of the first analysed window
+    tok = task.data.tokenizer()
+    pca_tokens = [tok.token_text(int(i)) for i in train_batch["inputs"][0, -N_PCA_TOKENS:]]
   plot_paths = plots.all_plots(report, np.concatenate(points), curves, cfg.task.train_length,
                                os.path.join(workdir, "plots"))
+  if text:
+    plot_paths["loss"] = plots.loss_curves({n: c["loss"] for n, c in text_curves.items()},
+                                           os.path.join(workdir, "plots", "loss.png"),
+                                           cfg.task.train_length, max_recurrence(cfg.train))
   result = {"summary": summary, "step": step, "init": init, "iterations": R, "batch_size": batch_size,
             "curve_batch_size": cfg.train.eval_batch_size, "report": report.to_dict(),
             "accuracy_curves": {str(n): c.tolist() for n, c in curves.items()}}
+  if text:
+    result["loss_curves"] = {str(n): {k: v.tolist() for k, v in c.items()} for n, c in text_curves.items()}
+    result["pca_tokens"] = pca_tokens
+  if control is not None:
+    result["compare"] = control
   write_json_atomic(os.path.join(workdir, "fixed_points.json"), result)
   with open(os.path.join(workdir, "fixed_points.md"), "w") as f:
     f.write(markdown(summary, report, cfg, step, init))

@@ -104,6 +104,19 @@ def accuracy_curves(curves: dict[int, np.ndarray], path: str, train_length: int)
   return _save(fig, path)
 
 
+def loss_curves(curves: dict[int, np.ndarray], path: str, train_length: int, train_recurrence: int) -> str:
+  """Held-out loss against iterations 1..R (text): does the model extrapolate in depth?"""
+  fig, ax = plt.subplots(figsize=(6.4, 4))
+  for n, loss in sorted(curves.items()):
+    ax.plot(np.arange(1, len(loss) + 1), loss,
+            label=f"window {n}" + (" (train)" if n == train_length else ""))
+  ax.axvline(train_recurrence, color="0.5", linestyle=":", label=f"training maximum ({train_recurrence})")
+  ax.set(xlabel="iterations", ylabel="held-out loss (nats per token)", xscale="log",
+         title="Held-out loss against iterations")
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
 def all_plots(report, points_RkND, curves, train_length: int, outdir: str) -> dict[str, str]:
   os.makedirs(outdir, exist_ok=True)
   out = {"convergence": convergence(report, os.path.join(outdir, "convergence.png")),

@@ -11,11 +11,13 @@ sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                 os.path.dirname(os.path.abspath(__file__))]
 
 
-def sharding_config(mesh=(1, 1, 1), steps=10, **dist):
+def sharding_config(mesh=(1, 1, 1), steps=10, text="", **dist):
   from conftest import tiny_config
   c = tiny_config(train__steps=steps, train__log_every=1, train__checkpoint_every=10, train__warmup=2,
                   train__min_lr_ratio=1.0, train__eval_batch_size=16, train__batch_size=16)
   c.model.update(n_heads=8, d_model=32, d_ff=64)
+  if text:  # the text task on a prepared corpus: windows of 16 tokens
+    c.task.update(name="text", path=text, train_length=16, test_lengths=())
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   c.distributed.update(dist)
   return c
@@ -30,6 +32,7 @@ def main():
   p.add_argument("--nproc", type=int, default=1)
   p.add_argument("--pid", type=int, default=0)
   p.add_argument("--out", required=True)
+  p.add_argument("--text", default="", help="a prepared corpus: train the text task on it")
   a = p.parse_args()
   import jax
   from train import sharding
@@ -38,7 +41,7 @@ def main():
 
   mesh = tuple(int(x) for x in a.mesh.split(","))
   dist = dict(coordinator_address=a.coordinator, num_processes=a.nproc, process_id=a.pid) if a.coordinator else {}
-  trainer = Trainer(sharding_config(mesh, a.steps, **dist), a.workdir)
+  trainer = Trainer(sharding_config(mesh, a.steps, a.text, **dist), a.workdir)
   state = trainer.init_state()
   specs = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):

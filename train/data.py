@@ -417,6 +417,10 @@ class TextData:
     tb = os.path.join(directory, TOKEN_BYTES)
     self.token_bytes = np.load(tb) if os.path.isfile(tb) else np.ones(self.vocab_size, np.int32)
 
+  def tokenizer(self):
+    """The tokenizer this corpus was prepared with (to decode windows)."""
+    return load_tokenizer(self.directory, self.meta)
+
   def tokens(self, split: str) -> int:
     return sum(len(a) for a in self.maps[split])
 
