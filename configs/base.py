@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8              # sequences whose trajectories are analysed
   c.eval.chunk = 4                   # iterations per device call (device memory grows with it)
   c.eval.halting = True              # sweep trials also measure adaptive halting (halting.json)
+  c.eval.control = False             # a control trial (e.g. feedforward) the sweep report compares with
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # -1: all devices not used by the other axes

@@ -217,10 +217,13 @@ class Trainer:
     bar = tqdm(total=t.steps, initial=step, disable=not self.is_main, desc="train", unit="step",
                dynamic_ncols=True)
 
+    started = time.perf_counter()
+
     def flush() -> None:
       metrics = window.flush(step)
       if metrics:
         metrics["train/lr"] = float(self.schedule(step))
+        metrics["elapsed_s"] = time.perf_counter() - started
         logger.log(step, metrics)
         bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", steps_s=f"{metrics['train/steps_per_s']:.1f}",
                         tok_s=f"{metrics['train/tokens_per_s']:.0f}")
@@ -244,7 +247,7 @@ class Trainer:
           stop = self._stop_signal is not None
         if t.eval_every >= 0 and (at_end or (t.eval_every and step % t.eval_every == 0)):
           final = self.evaluate(state["params"])
-          logger.log(step, final)
+          logger.log(step, {**final, "elapsed_s": time.perf_counter() - started})
           window.restart()
         if save:
           ckpt.save(step, state, {"wandb_run_id": logger.run_id})

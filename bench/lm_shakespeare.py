@@ -1,0 +1,93 @@
+"""Held-out loss against wall time of the Shakespeare preset (configs/lm_shakespeare.py).
+
+  make shakespeare && python -m bench.lm_shakespeare [--workdir /tmp/lm_bench] [--config.KEY=VALUE ...]
+
+Trains the preset from scratch (a fresh work directory), then reads metrics.jsonl: every validation
+(held-out windows at r = 1, 2, 4, ... up to 4x the training maximum) with the seconds since training
+started, and checks the preset's targets: held-out nats per byte at the training recurrence <= 1.55
+within 15 minutes; the loss at 2x and 4x the training recurrence no worse than at it (extrapolation in
+depth); a lower loss at the training recurrence than at r = 1. Writes its section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/lm_shakespeare.py", "Preset.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/lm_shakespeare_bench", "Run directory (replaced).")
+_BUDGET = flags.DEFINE_float("budget_min", 15.0, "Wall-time budget of the loss target (minutes).")
+_TARGET = flags.DEFINE_float("target", 1.55, "Held-out nats per byte to reach within the budget.")
+
+
+def main(argv: list[str]) -> int:
+  logging.set_verbosity(logging.WARNING)
+  from bench.results import machine, write_section
+  from train.logger import read_metrics
+  from train.recurrence import max_recurrence
+  from train.trainer import Trainer
+
+  cfg = _CONFIG.value
+  if os.path.isdir(_WORKDIR.value):
+    shutil.rmtree(_WORKDIR.value)
+  trainer = Trainer(cfg, _WORKDIR.value)
+  result = trainer.run()
+  if result["status"] != "done":
+    print(f"error: training ended {result['status']}", file=sys.stderr)
+    return 1
+  cfg = trainer.cfg
+  r_train = cfg.train.mean_recurrence
+  rs = sorted(cfg.train.eval_recurrences)
+  metrics = read_metrics(_WORKDIR.value)
+  evals = [m for m in metrics if "val/best_loss" in m]
+  tok_s = [m["train/tokens_per_s"] for m in metrics if "train/tokens_per_s" in m]
+  npb = lambda m, r: m[f"val/iters{r}/bits_per_byte"] * math.log(2)  # nats per byte
+  in_budget = [m for m in evals if m["elapsed_s"] <= 60 * _BUDGET.value]
+  best_in_budget = min((npb(m, r_train) for m in in_budget), default=float("nan"))
+  last = evals[-1]
+  n_params = sum(x.size for x in __import__("jax").tree.leaves(trainer.abstract_state["params"]))
+
+  m = cfg.model
+  lines = [
+      f"## Shakespeare preset: held-out loss against wall time (`configs/lm_shakespeare.py`)", "",
+      f"Machine: {machine()}. `python -m bench.lm_shakespeare`. ({m.n_prelude}, {m.block_size}⊗r, "
+      f"{m.n_coda}), d = {m.d_model}, {m.n_heads} heads, {m.mlp} MLP of {m.d_ff}, injection "
+      f"`{m.injection}`, norm `{m.norm}`, {n_params / 1e6:.2f}M parameters, byte-level, windows of "
+      f"{cfg.task.train_length}, batch {cfg.train.batch_size}, {cfg.train.steps} steps; training "
+      f"recurrence `{cfg.train.recurrence}` (mean {r_train}, cap {max_recurrence(cfg.train)}, "
+      f"backprop depth {cfg.train.backprop_depth or 'all'}). Training throughput: median "
+      f"{sorted(tok_s)[len(tok_s) // 2]:,.0f} tokens/s.", "",
+      "Held-out loss in nats per byte (BOS/EOS carry no bytes) at each recurrence r:", "",
+      "| step | minutes | " + " | ".join(f"r={r}" for r in rs) + " |",
+      "| --- | --- | " + " | ".join("---" for _ in rs) + " |"]
+  for e in evals:
+    lines.append(f"| {e['step']} | {e['elapsed_s'] / 60:.1f} | " +
+                 " | ".join(f"{npb(e, r):.3f}" for r in rs) + " |")
+  checks = [
+      (f"nats per byte at r = {r_train} within {_BUDGET.value:g} min <= {_TARGET.value}",
+       best_in_budget <= _TARGET.value, f"{best_in_budget:.3f}"),
+      (f"at 2r = {2 * r_train} no worse than at r = {r_train}",
+       npb(last, 2 * r_train) <= npb(last, r_train) + 1e-3,
+       f"{npb(last, 2 * r_train):.3f} vs {npb(last, r_train):.3f}"),
+      (f"at 4r = {4 * r_train} no worse than at r = {r_train}",
+       npb(last, 4 * r_train) <= npb(last, r_train) + 1e-3,
+       f"{npb(last, 4 * r_train):.3f} vs {npb(last, r_train):.3f}"),
+      (f"lower at r = {r_train} than at r = 1", npb(last, r_train) < npb(last, 1),
+       f"{npb(last, r_train):.3f} vs {npb(last, 1):.3f}"),
+  ]
+  lines += ["", "| target | met | measured |", "| --- | --- | --- |"]
+  lines += [f"| {name} | {'yes' if ok else 'no'} | {value} |" for name, ok, value in checks]
+  body = "\n".join(lines)
+  write_section("lm_shakespeare", body)
+  print(body)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
