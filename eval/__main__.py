@@ -39,7 +39,7 @@ _SLOTS = flags.DEFINE_integer("slots", None, "halting: sequences in flight for p
 def halting_main() -> int:
   """`python -m eval halting --workdir runs/NAME`: halting.json, plots/halting_pareto.png, W&B."""
   from configs.errors import ConfigError
-  from eval.evaluate import load_run_config
+  from train.run import load_run_config
   from eval.halting import evaluate_halting
   from train.workdir import RunDirError
 
@@ -75,7 +75,8 @@ def main(argv: list[str]) -> int:
   if halting:
     return halting_main()
   from configs.errors import ConfigError
-  from eval.evaluate import evaluate, load_run_config, with_text_data
+  from eval.evaluate import evaluate, with_text_data
+  from train.run import load_run_config
   from eval.fixed_points import TrajectoryError
   from train.workdir import RunDirError
 

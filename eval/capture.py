@@ -13,19 +13,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from train.sharding import BATCH_AXES
 from train.step import text_counts
 from train.tasks import accuracy_counts
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process) global array as one numpy array on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class Capture:
   """Jitted pieces of one model for trajectory capture; `params` is the pure-dict parameter tree."""
 
   def __init__(self, graphdef: nnx.GraphDef, params: dict, *, chunk: int = 4, seed: int = 0,
-               token_bytes: np.ndarray | None = None):
+               token_bytes: np.ndarray | None = None, mesh: Mesh | None = None):
     """`token_bytes` ([V] UTF-8 bytes per token id; text) adds the summed loss ("nats") and the
-    targets' "bytes" to the per-iteration counts."""
-    self.graphdef, self.params, self.chunk = graphdef, params, chunk
+    targets' "bytes" to the per-iteration counts. With `mesh` (the parameters' mesh, see
+    train.run.open_run), batches are split over its data axes where they divide, and every process
+    gets the whole result back."""
+    self.graphdef, self.params, self.chunk, self.mesh = graphdef, params, chunk, mesh
     key = jax.random.key(seed)
 
     def start(params, tokens_BS):
@@ -61,6 +73,7 @@ class Capture:
     """Yield, per chunk of consecutive iterations, (states [n,k,B,S,D] or None,
     attention [n,k,B,H,S,S] or None, accuracy counts per iteration {name: [n]}, predictions [n,B,S])
     as numpy."""
+    batch = self.place(batch)
     s_BSD, e_BSD = self._start(self.params, batch["inputs"])
     done = 0
     while done < R:
@@ -68,8 +81,20 @@ class Capture:
       s_BSD, st, att, counts, preds = self._advance(self.params, s_BSD, e_BSD, batch["targets"],
                                                     batch["mask"], n=n, attention=attention)
       done += n
-      yield (np.asarray(st) if states else None, np.asarray(att) if attention else None,
-             jax.tree.map(np.asarray, counts), np.asarray(preds))
+      yield (to_host(st) if states else None, to_host(att) if attention else None,
+             jax.tree.map(to_host, counts), to_host(preds))
+
+  def place(self, batch: dict) -> dict:
+    """The batch as global arrays on the mesh: rows split over data x fsdp when they divide,
+    replicated otherwise (every process holds the same deterministic batch)."""
+    if self.mesh is None:
+      return batch
+    B = next(iter(batch.values())).shape[0]
+    ways = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+    spec = P(BATCH_AXES) if B % ways == 0 else P()
+    sharding = NamedSharding(self.mesh, spec)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
 
   def chunks(self, batch: dict, R: int, attention: bool = True) -> Callable[[], Iterator]:
     """A replayable chunk source for `eval.fixed_points.analyze_stream`."""

@@ -10,16 +10,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs.base import get_config as base_config
 from eval import plots
 from eval.capture import Capture
 from eval.fixed_points import FixedPointReport, analyze_stream
 from train import distributed
-from train.checkpoint import Checkpointer, saved_steps
+from train.checkpoint import saved_steps
 from train.config import is_text, resolve
 from train.logger import MetricsLogger
 from train.recurrence import max_recurrence
-from train.step import abstract_train_state, init_model, make_optimizer
+from train.run import open_run
 from train.tasks import make_batch, task_of
 from train.workdir import RunDirError, check_compatible, read_json, read_status, write_json_atomic
 
@@ -29,25 +28,6 @@ N_PCA_TOKENS = 4
 def default_iterations(cfg: Any) -> int:
   """max(128, 4 x the training maximum)."""
   return max(128, 4 * max_recurrence(cfg.train))
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  if not os.path.isdir(workdir):
-    raise RunDirError(f"run directory {workdir} does not exist")
-  stored = read_json(os.path.join(workdir, "config.json"))
-  if stored is None:
-    raise RunDirError(f"{workdir} holds no config.json: not a run directory")
-  cfg = base_config()  # keys added since the run was made take their defaults
-
-  def merge(node, values: dict) -> None:
-    for key, value in values.items():
-      if isinstance(value, dict) and key in node:
-        merge(node[key], value)
-      else:
-        node[key] = value
-
-  merge(cfg, stored)
-  return cfg
 
 
 def with_text_data(cfg: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
@@ -62,20 +42,10 @@ def with_text_data(cfg: ml_collections.ConfigDict, path: str) -> ml_collections.
 
 
 def load_params(cfg: Any, workdir: str, init: bool) -> tuple[Any, dict, int]:
-  """(graphdef, params, step): the newest checkpoint, or the model at initialisation (step 0)."""
-  if init:
-    graphdef, params = init_model(cfg.model, cfg.train.seed)
-    return graphdef, params, 0
-  if not saved_steps(workdir):
-    raise RunDirError(f"{workdir} holds no checkpoint (train it first, or evaluate with --init)")
-  ckpt = Checkpointer(workdir, cfg.train.keep_checkpoints)
-  step = ckpt.latest_step()
-  graphdef, abstract = abstract_train_state(cfg.model, make_optimizer(cfg.train), cfg.train.seed)
-  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # every process reads it whole
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), abstract)
-  state, _ = ckpt.restore(step, abstract)
-  ckpt.close()
-  return graphdef, state["params"], step
+  """(graphdef, params, step) of `train.run.open_run`: the newest checkpoint, or the model at
+  initialisation (step 0), sharded onto the run's mesh."""
+  run = open_run(workdir, cfg=cfg, init=init)
+  return run.graphdef, run.params, run.step
 
 
 def plateau(acc_R: np.ndarray, tol: float = 1e-9) -> int:
@@ -206,7 +176,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
     check_compatible(workdir, cfg.to_dict())
   text = is_text(cfg)
   control = compare_stage_metrics(compare) if compare else None
-  graphdef, params, step = load_params(cfg, workdir, init)
+  run = open_run(workdir, cfg=cfg, init=init)
+  graphdef, params, step = run.graphdef, run.params, run.step
   main = jax.process_index() == 0  # with several processes, each evaluates; process 0 writes
   if main:
     os.makedirs(workdir, exist_ok=True)
@@ -214,7 +185,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
       write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
   task = task_of(cfg)
   capture = Capture(graphdef, params, chunk=chunk, seed=cfg.train.seed,
-                    token_bytes=task.data.token_bytes if text else None)
+                    token_bytes=task.data.token_bytes if text else None, mesh=run.mesh)
 
   def batch_of(n: int, size: int) -> dict:
     b = make_batch(task, seed=cfg.train.seed, step=0, batch_size=size, min_length=n,
@@ -256,7 +227,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
     return summary
   pca_tokens = None
   if text:  # the PCA plot's tokens: the last N_PCA_TOKENS of the first analysed window
-    tok = task.data.tokenizer()
+    tok = run.tokenizer or task.data.tokenizer()
     pca_tokens = [tok.token_text(int(i)) for i in train_batch["inputs"][0, -N_PCA_TOKENS:]]
   plot_paths = plots.all_plots(report, np.concatenate(points), curves, cfg.task.train_length,
                                os.path.join(workdir, "plots"))

@@ -271,7 +271,8 @@ def test_two_processes_read_their_own_rows_and_match_one(corpus, tmp_path):
 
 def test_evaluator_on_text_reports_token_classes_loss_curve_and_decoded_tokens(trained, corpus, tmp_path):
   import shutil
-  from eval.evaluate import evaluate, load_run_config
+  from eval.evaluate import evaluate
+  from train.run import load_run_config
   run = str(tmp_path / "copy")
   shutil.copytree(trained[0], run)
   summary = evaluate(load_run_config(run), run, iterations=8, batch_size=2, progress=False)

@@ -1,0 +1,40 @@
+"""Evaluates a trained run as one of several jax.distributed processes (or alone), on a given mesh;
+writes what it saw (process count, the parameters' shardings) to --out as JSON. Used by
+tests/test_run.py in subprocesses with fake CPU devices."""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                os.path.dirname(os.path.abspath(__file__))]
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--mesh", default="-1,1,1")
+  p.add_argument("--coordinator", default="")
+  p.add_argument("--nproc", type=int, default=1)
+  p.add_argument("--pid", type=int, default=0)
+  p.add_argument("--out", required=True)
+  a = p.parse_args()
+  import jax
+  from eval.evaluate import evaluate
+  from train.run import load_run_config, open_run
+
+  cfg = load_run_config(a.workdir)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = (int(x) for x in a.mesh.split(","))
+  if a.coordinator:
+    cfg.distributed.update(coordinator_address=a.coordinator, num_processes=a.nproc, process_id=a.pid)
+  run = open_run(a.workdir, cfg=cfg)
+  specs = {jax.tree_util.keystr(path): str(leaf.sharding.spec)
+           for path, leaf in jax.tree_util.tree_leaves_with_path(run.params)}
+  summary = evaluate(cfg, a.workdir, iterations=8, batch_size=4, progress=False)
+  json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
+             "devices": jax.device_count(), "specs": specs, "summary": summary}, open(a.out, "w"))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,94 @@
+"""Opening a run (train.run.open_run): the config it finished with, parameters only, sharded onto a
+mesh; a two-process evaluation that equals the one-process one; errors."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from train.run import load_run_config, open_run
+from train.trainer import Trainer
+from train.workdir import RunDirError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "eval_worker.py")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  run = str(tmp_path_factory.mktemp("run") / "tiny")
+  cfg = tiny_config(train__steps=20, train__checkpoint_every=10, train__eval_every=-1)
+  cfg.model.update(n_heads=4, d_model=32, d_ff=64)
+  Trainer(cfg, run).run()
+  return run
+
+
+def test_open_run_restores_parameters_of_any_step_and_the_finished_config(trained, tmp_path):
+  run = open_run(trained)
+  assert run.step == 20 and run.tokenizer is None and run.cfg.train.steps == 20
+  assert set(run.params) >= {"embed", "block", "prelude", "coda"}
+  older = open_run(trained, step=10)
+  a, b = run.params["embed"]["embedding"], older.params["embed"]["embedding"]
+  assert a.shape == b.shape and not np.allclose(np.asarray(a), np.asarray(b))
+  out = run.model()(np.zeros((2, 8), np.int32), 3).logits_BSV
+  assert out.shape == (2, 8, run.cfg.model.vocab_size)
+  # a resumed run whose config changed is read with its newest config
+  copy = str(tmp_path / "copy")
+  shutil.copytree(trained, copy)
+  newer = json.load(open(os.path.join(copy, "config.json")))
+  newer["train"]["steps"] = 30
+  json.dump(newer, open(os.path.join(copy, "config.1.json"), "w"))
+  assert load_run_config(copy).train.steps == 30
+
+
+def test_open_run_errors_are_one_line(trained, tmp_path):
+  for call, message in [(lambda: open_run(str(tmp_path / "missing")), "does not exist"),
+                        (lambda: open_run(trained, step=7), "no checkpoint at step 7; it has [10, 20]"),
+                        (lambda: open_run(str(tmp_path)), "holds no config.json")]:
+    with pytest.raises(RunDirError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:
+      call()
+    assert "\n" not in str(e.value)
+
+
+def test_two_process_evaluation_on_an_fsdp_mesh_equals_one_process(trained, tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  shutil.copytree(trained, one)
+  shutil.copytree(trained, two)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+
+  def start(workdir, devices, mesh, **dist):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, WORKER, "--workdir", workdir, f"--mesh={mesh}",
+            "--out", os.path.join(str(tmp_path), f"{os.path.basename(workdir)}{dist.get('pid', 0)}.json")]
+    for k, v in dist.items():
+      args += [f"--{k}", str(v)]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  procs = [start(one, 1, "-1,1,1")] + [
+      start(two, 2, "2,2,1", coordinator=f"127.0.0.1:{port}", nproc=2, pid=i) for i in range(2)]
+  for p in procs:
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, log[-3000:]
+  ref = json.load(open(tmp_path / "one0.json"))
+  got = [json.load(open(tmp_path / f"two{i}.json")) for i in range(2)]
+  assert [g["process_count"] for g in got] == [2, 2] and got[0]["devices"] == 4
+  # parameters are sharded by the training rules (FSDP over 2), not copied whole to every device
+  assert "fsdp" in got[0]["specs"]["['block'][0]['attn']['query']['kernel']"]
+  fp = lambda d: json.load(open(os.path.join(d, "fixed_points.json")))
+  want, have = fp(one), fp(two)
+  assert have["summary"]["fp/regime"] == want["summary"]["fp/regime"]
+  for key, value in want["summary"].items():
+    if isinstance(value, float):
+      assert have["summary"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+  np.testing.assert_allclose(np.array(have["report"]["series"]["successive_change"], float),
+                             np.array(want["report"]["series"]["successive_change"], float),
+                             rtol=1e-4, atol=1e-7)

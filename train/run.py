@@ -1,0 +1,147 @@
+"""Opening a run: the one function every tool that reads a run directory uses (the evaluator,
+halting, generation, conversion, reports).
+
+  run = open_run("runs/NAME")            # config as finished, model, sharded parameters, tokenizer
+  model = run.model()                    # an nnx LoopedTransformer (for eager use); or
+  run.graphdef, run.params               # for the functional pattern under jax.jit
+
+Parameters are restored with the training sharding rules (train/sharding.py) onto the run's mesh
+(`mesh` in its config, or one given here), only the parameters: the optimizer state stays on disk,
+so a model that needed FSDP to train opens on the same devices without room for its Adam moments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from train import distributed, sharding
+from train.checkpoint import Checkpointer, saved_steps
+from train.workdir import RunDirError, read_json
+
+
+def config_files(workdir: str) -> list[str]:
+  """config.json and the config.N.json a resumed run with changed keys wrote, oldest first."""
+  names = [n for n in os.listdir(workdir) if re.fullmatch(r"config(\.\d+)?\.json", n)]
+  return sorted(names, key=lambda n: int(n.split(".")[1]) if n.count(".") == 2 else 0)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the run last ran with (the newest of config.json, config.1.json, ...), with keys
+  added to the framework since then at their defaults."""
+  from configs.base import get_config as base_config
+  if not os.path.isdir(workdir):
+    raise RunDirError(f"run directory {workdir} does not exist")
+  files = config_files(workdir)
+  if not files:
+    raise RunDirError(f"{workdir} holds no config.json: not a run directory")
+  stored = read_json(os.path.join(workdir, files[-1]))
+  cfg = base_config()
+
+  def merge(node, values: dict) -> None:
+    for key, value in values.items():
+      if isinstance(value, dict) and key in node:
+        merge(node[key], value)
+      else:
+        node[key] = value
+
+  merge(cfg, stored)
+  return cfg
+
+
+@dataclasses.dataclass
+class Run:
+  """An opened run: its resolved config, the model's graph and its parameters on `mesh`."""
+  workdir: str
+  cfg: ml_collections.ConfigDict
+  graphdef: nnx.GraphDef
+  params: dict
+  step: int                  # the checkpoint's step (0 at initialisation)
+  mesh: Mesh
+  tokenizer: Any | None      # text runs and imported models: encode_batch / decode / token_text
+
+  def model(self):
+    return nnx.merge(self.graphdef, self.params)
+
+
+def abstract_params(cfg: Any, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
+  """The model's graph and its parameter shapes, each with the training rules' sharding on `mesh`."""
+  from train.step import abstract_model
+  graphdef, params = abstract_model(cfg.model, cfg.train.seed)
+  shardings = sharding.tree_shardings(params, mesh)
+  return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                params, shardings)
+
+
+def restore_params(workdir: str, step: int, abstract: dict) -> dict:
+  """Only the parameters of checkpoint `step`, placed as `abstract` says; RunDirError if damaged."""
+  ckpt = Checkpointer(workdir, len(saved_steps(workdir)))  # keeps them all: a reader deletes nothing
+  try:
+    item = {"params": abstract}
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+  except Exception as e:  # orbax raises many types for damaged or foreign files
+    text = str(e).strip().splitlines()
+    raise RunDirError(f"checkpoint {ckpt.directory}/{step} is corrupt or does not match the model "
+                      f"({type(e).__name__}: {text[0][:200] if text else ''})") from None
+  finally:
+    ckpt.close()
+  params = out["state"]["params"]
+  bad: list[str] = []
+  jax.tree_util.tree_map_with_path(
+      lambda path, a, b: bad.append(jax.tree_util.keystr(path)) if a.shape != b.shape else None,
+      abstract, params)
+  if bad:
+    raise RunDirError(f"checkpoint {ckpt.directory}/{step} does not match the model at {bad[0]}")
+  return params
+
+
+def run_tokenizer(workdir: str, cfg: Any):
+  """The run's own tokenizer.json (an imported model), else its text corpus's tokenizer, else None."""
+  from train.data import HFTokenizer, TextData, TOKENIZER_FILE
+  own = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.isfile(own):
+    return HFTokenizer.from_file(own)
+  if cfg.task.name == "text":
+    return TextData(cfg.task.path).tokenizer()
+  return None
+
+
+def open_run(workdir: str, *, cfg: ml_collections.ConfigDict | None = None, init: bool = False,
+             step: int | None = None, mesh: Mesh | None = None) -> Run:
+  """Open the run in `workdir`: its config as finished (or `cfg`), the parameters of checkpoint
+  `step` (default the newest; `init=True`: the model at initialisation, the random-init control)
+  sharded onto `mesh` (default: the config's `mesh` over all devices), and its tokenizer."""
+  from train.config import resolve
+  from train.step import init_model
+  if cfg is None:
+    if init:
+      raise RunDirError("opening a model at initialisation needs its config")
+    cfg = load_run_config(workdir)
+  cfg = resolve(cfg)
+  distributed.initialize(cfg.distributed)
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  graphdef, abstract = abstract_params(cfg, mesh)
+  if init:
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    params = jax.jit(lambda: init_model(cfg.model, cfg.train.seed)[1], out_shardings=shardings)()
+    step = 0
+  else:
+    steps = saved_steps(workdir)
+    if not steps:
+      raise RunDirError(f"{workdir} holds no checkpoint (train it first, or evaluate with --init)")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise RunDirError(f"{workdir} has no checkpoint at step {step}; it has {steps}")
+    params = restore_params(workdir, step, abstract)
+  return Run(workdir, cfg, graphdef, params, step, mesh, run_tokenizer(workdir, cfg))
