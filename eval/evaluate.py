@@ -20,7 +20,7 @@ from train.logger import MetricsLogger
 from train.recurrence import max_recurrence
 from train.run import open_run
 from train.tasks import make_batch, task_of
-from train.workdir import RunDirError, check_compatible, read_json, read_status, write_json_atomic
+from train.workdir import RunDirError, check_compatible, path, read_json, read_status, write_json_atomic
 
 N_PCA_TOKENS = 4
 
@@ -100,7 +100,7 @@ def text_summary_fields(report: FixedPointReport, curves: dict[int, dict], cfg: 
 def compare_stage_metrics(workdir: str) -> dict:
   """The stage metrics of a control run (e.g. a feedforward model) at its first iteration, one value
   per layer, from its evaluation's fixed_points.json: {"run", "colsum_concentration": [k], ...}."""
-  record = read_json(os.path.join(workdir, "fixed_points.json")) if os.path.isdir(workdir) else None
+  record = read_json(path(workdir) / "fixed_points.json")
   if record is None:
     raise RunDirError(f"--compare {workdir}: no fixed_points.json there (evaluate that run first)")
   series = record["report"]["series"]
@@ -172,7 +172,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
     raise RunDirError(f"--iterations={R}: the analysis needs at least 3 iterations")
   if init and saved_steps(workdir):
     raise RunDirError(f"{workdir} holds a trained run; evaluate the random-init control elsewhere")
-  if init and os.path.isdir(workdir):
+  if init and path(workdir).is_dir():
     check_compatible(workdir, cfg.to_dict())
   text = is_text(cfg)
   control = compare_stage_metrics(compare) if compare else None
@@ -180,9 +180,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
   graphdef, params, step = run.graphdef, run.params, run.step
   main = jax.process_index() == 0  # with several processes, each evaluates; process 0 writes
   if main:
-    os.makedirs(workdir, exist_ok=True)
-    if init and not os.path.exists(os.path.join(workdir, "config.json")):
-      write_json_atomic(os.path.join(workdir, "config.json"), cfg.to_dict())
+    path(workdir).mkdir(parents=True, exist_ok=True)
+    if init and not (path(workdir) / "config.json").exists():
+      write_json_atomic(path(workdir) / "config.json", cfg.to_dict())
   task = task_of(cfg)
   capture = Capture(graphdef, params, chunk=chunk, seed=cfg.train.seed,
                     token_bytes=task.data.token_bytes if text else None, mesh=run.mesh)
@@ -243,9 +243,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
     result["pca_tokens"] = pca_tokens
   if control is not None:
     result["compare"] = control
-  write_json_atomic(os.path.join(workdir, "fixed_points.json"), result)
-  with open(os.path.join(workdir, "fixed_points.md"), "w") as f:
-    f.write(markdown(summary, report, cfg, step, init))
+  write_json_atomic(path(workdir) / "fixed_points.json", result)
+  (path(workdir) / "fixed_points.md").write_text(markdown(summary, report, cfg, step, init))
   if log_wandb:
     _log_wandb(cfg, workdir, summary, report, plot_paths, curves, step, init)
   return summary

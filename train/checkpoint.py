@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from train.workdir import RunDirError
+from train.workdir import RunDirError, path
 
 
 def _first_line(e: BaseException) -> str:
@@ -18,10 +17,10 @@ def _first_line(e: BaseException) -> str:
 
 def saved_steps(workdir: str) -> list[int]:
   """Steps with a finished checkpoint in WORKDIR/checkpoints, read without creating anything."""
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = path(workdir) / "checkpoints"
+  if not directory.is_dir():
     return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
 class Checkpointer:
@@ -30,7 +29,7 @@ class Checkpointer:
   Every process calls every method (orbax writes and reads collectively across hosts)."""
 
   def __init__(self, workdir: str, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = path(workdir) / "checkpoints"  # local or gs://, never a URL made local
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from train.workdir import path
+
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -39,14 +41,51 @@ def read_metrics(workdir: str) -> list[dict]:
   """The metrics of a run, one dict per logged step; a step logged twice (a resumed run repeats the
   steps after its last checkpoint) keeps its latest line."""
   by_step: dict[int, dict] = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          rec = json.loads(line)
-          by_step.setdefault(rec["step"], {}).update(rec)
+  file = path(workdir) / "metrics.jsonl"
+  if file.exists():
+    for line in file.read_text().splitlines():
+      if line.strip():
+        rec = json.loads(line)
+        by_step.setdefault(rec["step"], {}).update(rec)
   return [by_step[s] for s in sorted(by_step)]
+
+
+class JsonlFile:
+  """Appends JSON lines. A local file is appended to and flushed line by line; object stores
+  (gs://...) cannot append, so there the whole file is rewritten (write, then rename) on each line."""
+
+  def __init__(self, file):
+    self.file = path(file)
+    self.local = "://" not in str(self.file)
+    self.handle = self.file.open("a") if self.local else None
+    self.lines = ([] if self.local or not self.file.exists() else
+                  self.file.read_text().splitlines(keepends=True))
+
+  def write(self, record: dict) -> None:
+    line = json.dumps(record) + "\n"
+    if self.local:
+      self.handle.write(line)
+      self.handle.flush()
+      return
+    self.lines.append(line)
+    tmp = self.file.parent / f"{self.file.name}.tmp{os.getpid()}"
+    tmp.write_text("".join(self.lines))
+    tmp.replace(self.file)
+
+  def close(self) -> None:
+    if self.handle is not None:
+      self.handle.close()
+
+
+def wandb_dir(workdir: str) -> str:
+  """Where W&B keeps its files: the run directory, or for a run on an object store (W&B writes
+  only local files) a local folder named after it under ~/.cache/looped/wandb."""
+  if "://" not in str(path(workdir)):
+    return str(workdir)
+  local = os.path.join(os.path.expanduser("~/.cache/looped/wandb"),
+                       str(path(workdir)).split("://", 1)[1].replace("/", "_"))
+  os.makedirs(local, exist_ok=True)
+  return local
 
 
 class MetricsLogger:
@@ -61,7 +100,7 @@ class MetricsLogger:
     if not enabled:
       return
     if jsonl:
-      self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.file = JsonlFile(path(workdir) / "metrics.jsonl")
     if wandb_cfg.mode == "disabled":
       return
     import wandb  # imported lazily: start-up cost only where W&B is used
@@ -71,10 +110,10 @@ class MetricsLogger:
       print("W&B: no API key found, logging offline (upload later with `wandb sync`)", file=sys.stderr)
       mode = "offline"
     kwargs = dict(project=wandb_cfg.project, entity=wandb_cfg.entity or None,
-                  group=wandb_cfg.group or None, name=wandb_cfg.name or os.path.basename(
-                      os.path.abspath(workdir)), tags=list(wandb_cfg.tags) or None,
+                  group=wandb_cfg.group or None, name=wandb_cfg.name or path(workdir).name,
+                  tags=list(wandb_cfg.tags) or None,
                   job_type=job_type, config=flatten(config), id=run_id, resume="allow",
-                  dir=os.environ.get("WANDB_DIR") or workdir)
+                  dir=os.environ.get("WANDB_DIR") or wandb_dir(workdir))
     try:
       self.run = wandb.init(mode=mode, **kwargs)
     except Exception as e:  # unreachable server, bad key: keep going offline
@@ -87,8 +126,7 @@ class MetricsLogger:
       return
     record = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
     if self.file is not None:
-      self.file.write(json.dumps(record) + "\n")
-      self.file.flush()
+      self.file.write(record)
     if self.run is not None:
       self.run.log({k: v for k, v in record.items() if k != "step"}, step=int(step))
 

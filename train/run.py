@@ -13,7 +13,6 @@ so a model that needed FSDP to train opens on the same devices without room for 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Any
 
@@ -25,12 +24,12 @@ from jax.sharding import Mesh
 
 from train import distributed, sharding
 from train.checkpoint import Checkpointer, saved_steps
-from train.workdir import RunDirError, read_json
+from train.workdir import RunDirError, check_reachable, path, read_json
 
 
 def config_files(workdir: str) -> list[str]:
   """config.json and the config.N.json a resumed run with changed keys wrote, oldest first."""
-  names = [n for n in os.listdir(workdir) if re.fullmatch(r"config(\.\d+)?\.json", n)]
+  names = [p.name for p in path(workdir).iterdir() if re.fullmatch(r"config(\.\d+)?\.json", p.name)]
   return sorted(names, key=lambda n: int(n.split(".")[1]) if n.count(".") == 2 else 0)
 
 
@@ -38,12 +37,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the run last ran with (the newest of config.json, config.1.json, ...), with keys
   added to the framework since then at their defaults."""
   from configs.base import get_config as base_config
-  if not os.path.isdir(workdir):
+  if not check_reachable(workdir).is_dir():
     raise RunDirError(f"run directory {workdir} does not exist")
   files = config_files(workdir)
   if not files:
     raise RunDirError(f"{workdir} holds no config.json: not a run directory")
-  stored = read_json(os.path.join(workdir, files[-1]))
+  stored = read_json(path(workdir) / files[-1])
   cfg = base_config()
 
   def merge(node, values: dict) -> None:
@@ -108,9 +107,9 @@ def restore_params(workdir: str, step: int, abstract: dict) -> dict:
 def run_tokenizer(workdir: str, cfg: Any):
   """The run's own tokenizer.json (an imported model), else its text corpus's tokenizer, else None."""
   from train.data import HFTokenizer, TextData, TOKENIZER_FILE
-  own = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.isfile(own):
-    return HFTokenizer.from_file(own)
+  own = path(workdir) / TOKENIZER_FILE
+  if own.is_file():
+    return HFTokenizer.from_file(str(own))
   if cfg.task.name == "text":
     return TextData(cfg.task.path).tokenizer()
   return None

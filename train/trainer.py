@@ -5,7 +5,6 @@ Every process runs this same code; process 0 alone writes progress, metrics, W&B
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from typing import Any
@@ -25,7 +24,8 @@ from train.logger import MetricsLogger
 from train.step import (TrainState, abstract_train_state, make_eval_step, make_optimizer, make_schedule,
                         make_train_step)
 from train.tasks import fractions, make_batch, task_of
-from train.workdir import check_compatible, read_status, record_config, write_status
+from train.workdir import (check_compatible, check_reachable, path, read_status, record_config,
+                           write_status)
 
 
 class Diverged(Exception):
@@ -77,7 +77,8 @@ class Trainer:
     sharding.check_divisible(cfg.model, cfg.train.batch_size, self.mesh)
     sharding.check_divisible(cfg.model, cfg.train.eval_batch_size, self.mesh)
     self.is_main = jax.process_index() == 0
-    self.old_config = check_compatible(workdir, cfg.to_dict()) if os.path.isdir(workdir) else None
+    self.old_config = (check_compatible(workdir, cfg.to_dict()) if check_reachable(workdir).exists()
+                       else None)
     self.task = task_of(cfg)
     self.text = is_text(cfg)
     self.lengths = seq_lengths(cfg)
@@ -196,7 +197,7 @@ class Trainer:
     """Train to `train.steps`, resuming from the newest checkpoint. Returns the final status record."""
     cfg, t = self.cfg, self.cfg.train
     if self.is_main:
-      os.makedirs(self.workdir, exist_ok=True)
+      path(self.workdir).mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(self.workdir, t.keep_checkpoints)
     state, latest, meta = self._resume(ckpt)
     step = int(state["step"])

@@ -2,6 +2,8 @@
 
 Nothing here deletes or overwrites a run's data: config.json is written once, a changed config on
 resume is kept beside it as config.N.json, and status.json is the only file rewritten (atomically).
+Every path goes through `etils.epath`, so a run directory may be local or on Cloud Storage
+(`gs://BUCKET/...`, with `gcsfs` installed); a URL is never turned into a local path.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import os
 import time
 from typing import Any
 
+from etils import epath
+
 from looped_models.config import SHAPE_KEYS
+
+PathLike = str | os.PathLike
 
 STATUSES = ("running", "done", "failed", "diverged", "interrupted")
 
@@ -20,25 +26,48 @@ class RunDirError(Exception):
   """A run directory that cannot be used as asked (one-line message)."""
 
 
-def config_path(workdir: str) -> str:
-  return os.path.join(workdir, "config.json")
+def path(p: PathLike) -> epath.Path:
+  """An epath.Path: local paths made absolute, URLs (gs://...) left as they are."""
+  p = epath.Path(p)
+  return p if "://" in str(p) else epath.Path(os.path.abspath(p))
 
 
-def read_json(path: str) -> dict | None:
-  if not os.path.exists(path):
+def check_reachable(workdir: PathLike) -> epath.Path:
+  """The run directory as a path, after checking that its storage answers (a bucket that does not
+  exist, missing credentials or a missing gcsfs give one line, before anything is compiled)."""
+  p = path(workdir)
+  try:
+    p.exists()
+    if "://" in str(p):
+      p.parent.exists()
+  except Exception as e:  # the storage backend's own error types
+    text = str(e).strip().splitlines()
+    raise RunDirError(f"cannot reach {workdir}: {type(e).__name__}: {text[0][:200] if text else ''}"
+                      ) from None
+  return p
+
+
+def config_path(workdir: PathLike) -> epath.Path:
+  return path(workdir) / "config.json"
+
+
+def read_json(file: PathLike) -> dict | None:
+  file = path(file)
+  if not file.exists():
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(file.read_text())
   except (OSError, json.JSONDecodeError) as e:
-    raise RunDirError(f"{path} is unreadable or corrupt: {e}") from None
+    raise RunDirError(f"{file} is unreadable or corrupt: {e}") from None
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+def write_json_atomic(file: PathLike, obj: Any) -> None:
+  """Write then rename (atomic on local disks; on object stores the rename is a copy and delete,
+  so a reader sees the old or the new file, never a part)."""
+  file = path(file)
+  tmp = file.parent / f"{file.name}.tmp{os.getpid()}"
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+  tmp.replace(file)
 
 
 def check_compatible(workdir: str, cfg_dict: dict) -> dict | None:
@@ -63,24 +92,24 @@ def record_config(workdir: str, cfg_dict: dict, old: dict | None) -> str | None:
   """Write config.json for a new run; for a resumed run whose config changed (e.g. more steps), keep
   the original and write the new one as config.N.json. Returns the path written, if any."""
   if old is None:
-    path = config_path(workdir)
+    file = config_path(workdir)
   elif old == json.loads(json.dumps(cfg_dict, default=str)):
     return None
   else:
     n = 1
-    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+    while (path(workdir) / f"config.{n}.json").exists():
       n += 1
-    path = os.path.join(workdir, f"config.{n}.json")
-  write_json_atomic(path, cfg_dict)
-  return path
+    file = path(workdir) / f"config.{n}.json"
+  write_json_atomic(file, cfg_dict)
+  return str(file)
 
 
-def read_status(workdir: str) -> dict | None:
-  return read_json(os.path.join(workdir, "status.json"))
+def read_status(workdir: PathLike) -> dict | None:
+  return read_json(path(workdir) / "status.json")
 
 
 def write_status(workdir: str, status: str, **fields: Any) -> None:
   assert status in STATUSES, status
   record = dict(read_status(workdir) or {})
   record.update(fields, status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-  write_json_atomic(os.path.join(workdir, "status.json"), record)
+  write_json_atomic(path(workdir) / "status.json", record)
