@@ -99,11 +99,13 @@ def test_cloud_workdir_is_never_made_local_and_an_unreachable_one_is_one_line(tm
   assert str(path("gs://bucket/runs/x")) == "gs://bucket/runs/x"
   assert str(path("gs://bucket/runs/x") / "checkpoints") == "gs://bucket/runs/x/checkpoints"
   assert str(path("runs/x")) == os.path.abspath("runs/x")
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
   proc = subprocess.run([sys.executable, "-m", "train", "--config", os.path.join(ROOT, "tests", "tiny_config.py"),
-                         "--workdir", "gs://no-such-bucket-looped-test/x"], cwd=str(tmp_path),
+                         "--workdir", "gs://no-such-bucket-looped-test/x"], cwd=str(cwd),
                         env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT}/tests"}, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: cannot reach gs://no-such-bucket-looped-test/x")
-  assert os.listdir(tmp_path) == []  # no local directory named gs:
+  assert os.listdir(cwd) == []  # no local directory named gs:
