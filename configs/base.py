@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.init_std = 0.02            # std of hidden weight matrices (0: 1/sqrt(fan_in))
   c.model.embed_std = 1.0            # std of the token (and learned position) embeddings
   c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.model.state_dtype = "float32"    # recurrent state and residual stream: float32 | bfloat16
   c.model.remat = False              # rematerialise each iteration in the backward pass
 
   c.train = ml_collections.ConfigDict()

@@ -18,7 +18,8 @@ from flax import nnx
 from looped_models.config import ModelSpec
 from looped_models.halting import HaltOutput, halt
 from looped_models.injection import Injection
-from looped_models.layers import Context, Layer, compute_dtype, make_context, make_norm
+from looped_models.layers import (Context, Layer, compute_dtype, make_context, make_norm,
+                                  state_dtype)
 
 
 class LoopOutput(NamedTuple):
@@ -56,7 +57,7 @@ class LoopedTransformer(nnx.Module):
     self.prelude = nnx.List([Layer(m, rngs) for _ in range(m.n_prelude)])
     self.injection = Injection(m, rngs)
     self.block = nnx.List([Layer(m, rngs) for _ in range(m.block_size)])
-    self.iter_norm = make_norm(m, rngs) if m.norm == "peri" else None
+    self.iter_norm = make_norm(m, rngs, state_dtype(m)) if m.norm == "peri" else None
     self.coda = nnx.List([Layer(m, rngs) for _ in range(m.n_coda)])
     self.final_norm = make_norm(m, rngs)
     self.unembed = (None if m.tie_embeddings else
@@ -77,6 +78,7 @@ class LoopedTransformer(nnx.Module):
     x_BSD = self.embed(tokens_BS)
     if self.pos_embed is not None:
       x_BSD = x_BSD + self.pos_embed(jnp.arange(tokens_BS.shape[1]))[None]
+    x_BSD = x_BSD.astype(state_dtype(self.spec))
     for layer in self.prelude:
       x_BSD, _ = layer(x_BSD, ctx)
     return x_BSD
@@ -95,7 +97,7 @@ class LoopedTransformer(nnx.Module):
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One iteration: inject, run the k block layers. Returns (next state, layer outputs [k, B, S, D],
     attention [k, B, H, S, S]). With norm=peri the state is normalised after the iteration."""
-    x_BSD = self.injection(s_BSD, e_BSD)
+    x_BSD = self.injection(s_BSD, e_BSD).astype(s_BSD.dtype)
     outs, atts = [], []
     for layer in self.block:
       x_BSD, att_BHSS = layer(x_BSD, ctx)

@@ -4,10 +4,19 @@ optimiser options, and the fallback from a damaged checkpoint."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from configs.base import get_config
+from conftest import tiny_config
+from eval.capture import Capture
+from eval.fixed_points import analyze_stream
 from looped_models import LoopedTransformer
+from train.checkpoint import Checkpointer
+from train.config import resolve
+from train.step import init_model
+from train.tasks import get_task, make_batch
+from train.trainer import Trainer
 
 V = 8
 
@@ -118,3 +127,61 @@ def test_truncation_frees_backward_memory():
   b4, b32, b4_remat = _grad_temp_bytes(4), _grad_temp_bytes(32), _grad_temp_bytes(4, remat=True)
   assert b4 < 0.3 * b32, (b4, b32)
   assert b4_remat < 0.6 * b4, (b4_remat, b4)
+
+
+# -- 2. mixed precision ---------------------------------------------------------------------------
+
+def test_bf16_compute_keeps_float32_state_params_and_loss():
+  """model.dtype=bfloat16: matmuls in bf16, the recurrent state, residual stream, logits and
+  parameters in float32; model.state_dtype=bfloat16 carries the state in bf16."""
+  x = tokens()
+  for norm in ("post", "sandwich", "peri"):
+    model = build(dtype="bfloat16", norm=norm, injection="concat")
+    out = jax.eval_shape(lambda x: model(x, 3, return_states=True), x)
+    assert out.states_RkBSD.dtype == out.logits_BSV.dtype == jnp.float32, norm
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
+    low = build(dtype="bfloat16", state_dtype="bfloat16", norm=norm, injection="concat")
+    assert jax.eval_shape(lambda x: low(x, 3, return_states=True), x).states_RkBSD.dtype == jnp.bfloat16
+  assert "bf16" in str(jax.make_jaxpr(lambda x: model(x, 3).logits_BSV)(x))
+
+
+@pytest.fixture(scope="module")
+def trained_by_dtype(tmp_path_factory):
+  """The tiny prefix_or trial trained with float32 and with bfloat16 compute: {dtype: (result,
+  params)}."""
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    workdir = str(tmp_path_factory.mktemp(dtype))
+    cfg = tiny_config(train__steps=120, train__checkpoint_every=0, model__dtype=dtype,
+                      task__test_lengths=(), train__eval_recurrences=(4,))
+    trainer = Trainer(cfg, workdir)
+    result = trainer.run()
+    ckpt = Checkpointer(workdir, 2)
+    state, _ = ckpt.restore(ckpt.latest_step(), trainer.abstract_state)
+    ckpt.close()
+    out[dtype] = (result, state["params"])
+  return out
+
+
+def test_bf16_trains_as_well_as_float32(trained_by_dtype):
+  (full, _), (half, _) = trained_by_dtype["float32"], trained_by_dtype["bfloat16"]
+  assert full["status"] == half["status"] == "done"
+  key = "eval/len8/best_exact_match"
+  assert half[key] >= 0.95 and abs(half[key] - full[key]) <= 0.03, (half[key], full[key])
+
+
+def test_fixed_point_verdict_unchanged_by_bf16_compute(trained_by_dtype):
+  """The evaluator's analysis of one converging trained model gives the same regime and the same
+  convergence iteration per layer with float32 and with bfloat16 compute (float32 state)."""
+  _, params = trained_by_dtype["float32"]
+  batch = make_batch(get_task("prefix_or"), seed=0, step=0, batch_size=8, min_length=8,
+                     max_length=8, stream=1)
+  batch.pop("lengths")
+  reports = {}
+  for dtype in ("float32", "bfloat16"):
+    graphdef, _ = init_model(resolve(tiny_config(model__dtype=dtype)).model, 0)
+    reports[dtype] = analyze_stream(Capture(graphdef, params, chunk=8).chunks(batch, 48))
+  full, half = reports["float32"], reports["bfloat16"]
+  assert full.regime in ("cyclic", "degenerate")  # a converging model
+  assert half.regime == full.regime
+  assert [l.converged_at for l in half.layers] == [l.converged_at for l in full.layers]
