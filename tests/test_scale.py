@@ -3,18 +3,21 @@ optimiser options, and the fallback from a damaged checkpoint."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs.base import get_config
+from configs.errors import ConfigError
 from conftest import tiny_config
 from eval.capture import Capture
 from eval.fixed_points import analyze_stream
 from looped_models import LoopedTransformer
 from train.checkpoint import Checkpointer
 from train.config import resolve
-from train.step import init_model
+from train.step import (SCHEDULES, check_grad_accum, decay_mask, init_model, make_optimizer,
+                        make_schedule, make_train_step)
 from train.tasks import get_task, make_batch
 from train.trainer import Trainer
 
@@ -185,3 +188,123 @@ def test_fixed_point_verdict_unchanged_by_bf16_compute(trained_by_dtype):
   assert full.regime in ("cyclic", "degenerate")  # a converging model
   assert half.regime == full.regime
   assert [l.converged_at for l in half.layers] == [l.converged_at for l in full.layers]
+
+
+# -- 3. optimisation ------------------------------------------------------------------------------
+
+def _steps(cfg, grad_accum, n_steps=3):
+  """Losses and final parameters of `n_steps` train steps on the tiny task's batches."""
+  cfg = resolve(cfg)
+  t = cfg.train
+  tx = make_optimizer(t)
+  graphdef, params = init_model(cfg.model, t.seed)
+  step = jax.jit(make_train_step(graphdef, tx, max_iters=4, backprop_depth=2, seed=t.seed,
+                                 grad_accum=grad_accum))
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+  losses = []
+  for i in range(n_steps):
+    batch = make_batch(get_task("prefix_or"), seed=0, step=i, batch_size=t.batch_size, min_length=4,
+                       max_length=8, stream=0)
+    batch.pop("lengths")
+    state, metrics = step(state, batch, jnp.int32(3 + i % 2))
+    losses.append(metrics)
+  return jax.device_get(losses), state["params"]
+
+
+def test_grad_accumulation_matches_the_whole_batch():
+  """4 micro-batches of a 16-sequence batch (of varying lengths, so unequal token counts) give the
+  loss curve, metrics and parameters of the unaccumulated steps."""
+  cfg = tiny_config(train__lr=1e-2, train__warmup=0)
+  whole, p_whole = _steps(cfg, 1)
+  accum, p_accum = _steps(cfg, 4)
+  for a, w in zip(accum, whole):
+    for key in ("train/loss", "train/grad_norm", "train/exact_match", "train/per_position"):
+      np.testing.assert_allclose(a[key], w[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert whole[0]["train/loss"] > whole[-1]["train/loss"]  # the steps do learn
+  assert tree_rel_err(p_accum, p_whole) < 1e-5
+
+
+def test_schedules():
+  t = tiny_config(train__steps=100, train__warmup=10, train__lr=1.0, train__min_lr_ratio=0.1,
+                  train__decay_fraction=0.2).train
+  lr = lambda name, step: float(make_schedule(_with(t, schedule=name))(step))
+  for name in SCHEDULES:
+    assert lr(name, 0) == 0.0 and abs(lr(name, 5) - 0.5) < 1e-6 and abs(lr(name, 10) - 1.0) < 1e-6
+  assert lr("constant", 99) == lr("constant", 50) == 1.0
+  assert lr("wsd", 80) == 1.0 and abs(lr("wsd", 90) - 0.55) < 1e-6 and abs(lr("wsd", 100) - 0.1) < 1e-6
+  assert 0.1 < lr("cosine", 55) < 1.0 and abs(lr("cosine", 100) - 0.1) < 1e-6
+
+
+def _with(t, **overrides):
+  t = ml_collections.ConfigDict(t.to_dict())
+  t.update(overrides)
+  return t
+
+
+def test_weight_decay_mask():
+  """Decay on matrices only: not on embeddings (by default), norms or biases."""
+  cfg = resolve(tiny_config(model__injection="gate", model__positions="learned"))
+  _, params = init_model(cfg.model, 0)
+  mask = decay_mask(params, tuple(cfg.train.no_decay))
+  assert mask["block"][0]["mlp"]["up"]["kernel"] and mask["unembed"]["kernel"]
+  assert mask["injection"]["proj"]["kernel"] and not mask["injection"]["proj"]["bias"]
+  assert not mask["embed"]["embedding"] and not mask["pos_embed"]["embedding"]
+  assert not mask["block"][0]["attn_norms"][0]["scale"]
+  assert decay_mask(params, ())["embed"]["embedding"]
+  # The optimiser applies it: with a zero gradient only the masked-in parameters move.
+  t = _with(cfg.train, weight_decay=0.5, warmup=0, schedule="constant", lr=0.1)
+  tx = make_optimizer(t)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = jax.jit(lambda p: tx.update(zeros, tx.init(p), p))(params)
+  moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+  assert moved == jax.tree.map(lambda m, p: m and bool(jnp.any(p != 0)), mask, params)
+
+
+def test_adam_hyperparameters_reach_the_optimizer():
+  """The second AdamW update of a scalar after gradients g1, g2 matches the closed form for the
+  configured b1, b2, eps."""
+  base = tiny_config(train__warmup=0, train__schedule="constant", train__lr=1.0,
+                     train__weight_decay=0.0, train__grad_clip=1e9).train
+
+  def second_update(g1, g2, b1, b2, eps):
+    tx = make_optimizer(_with(base, b1=b1, b2=b2, eps=eps))
+    params = {"w": jnp.zeros(())}
+    opt = tx.init(params)
+    for g in (g1, g2):
+      u, opt = tx.update({"w": jnp.float32(g)}, opt, params)
+    return float(u["w"])
+
+  def closed_form(g1, g2, b1, b2, eps):
+    m = (b1 * (1 - b1) * g1 + (1 - b1) * g2) / (1 - b1 ** 2)
+    v = (b2 * (1 - b2) * g1 ** 2 + (1 - b2) * g2 ** 2) / (1 - b2 ** 2)
+    return -m / (v ** 0.5 + eps)
+
+  for hyper in ((0.9, 0.98, 1e-8), (0.0, 0.5, 1e-8), (0.5, 0.9, 0.3)):
+    np.testing.assert_allclose(second_update(1.0, -2.0, *hyper), closed_form(1.0, -2.0, *hyper),
+                               rtol=1e-5, err_msg=str(hyper))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"train__schedule": "linear"}, "train.schedule"),
+    ({"train__grad_accum": 3}, "train.grad_accum"),
+    ({"train__grad_accum": 0}, "train.grad_accum"),
+    ({"train__backprop_depth": 5}, "train.backprop_depth"),  # max_recurrence 4
+    ({"train__recurrence": "fixed", "train__backprop_depth": 4}, "train.backprop_depth"),  # r = 3
+    ({"train__b2": 1.0}, "train.b2"),
+    ({"train__decay_fraction": 1.5}, "train.decay_fraction"),
+])
+def test_bad_optimisation_input(tmp_path, overrides, key):
+  """One-line ConfigError naming the key, before anything is compiled or written."""
+  with pytest.raises(ConfigError) as info:
+    Trainer(tiny_config(**overrides), str(tmp_path / "run"))
+  assert info.value.key == key and "\n" not in str(info.value)
+  assert not (tmp_path / "run").exists()
+
+
+def test_grad_accum_must_divide_the_per_device_batch():
+  t = tiny_config(train__batch_size=16, train__grad_accum=8).train
+  check_grad_accum(t, 1)
+  check_grad_accum(t, 2)
+  with pytest.raises(ConfigError, match="per-device batch 4") as info:
+    check_grad_accum(t, 4)
+  assert info.value.key == "train.grad_accum"
