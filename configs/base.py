@@ -39,16 +39,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.init_std = 0.02            # std of hidden weight matrices (0: 1/sqrt(fan_in))
   c.model.embed_std = 1.0            # std of the token (and learned position) embeddings
   c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.model.state_dtype = "float32"    # recurrent state and residual stream: float32 | bfloat16
   c.model.remat = False              # rematerialise each iteration in the backward pass
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 600
   c.train.batch_size = 64
   c.train.seed = 0
+  c.train.grad_accum = 1             # micro-batches per step (must divide the per-device batch)
   c.train.lr = 3e-3
-  c.train.min_lr_ratio = 0.1         # cosine decays to lr * min_lr_ratio
+  c.train.schedule = "cosine"        # constant | cosine | wsd (warmup-stable-decay), after warmup
+  c.train.min_lr_ratio = 0.1         # cosine and wsd decay to lr * min_lr_ratio
+  c.train.decay_fraction = 0.2       # wsd: the share of the steps spent decaying (at the end)
   c.train.warmup = 50
+  c.train.b1, c.train.b2, c.train.eps = 0.9, 0.98, 1e-8  # AdamW
   c.train.weight_decay = 0.01
+  c.train.no_decay = ("embed", "pos_embed")  # no weight decay (nor on vectors: norms, biases)
   c.train.grad_clip = 1.0
   c.train.recurrence = "uniform"     # fixed | uniform | poisson_lognormal
   c.train.mean_recurrence = 6        # r (fixed) or the mean (poisson_lognormal)

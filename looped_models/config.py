@@ -26,7 +26,8 @@ def validate_model_config(m: ModelSpec, prefix: str = "model") -> None:
   """Raise ConfigError (one line, naming the key) for the first option that cannot work."""
   for key, allowed in (("injection", INJECTIONS), ("norm", NORMS), ("norm_type", NORM_TYPES),
                        ("state_init", STATE_INITS), ("attention", ATTENTIONS),
-                       ("positions", POSITIONS), ("mlp", MLPS), ("dtype", DTYPES)):
+                       ("positions", POSITIONS), ("mlp", MLPS), ("dtype", DTYPES),
+                       ("state_dtype", DTYPES)):
     check_choice(f"{prefix}.{key}", getattr(m, key), allowed)
   for key in ("d_model", "n_heads", "d_ff", "vocab_size", "max_len", "block_size"):
     check_int(f"{prefix}.{key}", getattr(m, key), minimum=1)

@@ -22,9 +22,15 @@ def compute_dtype(m: ModelSpec):
   return jnp.dtype(m.dtype)
 
 
-def make_norm(m: ModelSpec, rngs: nnx.Rngs) -> nnx.Module:
+def state_dtype(m: ModelSpec):
+  """The dtype of the residual stream and the recurrent state (float32 unless asked otherwise)."""
+  return jnp.dtype(getattr(m, "state_dtype", "float32"))
+
+
+def make_norm(m: ModelSpec, rngs: nnx.Rngs, dtype=None) -> nnx.Module:
+  """A norm computing (and returning) `dtype`, by default the compute dtype; parameters float32."""
   cls = nnx.RMSNorm if m.norm_type == "rms" else nnx.LayerNorm
-  return cls(m.d_model, epsilon=1e-6, dtype=compute_dtype(m), rngs=rngs)
+  return cls(m.d_model, epsilon=1e-6, dtype=dtype or compute_dtype(m), rngs=rngs)
 
 
 class Context(NamedTuple):
@@ -94,14 +100,18 @@ class MLP(nnx.Module):
 
 class Layer(nnx.Module):
   """Attention then MLP, each wrapped by the norm scheme:
-  pre x+f(n(x)); post n(x+f(x)); sandwich n2(x+f(n1(x))); peri x+n2(f(n1(x))); none x+f(x)."""
+  pre x+f(n(x)); post n(x+f(x)); sandwich n2(x+f(n1(x))); peri x+n2(f(n1(x))); none x+f(x).
+  The residual stream x stays in `model.state_dtype` (the norm that writes it, too); f computes in
+  `model.dtype`."""
 
   def __init__(self, m: ModelSpec, rngs: nnx.Rngs):
-    self.scheme = m.norm
+    self.scheme, self.stream_dtype = m.norm, state_dtype(m)
     self.attn, self.mlp = Attention(m, rngs), MLP(m, rngs)
     n_norms = {"pre": 1, "post": 1, "sandwich": 2, "peri": 2, "none": 0}[m.norm]
-    self.attn_norms = nnx.List([make_norm(m, rngs) for _ in range(n_norms)])
-    self.mlp_norms = nnx.List([make_norm(m, rngs) for _ in range(n_norms)])
+    writes_stream = {"post": 0, "sandwich": 1}.get(m.norm)  # the norm whose output is the stream
+    norms = lambda: nnx.List([make_norm(m, rngs, self.stream_dtype if i == writes_stream else None)
+                              for i in range(n_norms)])
+    self.attn_norms, self.mlp_norms = norms(), norms()
 
   def _sublayer(self, x, f, norms):
     s = self.scheme
@@ -123,6 +133,6 @@ class Layer(nnx.Module):
       att.append(a)
       return y
 
-    x_BSD = self._sublayer(x_BSD, attend, self.attn_norms)
-    x_BSD = self._sublayer(x_BSD, self.mlp, self.mlp_norms)
+    x_BSD = self._sublayer(x_BSD, attend, self.attn_norms).astype(self.stream_dtype)
+    x_BSD = self._sublayer(x_BSD, self.mlp, self.mlp_norms).astype(self.stream_dtype)
     return x_BSD, att[0]

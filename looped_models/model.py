@@ -3,6 +3,8 @@
 One implementation of the block serves training, evaluation and trajectory capture: `iterate` scans
 `block_step` over iterations with `jax.lax.scan`, so compile time does not depend on r, and can emit the
 per-iteration, per-layer states [R, k, B, S, D] and attention maps [R, k, B, H, S, S] on request.
+Truncated backprop runs the iterations before the last b in a scan that keeps nothing for the
+backward pass.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from flax import nnx
 from looped_models.config import ModelSpec
 from looped_models.halting import HaltOutput, halt
 from looped_models.injection import Injection
-from looped_models.layers import Context, Layer, compute_dtype, make_context, make_norm
+from looped_models.layers import (Context, Layer, compute_dtype, make_context, make_norm,
+                                  state_dtype)
 
 
 class LoopOutput(NamedTuple):
@@ -29,6 +32,16 @@ class BlockTrace(NamedTuple):
   state_BSD: jax.Array                        # the recurrent state after the last iteration run
   states_RkBSD: jax.Array | None
   attention_RkBHSS: jax.Array | None
+
+
+def _splice(free_M: jax.Array, grad_b: jax.Array, n_free: int | jax.Array, n: int | jax.Array,
+            fill: jax.Array | float) -> jax.Array:
+  """One trace of the two-scan loop: the first `n_free` entries of the no-gradient scan, then the
+  gradient scan's, then `fill` for the iterations past n (leading axis: iteration)."""
+  both = jnp.concatenate([free_M, grad_b])
+  both = jax.lax.dynamic_update_slice_in_dim(both, grad_b, n_free, axis=0)
+  t = jnp.arange(both.shape[0]).reshape(-1, *([1] * (both.ndim - 1)))
+  return jnp.where(t < n, both, fill).astype(both.dtype)
 
 
 class LoopedTransformer(nnx.Module):
@@ -44,7 +57,7 @@ class LoopedTransformer(nnx.Module):
     self.prelude = nnx.List([Layer(m, rngs) for _ in range(m.n_prelude)])
     self.injection = Injection(m, rngs)
     self.block = nnx.List([Layer(m, rngs) for _ in range(m.block_size)])
-    self.iter_norm = make_norm(m, rngs) if m.norm == "peri" else None
+    self.iter_norm = make_norm(m, rngs, state_dtype(m)) if m.norm == "peri" else None
     self.coda = nnx.List([Layer(m, rngs) for _ in range(m.n_coda)])
     self.final_norm = make_norm(m, rngs)
     self.unembed = (None if m.tie_embeddings else
@@ -65,6 +78,7 @@ class LoopedTransformer(nnx.Module):
     x_BSD = self.embed(tokens_BS)
     if self.pos_embed is not None:
       x_BSD = x_BSD + self.pos_embed(jnp.arange(tokens_BS.shape[1]))[None]
+    x_BSD = x_BSD.astype(state_dtype(self.spec))
     for layer in self.prelude:
       x_BSD, _ = layer(x_BSD, ctx)
     return x_BSD
@@ -83,7 +97,7 @@ class LoopedTransformer(nnx.Module):
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One iteration: inject, run the k block layers. Returns (next state, layer outputs [k, B, S, D],
     attention [k, B, H, S, S]). With norm=peri the state is normalised after the iteration."""
-    x_BSD = self.injection(s_BSD, e_BSD)
+    x_BSD = self.injection(s_BSD, e_BSD).astype(s_BSD.dtype)
     outs, atts = [], []
     for layer in self.block:
       x_BSD, att_BHSS = layer(x_BSD, ctx)
@@ -99,34 +113,54 @@ class LoopedTransformer(nnx.Module):
               return_attention: bool = False) -> BlockTrace:
     """Run the block `n_iters` times (a traced value <= the static `max_iters`).
 
-    Iterations past `n_iters` are skipped with `lax.cond` (their trace entries repeat the state).
-    `backprop_depth` b > 0 stops the gradient at the state entering iteration n - b, so only the
-    last b iterations receive gradients.
+    Iterations past `n_iters` are skipped with `lax.cond` (their trace entries repeat the state and
+    hold zero attention). With `backprop_depth` b (0 < b < max_iters) the loop is two scans: the
+    first max(n - b, 0) iterations run on stop-gradient inputs and parameters, so the backward pass
+    keeps nothing of them, then the last min(n, b) iterations run with gradients (with n <= b the
+    gradient reaches the initial state, as without truncation). Backward memory then grows with b,
+    not with n; the iteration counts stay traced (one compile for every n). With per-iteration
+    remat (`model.remat`) the gradient scan rematerialises each of its iterations.
     """
-    masked = not (isinstance(n_iters, int) and n_iters == max_iters)
-    n = jnp.asarray(n_iters, jnp.int32)
+    b = backprop_depth if 0 < backprop_depth < max_iters else 0
+    trace = dict(states=return_states, attention=return_attention)
+    if b == 0:
+      s_BSD, (states, atts) = self._scan(s_BSD, e_BSD, ctx, n_iters, max_iters, **trace)
+      return BlockTrace(s_BSD, states, atts)
+    n_free = max(n_iters - b, 0) if isinstance(n_iters, int) else jnp.maximum(n_iters - b, 0)
+    n_grad = min(n_iters, b) if isinstance(n_iters, int) else jnp.minimum(n_iters, b)
+    graphdef, params = nnx.split(self)
+    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+    s_free, free = frozen._scan(jax.lax.stop_gradient(s_BSD), jax.lax.stop_gradient(e_BSD), ctx,
+                                n_free, max_iters - b, **trace)
+    s_BSD = jnp.where(n_iters > b, s_free, s_BSD)  # n <= b: every iteration, and s0, get gradients
+    s_BSD, grad = self._scan(s_BSD, e_BSD, ctx, n_grad, b, **trace)
+    fills = (jnp.broadcast_to(s_BSD, (self.spec.block_size, *s_BSD.shape)), 0.0)
+    states, atts = (None if f is None else _splice(f, g, n_free, n_iters, fill)
+                    for f, g, fill in zip(free, grad, fills))
+    return BlockTrace(s_BSD, states, atts)
+
+  def _scan(self, s_BSD: jax.Array, e_BSD: jax.Array, ctx: Context, n: int | jax.Array, length: int,
+            *, states: bool, attention: bool) -> tuple[jax.Array, tuple]:
+    """A scan of `length` block iterations of which the first `n` run (the rest are skipped with
+    `lax.cond` unless n is the static `length`). Returns (state, (states [length, k, B, S, D] or
+    None, attention [length, k, B, H, S, S] or None))."""
     k = self.spec.block_size
 
     def run(s):
       s, states_kBSD, att_kBHSS = self.block_step(s, e_BSD, ctx)
-      return s, (states_kBSD if return_states else None, att_kBHSS if return_attention else None)
+      return s, (states_kBSD if states else None, att_kBHSS if attention else None)
 
     def skip(s):
       att_shape = (k, s.shape[0], self.spec.n_heads, s.shape[1], s.shape[1])
-      return s, (jnp.broadcast_to(s, (k, *s.shape)) if return_states else None,
-                 jnp.zeros(att_shape, jnp.float32) if return_attention else None)
+      return s, (jnp.broadcast_to(s, (k, *s.shape)) if states else None,
+                 jnp.zeros(att_shape, jnp.float32) if attention else None)
 
     if self.spec.remat:
       run = jax.checkpoint(run)
-
-    def body(s, t):
-      if backprop_depth > 0:
-        cut = (t == n - backprop_depth) & (n > backprop_depth)
-        s = jnp.where(cut, jax.lax.stop_gradient(s), s)
-      return jax.lax.cond(t < n, run, skip, s) if masked else run(s)
-
-    s_BSD, (states, atts) = jax.lax.scan(body, s_BSD, jnp.arange(max_iters))
-    return BlockTrace(s_BSD, states, atts)
+    if isinstance(n, int) and n == length:
+      return jax.lax.scan(lambda s, _: run(s), s_BSD, None, length=length)
+    n = jnp.asarray(n, jnp.int32)
+    return jax.lax.scan(lambda s, t: jax.lax.cond(t < n, run, skip, s), s_BSD, jnp.arange(length))
 
   def decode(self, s_BSD: jax.Array, ctx: Context) -> jax.Array:
     """Coda, final norm and unembedding: logits [B, S, V] in float32."""

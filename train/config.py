@@ -10,6 +10,7 @@ from configs.errors import ConfigError, check_choice, check_int
 from looped_models import validate_model_config
 from train import distributed, recurrence
 from train.logger import WANDB_MODES
+from train.step import validate_optimizer
 from train.tasks import task_of
 
 
@@ -84,6 +85,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check_int("train.eval_recurrences", r, minimum=1)
   if not t.lr > 0:
     raise ConfigError("train.lr", t.lr, allowed="> 0")
+  validate_optimizer(t)
   check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
   distributed.validate(cfg.distributed)
   check_int("eval.iterations", cfg.eval.iterations, minimum=0)

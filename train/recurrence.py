@@ -25,6 +25,10 @@ def validate(t: Any) -> None:
                         reason=f"must be <= train.max_recurrence={t.max_recurrence}")
   if t.recurrence == "poisson_lognormal" and not t.recurrence_sigma >= 0:
     raise ConfigError("train.recurrence_sigma", t.recurrence_sigma, allowed=">= 0")
+  if t.backprop_depth > max_recurrence(t):
+    cap = "train.mean_recurrence" if t.recurrence == "fixed" else "train.max_recurrence"
+    raise ConfigError("train.backprop_depth", t.backprop_depth,
+                      reason=f"must be <= the recurrence cap {cap}={max_recurrence(t)} (0: all)")
 
 
 def max_recurrence(t: Any) -> int:

@@ -14,27 +14,80 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from configs.errors import ConfigError, check_choice, check_int
 from looped_models import LoopedTransformer
+from train.sharding import path_str
 from train.tasks import accuracy_counts
 
 TrainState = dict[str, Any]
 
 
+SCHEDULES = ("constant", "cosine", "wsd")
+
+
+def validate_optimizer(t: Any) -> None:
+  """ConfigError (one line) for the first optimiser key of the `train` section that cannot work."""
+  check_choice("train.schedule", t.schedule, SCHEDULES)
+  check_int("train.grad_accum", t.grad_accum, minimum=1)
+  if t.batch_size % t.grad_accum:
+    raise ConfigError("train.grad_accum", t.grad_accum,
+                      reason=f"must divide train.batch_size={t.batch_size}")
+  if not 0 <= t.decay_fraction <= 1:
+    raise ConfigError("train.decay_fraction", t.decay_fraction, allowed="[0, 1]")
+  for key in ("b1", "b2"):
+    if not 0 <= t[key] < 1:
+      raise ConfigError(f"train.{key}", t[key], allowed="[0, 1)")
+  if not t.eps > 0:
+    raise ConfigError("train.eps", t.eps, allowed="> 0")
+  if isinstance(t.no_decay, str) or not all(isinstance(n, str) for n in t.no_decay):
+    raise ConfigError("train.no_decay", t.no_decay, reason="must be a tuple of parameter names")
+
+
+def check_grad_accum(t: Any, batch_ways: int) -> None:
+  """Micro-batches split every device's share of the batch evenly (`batch_ways` = mesh data*fsdp)."""
+  per_device = t.batch_size // batch_ways
+  if per_device % t.grad_accum:
+    raise ConfigError("train.grad_accum", t.grad_accum,
+                      reason=f"must divide the per-device batch {per_device} (train.batch_size="
+                      f"{t.batch_size} over mesh data*fsdp={batch_ways})")
+
+
 def make_schedule(t: Any) -> optax.Schedule:
-  """Linear warmup to `lr`, then cosine decay to lr * min_lr_ratio at `steps`."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup,
-      decay_steps=max(t.steps, t.warmup + 1), end_value=t.lr * t.min_lr_ratio)
+  """Linear warmup from 0 to `lr` over `warmup` steps, then `constant`; `cosine` decay to
+  lr * min_lr_ratio at `steps`; or `wsd` (warmup-stable-decay): `lr` until the last
+  decay_fraction * steps steps, which decay linearly to lr * min_lr_ratio."""
+  check_choice("train.schedule", t.schedule, SCHEDULES)
+  end = t.lr * t.min_lr_ratio
+  if t.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=t.lr, warmup_steps=t.warmup,
+        decay_steps=max(t.steps, t.warmup + 1), end_value=end)
+  warmup = optax.linear_schedule(0.0, t.lr, max(t.warmup, 1))
+  if t.schedule == "constant":
+    return optax.join_schedules([warmup, optax.constant_schedule(t.lr)], [t.warmup])
+  decay_steps = max(round(t.decay_fraction * t.steps), 1)
+  decay_start = max(t.steps - decay_steps, t.warmup)
+  return optax.join_schedules(
+      [warmup, optax.constant_schedule(t.lr), optax.linear_schedule(t.lr, end, decay_steps)],
+      [t.warmup, decay_start])
+
+
+def decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
+  """True for the parameters weight decay applies to: matrices, except those with a path component
+  in `no_decay` (by default the embeddings). Vectors (norm scales, biases) are never decayed."""
+  def one(path, x):
+    names = set(path_str(path).split("/"))
+    return x.ndim >= 2 and not names & set(no_decay)
+  return jax.tree_util.tree_map_with_path(one, params)
 
 
 def make_optimizer(t: Any) -> optax.GradientTransformation:
-  """AdamW with linear warmup, cosine decay to lr * min_lr_ratio, and global-norm clipping.
-  Weight decay applies to matrices only (not norms or biases)."""
-  schedule = make_schedule(t)
-  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  """Global-norm clipping, then AdamW (betas b1, b2, epsilon eps) on `make_schedule`, with weight
+  decay on `decay_mask`."""
   return optax.chain(
       optax.clip_by_global_norm(t.grad_clip),
-      optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=t.weight_decay, mask=decay_mask))
+      optax.adamw(make_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+                  mask=lambda params: decay_mask(params, tuple(t.no_decay))))
 
 
 def init_model(m: Any, seed: int) -> tuple[nnx.GraphDef, dict]:
@@ -72,22 +125,44 @@ def text_counts(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, max_iters: int,
-                    backprop_depth: int, seed: int) -> Callable:
-  """step(state, batch, n_iters) -> (state, metrics). `n_iters` is traced: one compile for every r."""
+                    backprop_depth: int, seed: int, grad_accum: int = 1) -> Callable:
+  """step(state, batch, n_iters) -> (state, metrics). `n_iters` is traced: one compile for every r.
+
+  With `grad_accum` A > 1 the batch is split into A micro-batches (micro-batch i holds rows i, i+A,
+  ..., so each device's share splits evenly) whose gradients are summed in a scan: the loss is
+  normalised by the whole batch's token count, so the update is the unaccumulated one."""
+
+  def micro_grads(params, micro: dict, n_iters, key, n_tokens):
+    """(loss share, accuracy counts), gradient of one micro-batch."""
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      out = model(micro["inputs"], n_iters, max_iters=max_iters, backprop_depth=backprop_depth,
+                  key=key)
+      ce_BS = optax.softmax_cross_entropy_with_integer_labels(out.logits_BSV, micro["targets"])
+      loss = (ce_BS * micro["mask"]).sum() / n_tokens
+      return loss, accuracy_counts(out.logits_BSV.argmax(-1), micro["targets"], micro["mask"])
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
   def train_step(state: TrainState, batch: dict, n_iters: jax.Array) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    n_tokens = jnp.maximum(batch["mask"].sum(), 1.0)
+    if grad_accum == 1:
+      (loss, counts), grads = micro_grads(state["params"], batch, n_iters, key, n_tokens)
+    else:
+      split = lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+      micros = jax.tree.map(split, batch)
 
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params)
-      out = model(batch["inputs"], n_iters, max_iters=max_iters, backprop_depth=backprop_depth, key=key)
-      loss = masked_cross_entropy(out.logits_BSV, batch["targets"], batch["mask"])
-      return loss, out.logits_BSV.argmax(-1)
+      def add(total, xs):
+        micro, i = xs
+        out = micro_grads(state["params"], micro, n_iters, jax.random.fold_in(key, i), n_tokens)
+        return jax.tree.map(jnp.add, total, out), None
 
-    (loss, preds_BS), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+      first = jax.tree.map(lambda x: x[0], micros)
+      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+          micro_grads, state["params"], first, n_iters, key, n_tokens))
+      ((loss, counts), grads), _ = jax.lax.scan(add, zeros, (micros, jnp.arange(grad_accum)))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    counts = accuracy_counts(preds_BS, batch["targets"], batch["mask"])
     metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
                "train/per_position": counts["pos_right"] / jnp.maximum(counts["pos_count"], 1),
                "train/exact_match": counts["seq_right"] / jnp.maximum(counts["seq_count"], 1),

@@ -21,8 +21,8 @@ from train import distributed, recurrence, sharding
 from train.checkpoint import Checkpointer
 from train.config import is_text, resolve, seq_lengths
 from train.logger import MetricsLogger
-from train.step import (TrainState, abstract_train_state, make_eval_step, make_optimizer, make_schedule,
-                        make_train_step)
+from train.step import (TrainState, abstract_train_state, check_grad_accum, make_eval_step,
+                        make_optimizer, make_schedule, make_train_step)
 from train.tasks import fractions, make_batch, task_of
 from train.workdir import (check_compatible, check_reachable, path, read_status, record_config,
                            write_status)
@@ -76,6 +76,7 @@ class Trainer:
     self.mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_divisible(cfg.model, cfg.train.batch_size, self.mesh)
     sharding.check_divisible(cfg.model, cfg.train.eval_batch_size, self.mesh)
+    check_grad_accum(cfg.train, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
     self.is_main = jax.process_index() == 0
     self.old_config = (check_compatible(workdir, cfg.to_dict()) if check_reachable(workdir).exists()
                        else None)
@@ -94,7 +95,7 @@ class Trainer:
     rep = sharding.replicated(self.mesh)
     self.max_iters = recurrence.max_recurrence(t)
     step_fn = make_train_step(self.graphdef, self.tx, max_iters=self.max_iters,
-                              backprop_depth=t.backprop_depth, seed=t.seed)
+                              backprop_depth=t.backprop_depth, seed=t.seed, grad_accum=t.grad_accum)
     self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding, rep),
                               out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
     eval_fn = make_eval_step(self.graphdef, max_iters=max(t.eval_recurrences), seed=t.seed,
