@@ -109,3 +109,43 @@ def test_cloud_workdir_is_never_made_local_and_an_unreachable_one_is_one_line(tm
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: cannot reach gs://no-such-bucket-looped-test/x")
   assert os.listdir(cwd) == []  # no local directory named gs:
+
+
+def test_pod_preset_dry_run_two_processes_of_four_devices(tmp_path):
+  """configs/sweeps/tpu_pod.py's first steps on 8 fake devices in 2 processes with the pod's mesh
+  (data x fsdp 4 x tensor 2), bf16, truncated backprop and accumulation; only the sizes shrink."""
+  from test_text import write_texts
+  from train import data
+  write_texts(tmp_path / "texts", n_docs=4)
+  data.prepare([str(tmp_path / "texts" / "*.txt")], str(tmp_path / "corpus"), val_fraction=0.25,
+               progress=False)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  shrink = ["--config.model.d_model=64", "--config.model.n_heads=4", "--config.model.d_ff=128",
+            "--config.model.max_len=32", "--config.task.train_length=32", "--config.train.steps=2",
+            "--config.train.batch_size=16", "--config.train.eval_batch_size=8",
+            "--config.train.max_recurrence=6", "--config.train.backprop_depth=2",
+            "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+            "--config.train.eval_every=-1", "--config.wandb.mode=disabled",
+            f"--config.task.path={tmp_path / 'corpus'}"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": f"{ROOT}:{ROOT}/tests"}
+  workdir = tmp_path / "pod"
+  procs = [subprocess.Popen([sys.executable, "-m", "train", "--config", "configs/sweeps/tpu_pod.py",
+                             "--workdir", str(workdir), *shrink,
+                             f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                             "--config.distributed.num_processes=2",
+                             f"--config.distributed.process_id={i}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  for p in procs:
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, log[-3000:]
+  cfg = json.load(open(workdir / "config.json"))
+  assert cfg["mesh"] == {"data": -1, "fsdp": 4, "tensor": 2}
+  assert cfg["model"]["dtype"] == "bfloat16" and cfg["train"]["grad_accum"] == 4
+  from train.logger import read_metrics
+  losses = [m["train/loss"] for m in read_metrics(str(workdir)) if "train/loss" in m]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  assert os.path.isdir(workdir / "checkpoints" / "2")

@@ -1,10 +1,16 @@
-"""Realistic scale, for a TPU pod slice (every worker runs the same command):
+"""A looped language model at pod scale (every worker of a TPU slice runs the same command):
 
-  python -m sweeps --config configs/sweeps/tpu_pod.py --workdir gs://BUCKET/runs
+  python -m sweeps --config configs/sweeps/tpu_pod.py --workdir gs://BUCKET/runs \
+      --config.task.path=/data/corpus
 
-d=512, (2, 4⊗r, 2), var_chain with Huginn-style Poisson-log-normal recurrence (mean 8, cap 32) and
-truncated backpropagation through the last 8 iterations; block size x injection x norm x 2 seeds.
-The batch is sharded over data x fsdp; parameters over fsdp and tensor (see README).
+d = 1024, 16 heads, gated-SiLU MLP of 4096, (2, 4⊗r, 2), windows of 1024 tokens of a prepared text
+corpus (`python -m train.data prepare`; every worker reads its own rows from its local copy of the
+corpus, e.g. copied from gs:// with `gcloud storage cp -r` before the run), Huginn's recurrence
+sampling (Poisson-log-normal, mean 8, cap 32) with truncated backpropagation through the last 8
+iterations, bf16 compute with the recurrent state in float32, per-iteration remat, 4 micro-batches
+of the global batch of 256 windows, warmup-stable-decay schedule. The mesh is FSDP 4 × tensor 2
+with the remaining devices data-parallel; the work directory (checkpoints, metrics, reports) lives
+on Cloud Storage. Injection add | concat × norm sandwich | peri, one seed (4 trials).
 """
 
 from configs.base import get_config as base_config
@@ -12,21 +18,21 @@ from configs.base import get_config as base_config
 
 def get_config():
   c = base_config()
-  c.task.update(name="var_chain", train_length=16, min_train_length=4, test_lengths=(32, 64))
-  c.model.update(d_model=512, n_heads=8, d_ff=2048, mlp="swiglu", max_len=160, n_prelude=2, n_coda=2,
-                 block_size=4, attention="full", dtype="bfloat16", remat=True)
-  c.train.update(steps=20000, batch_size=512, lr=6e-4, warmup=1000, recurrence="poisson_lognormal",
-                 mean_recurrence=8, max_recurrence=32, backprop_depth=8, log_every=100,
-                 eval_every=2000, checkpoint_every=1000, eval_batch_size=512)
-  c.mesh.update(data=-1, fsdp=8, tensor=1)
-  c.eval.update(iterations=128, batch_size=16)
+  c.task.update(name="text", path="data/corpus", train_length=1024, test_lengths=())
+  c.model.update(d_model=1024, n_heads=16, d_ff=4096, mlp="swiglu", max_len=1024, n_prelude=2,
+                 block_size=4, n_coda=2, attention="full", injection="concat", norm="sandwich",
+                 dtype="bfloat16", state_dtype="float32", remat=True, init_std=0.02, embed_std=0.02)
+  c.train.update(steps=20000, batch_size=256, grad_accum=4, lr=4e-4, warmup=1000, schedule="wsd",
+                 decay_fraction=0.2, recurrence="poisson_lognormal", mean_recurrence=8,
+                 max_recurrence=32, backprop_depth=8, log_every=50, eval_every=1000,
+                 checkpoint_every=1000, eval_batch_size=64)
+  c.mesh.update(data=-1, fsdp=4, tensor=2)
+  c.eval.update(iterations=128, batch_size=16, halting=False)
   return c
 
 
 def get_hyper(h):
   return h.product([
-      h.sweep("model.block_size", [2, 4]),
       h.sweep("model.injection", ["add", "concat"]),
       h.sweep("model.norm", ["sandwich", "peri"]),
-      h.sweep("train.seed", [0, 1]),
   ])
