@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from configs.base import get_config as base_config
-from eval import plots
+from eval import outputs, plots
 from eval.capture import Capture
 from eval.fixed_points import FixedPointReport, analyze_stream
 from train import distributed
@@ -34,7 +34,7 @@ def default_iterations(cfg: Any) -> int:
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isdir(workdir):
     raise RunDirError(f"run directory {workdir} does not exist")
-  stored = read_json(os.path.join(workdir, "config.json"))
+  stored = read_json(outputs.finished_config_path(workdir))  # the config the run finished with
   if stored is None:
     raise RunDirError(f"{workdir} holds no config.json: not a run directory")
   cfg = base_config()  # keys added since the run was made take their defaults
@@ -188,13 +188,14 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
   summary = summary_fields(report, curves, cfg.task.train_length)
   if not main:
     return summary
+  outdir = outputs.output_dir(workdir, step, "fixed_points.json")  # eval/STEP/, never overwritten
   plot_paths = plots.all_plots(report, np.concatenate(points), curves, cfg.task.train_length,
-                               os.path.join(workdir, "plots"))
+                               os.path.join(outdir, "plots"))
   result = {"summary": summary, "step": step, "init": init, "iterations": R, "batch_size": batch_size,
             "curve_batch_size": cfg.train.eval_batch_size, "report": report.to_dict(),
             "accuracy_curves": {str(n): c.tolist() for n, c in curves.items()}}
-  write_json_atomic(os.path.join(workdir, "fixed_points.json"), result)
-  with open(os.path.join(workdir, "fixed_points.md"), "w") as f:
+  write_json_atomic(os.path.join(outdir, "fixed_points.json"), result)
+  with open(os.path.join(outdir, "fixed_points.md"), "w") as f:
     f.write(markdown(summary, report, cfg, step, init))
   if log_wandb:
     _log_wandb(cfg, workdir, summary, report, plot_paths, curves, step, init)

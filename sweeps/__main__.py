@@ -18,6 +18,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep file (configs/s
 _WORKDIR = flags.DEFINE_string("workdir", "runs", "Root of the sweep directories.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at once (separate processes).")
 _DRY_RUN = flags.DEFINE_bool("dry-run", False, "List the trials and exit.")
+_FORCE = flags.DEFINE_bool("force", False, "Run again the trials whose config changed since they ran "
+                           "(resumed from their checkpoints); without it such a sweep is refused.")
 
 
 def log_sweep_to_wandb(base_cfg, sweep: str, sweep_dir: str, paths: dict) -> None:
@@ -83,7 +85,7 @@ def main(argv: list[str]) -> int:
       return 0
     from train import distributed
     distributed.initialize(_CONFIG.value.distributed)  # a pod: every host runs this same command
-    runner = Runner(name, trials, _WORKDIR.value, parallel=_PARALLEL.value)
+    runner = Runner(name, trials, _WORKDIR.value, parallel=_PARALLEL.value, force=_FORCE.value)
     statuses = runner.run()
   except (ConfigError, RunDirError) as e:
     print(f"error: {e}", file=sys.stderr)
