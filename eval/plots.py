@@ -1,6 +1,6 @@
 """Figures of one evaluation, in one style (matplotlib, Agg): titles, axis labels with units, a legend or
 a colour bar on every multi-series figure, the Okabe-Ito colour-blind-safe palette. Each function
-writes PNG and SVG side by side and returns the PNG's path."""
+writes PNG and SVG side by side and returns the PNG's path (or, given path=None, the figure)."""
 
 from __future__ import annotations
 
@@ -32,9 +32,12 @@ STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.font
 plt.rcParams.update(STYLE)
 
 
-def save(fig, path: str) -> str:
-  """Write `path` (PNG) and the same figure as SVG beside it; close the figure."""
+def save(fig, path: str | None) -> Any:
+  """Write `path` (PNG) and the same figure as SVG beside it, close the figure and return `path`;
+  with `path=None`, return the figure itself (to inspect it)."""
   fig.tight_layout()
+  if path is None:
+    return fig
   fig.savefig(path, dpi=150)
   fig.savefig(os.path.splitext(path)[0] + ".svg")
   plt.close(fig)

@@ -260,7 +260,12 @@ def _plot_grids(grids: dict, path: str) -> str:
              title="regime (most common across seeds)", frameon=False)
   fig.suptitle("Regime per cell (agreement across seeds)")
   fig.tight_layout(rect=(0, 0.1, 1, 1))
-  return save(fig, path)
+  if path is None:
+    return fig
+  fig.savefig(path, dpi=150)
+  fig.savefig(os.path.splitext(path)[0] + ".svg")
+  plt.close(fig)
+  return path
 
 
 def _cell_label(key: tuple, axes: list[str]) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
+from configs.errors import ConfigError
 from sweeps.expand import Trial
 from sweeps.trial import PARENT_ENV
 from train.workdir import RunDirError, read_json, write_json_atomic
@@ -77,8 +78,14 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 class Runner:
   def __init__(self, sweep: str, trials: list[Trial], root: str, parallel: int = 1,
-               force: bool = False, argv: list[str] | None = None):
+               force: bool = False, argv: list[str] | None = None, only: list[str] | None = None):
+    """`only`: run just these trials (e.g. the one a W&B agent was given); the others are listed."""
     self.sweep, self.trials, self.parallel = sweep, trials, max(1, parallel)
+    names = [t.name for t in trials]
+    for name in only or ():
+      if name not in names:
+        raise ConfigError("--trial", name, reason=f"no such trial in sweep {sweep} (see --dry-run)")
+    self.selected = [t for t in trials if not only or t.name in only]
     self.sweep_dir = os.path.join(root, sweep)
     self.force, self.argv = force, list(argv or sys.argv)
     self.stop_signal: int | None = None
@@ -92,7 +99,7 @@ class Runner:
   def changed_trials(self) -> dict[str, list[str]]:
     """{trial: its config differences} for trials that ran before with another config."""
     changed = {}
-    for t in self.trials:
+    for t in self.selected:
       old = trial_record(self.trial_dir(t)).get("config")
       if old is not None and not t.invalid:
         diff = config_diff(old, trial_config(t, self.sweep))
@@ -119,7 +126,7 @@ class Runner:
     previous = read_json(path) or {}
     invocations = previous.get("invocations", [])
     invocations.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": self.argv,
-                        "parallel": self.parallel, "trials": [t.name for t in self.trials],
+                        "parallel": self.parallel, "trials": [t.name for t in self.selected],
                         "forced": forced})
     write_json_atomic(path, {
         "sweep": self.sweep, "invocations": invocations,
@@ -135,10 +142,10 @@ class Runner:
       self.record_invocation(forced)
       for name in forced:
         set_trial(os.path.join(self.sweep_dir, name), status="pending", error=None)
-    todo = [t for t in self.trials if trial_record(self.trial_dir(t))["status"] not in SKIP
+    todo = [t for t in self.selected if trial_record(self.trial_dir(t))["status"] not in SKIP
             or t.name in forced]
     handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=len(self.trials), initial=len(self.trials) - len(todo), desc=self.sweep,
+    bar = tqdm(total=len(self.selected), initial=len(self.selected) - len(todo), desc=self.sweep,
                unit="trial", disable=not main, dynamic_ncols=True)
     local: dict[str, str] = {}  # with several processes, each knows its own outcome
     try:
@@ -150,7 +157,7 @@ class Runner:
       bar.close()
       for s, h in handlers.items():
         signal.signal(s, h)
-    return {t.name: local.get(t.name) or trial_record(self.trial_dir(t))["status"] for t in self.trials}
+    return {t.name: local.get(t.name) or trial_record(self.trial_dir(t))["status"] for t in self.selected}
 
   def _run_subprocesses(self, todo: list[Trial], bar) -> None:
     running: dict[str, tuple[Trial, subprocess.Popen, float, Any]] = {}
