@@ -21,6 +21,7 @@ MUTED = ("#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6
          "#AA4499", "#555555")
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+FORMATS = ("png", "svg")  # a sweep trial writes PNG only (sweeps/trial.py): SVG costs ~1 s a figure
 SIMILARITY_ITERATIONS = 8  # Blayney et al. show the attention similarity over the first 8 loops
 STAGE_SERIES = (("colsum_concentration", "ColSum concentration C", "C (0 uniform … 1 one column)"),
                 ("sink_rate", "Sink rate", "share of heads"),
@@ -33,13 +34,14 @@ plt.rcParams.update(STYLE)
 
 
 def save(fig, path: str | None) -> Any:
-  """Write `path` (PNG) and the same figure as SVG beside it, close the figure and return `path`;
-  with `path=None`, return the figure itself (to inspect it)."""
+  """Write `path` (PNG) and the same figure as SVG beside it (if in FORMATS), close the figure and
+  return `path`; with `path=None`, return the figure itself (to inspect it)."""
   fig.tight_layout()
   if path is None:
     return fig
   fig.savefig(path, dpi=150)
-  fig.savefig(os.path.splitext(path)[0] + ".svg")
+  if "svg" in FORMATS:
+    fig.savefig(os.path.splitext(path)[0] + ".svg")
   plt.close(fig)
   return path
 

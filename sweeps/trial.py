@@ -64,6 +64,8 @@ def main() -> int:
   from train.workdir import RunDirError
 
   die_with_runner()
+  from eval import plots
+  plots.FORMATS = ("png",)  # the report's figures come as SVG too; `python -m eval` writes a trial's
   logging.set_verbosity(logging.WARNING)
   workdir = sys.argv[1]
   use_compilation_cache(os.path.dirname(os.path.abspath(workdir)))

@@ -47,10 +47,11 @@ def test_expansion_products_zips_chains_and_names():
   assert trial_name({"train.lr": 0.003}) == "lr=0.003"
 
 
-def test_default_sweep_has_the_three_axes():
+def test_default_sweep_has_the_three_axes_and_two_seeds():
   module = load_sweep_module(os.path.join(ROOT, "configs/sweeps/default.py"))
   trials = expand(module.get_config(), module)
-  assert len(trials) == 27 and len({t.name for t in trials}) == 27
+  assert len(trials) == 54 and len({t.name for t in trials}) == 54  # 27 cells x 2 seeds
+  assert {t.config.train.seed for t in trials} == {0, 1}
   assert {t.config.model.block_size for t in trials} == {1, 2, 4}
   assert {t.config.model.injection for t in trials} == {"none", "add", "concat"}
   assert {t.config.model.norm for t in trials} == {"pre", "sandwich", "peri"}
