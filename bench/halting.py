@@ -6,8 +6,8 @@ with the summary, the targets met or missed, and the comparison with the KL rule
 
 Targets (at <= 0.5 points exact-match drop against fixed inference at R_fixed): the fixed-point
 criterion uses >= 40% fewer block iterations per token than R_fixed, comes within 10% of the oracle's
-mean iterations, and runs >= 1.5x faster in wall time. `--reuse` formats WORKDIR/halting.json as it is
-(written by an earlier `python -m eval halting` on the same machine) instead of measuring again.
+mean iterations, and runs >= 1.5x faster in wall time. `--reuse` formats the run's newest halting.json
+as it is (written by an earlier `python -m eval halting` on the same machine) instead of measuring again.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def main() -> None:
 
   cfg = load_run_config(args.workdir)
   if args.reuse:
-    result = json.load(open(os.path.join(args.workdir, "halting.json")))
+    from eval.outputs import latest
+    result = json.load(open(latest(args.workdir, "halting.json")))
   else:
     from eval.halting import DEFAULT_GRIDS, evaluate_halting
     grids = {**DEFAULT_GRIDS, "kl": tuple(float(x) for x in args.kl_grid.split(","))}

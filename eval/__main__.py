@@ -5,8 +5,9 @@ run's stage metrics beside this one's;
 `python -m eval halting --workdir runs/NAME [--iterations R] [--slots P] [--repeats N]` sweeps the halting
 criteria of a trained run (eval/halting.py).
 
-Writes WORKDIR/fixed_points.json, fixed_points.md and plots/*.png (halting: WORKDIR/halting.json and
-plots/halting_pareto.png), and logs them to the run's W&B run.
+Writes WORKDIR/eval/STEP/fixed_points.json, fixed_points.md and plots/*.png (halting: halting.json and
+plots/halting_pareto.png), a new eval/STEP.N/ when that step's files exist (eval/outputs.py), and logs
+them to the run's W&B run.
 Exit status 2 with one line on stderr for bad input (missing run, corrupt checkpoint, bad config).
 """
 
@@ -41,6 +42,7 @@ def halting_main() -> int:
   from configs.errors import ConfigError
   from train.run import load_run_config
   from eval.halting import evaluate_halting
+  from eval.outputs import latest
   from train.workdir import RunDirError
 
   try:
@@ -49,17 +51,18 @@ def halting_main() -> int:
     cfg = load_run_config(_WORKDIR.value)
     s = evaluate_halting(cfg, _WORKDIR.value, iterations=_ITERS.value, slots=_SLOTS.value,
                          repeats=_REPEATS.value)["summary"]
+    where = latest(_WORKDIR.value, "halting.json")
   except (ConfigError, RunDirError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if s["threshold"] is None:
     print(f"R_fixed={s['R_fixed']}: no fixed_point threshold within {s['max_drop_points']} points; "
-          f"see {_WORKDIR.value}/halting.json")
+          f"see {where}")
   else:
     print(f"R_fixed={s['R_fixed']}: fixed_point eps={s['threshold']} saves "
           f"{s['iterations_saved_fraction']:.1%} of the iterations ({s['mean_iterations']:.1f} per token, "
           f"oracle {s['oracle_mean_iterations']:.1f}), drop {s['accuracy_drop_points']:.2f} points; "
-          f"see {_WORKDIR.value}/halting.json")
+          f"see {where}")
   return 0
 
 
@@ -78,6 +81,7 @@ def main(argv: list[str]) -> int:
   from eval.evaluate import evaluate, with_text_data
   from train.run import load_run_config
   from eval.fixed_points import TrajectoryError
+  from eval.outputs import latest
   from train.workdir import RunDirError
 
   try:
@@ -98,7 +102,7 @@ def main(argv: list[str]) -> int:
   text = "" if "val/best_loss" not in summary else (
       f"; held-out loss {summary['val/best_loss']:.4f} at {summary['val/best_iters']} iterations")
   print(f"{summary['fp/regime']}: degeneracy {summary['fp/degeneracy_min_cosine']:.4f}{text}; "
-        f"see {_WORKDIR.value}/fixed_points.md")
+        f"see {latest(_WORKDIR.value, 'fixed_points.md')}")
   return 0
 
 

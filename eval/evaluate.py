@@ -10,7 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from eval import plots
+from eval import outputs, plots
 from eval.capture import Capture
 from eval.fixed_points import FixedPointReport, analyze_stream
 from train import distributed
@@ -99,8 +99,10 @@ def text_summary_fields(report: FixedPointReport, curves: dict[int, dict], cfg: 
 
 def compare_stage_metrics(workdir: str) -> dict:
   """The stage metrics of a control run (e.g. a feedforward model) at its first iteration, one value
-  per layer, from its evaluation's fixed_points.json: {"run", "colsum_concentration": [k], ...}."""
-  record = read_json(path(workdir) / "fixed_points.json")
+  per layer, from its newest evaluation's fixed_points.json: {"run", "colsum_concentration": [k],
+  ...}."""
+  found = outputs.latest(workdir, "fixed_points.json") if path(workdir).is_dir() else None
+  record = read_json(found) if found else None
   if record is None:
     raise RunDirError(f"--compare {workdir}: no fixed_points.json there (evaluate that run first)")
   series = record["report"]["series"]
@@ -229,12 +231,16 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
   if text:  # the PCA plot's tokens: the last N_PCA_TOKENS of the first analysed window
     tok = run.tokenizer or task.data.tokenizer()
     pca_tokens = [tok.token_text(int(i)) for i in train_batch["inputs"][0, -N_PCA_TOKENS:]]
+  outdir = outputs.output_dir(workdir, step, "fixed_points.json")  # eval/STEP/, never overwritten
   plot_paths = plots.all_plots(report, np.concatenate(points), curves, cfg.task.train_length,
-                               os.path.join(workdir, "plots"))
+                               os.path.join(outdir, "plots"), labels=pca_tokens)
   if text:
     plot_paths["loss"] = plots.loss_curves({n: c["loss"] for n, c in text_curves.items()},
-                                           os.path.join(workdir, "plots", "loss.png"),
+                                           os.path.join(outdir, "plots", "loss.png"),
                                            cfg.task.train_length, max_recurrence(cfg.train))
+  if control is not None:
+    plot_paths["stage_depth"] = plots.stage_by_depth(report, control,
+                                                     os.path.join(outdir, "plots", "stage_depth.png"))
   result = {"summary": summary, "step": step, "init": init, "iterations": R, "batch_size": batch_size,
             "curve_batch_size": cfg.train.eval_batch_size, "report": report.to_dict(),
             "accuracy_curves": {str(n): c.tolist() for n, c in curves.items()}}
@@ -243,8 +249,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
     result["pca_tokens"] = pca_tokens
   if control is not None:
     result["compare"] = control
-  write_json_atomic(path(workdir) / "fixed_points.json", result)
-  (path(workdir) / "fixed_points.md").write_text(markdown(summary, report, cfg, step, init))
+  write_json_atomic(path(outdir) / "fixed_points.json", result)
+  (path(outdir) / "fixed_points.md").write_text(markdown(summary, report, cfg, step, init))
   if log_wandb:
     _log_wandb(cfg, workdir, summary, report, plot_paths, curves, step, init)
   return summary

@@ -264,8 +264,9 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
                      iterations: int | None = None, slots: int | None = None, repeats: int = 3,
                      mode: str = "full", trajectories: dict | None = None, log_wandb: bool = True,
                      progress: bool = True) -> dict:
-  """Sweep every criterion over its grid on a trained run; write WORKDIR/halting.json and
-  WORKDIR/plots/halting_pareto.png, log to W&B; returns the whole result ({"summary", "rows", ...}).
+  """Sweep every criterion over its grid on a trained run; write WORKDIR/eval/STEP/halting.json and
+  plots/halting_pareto.png beside it (eval.outputs), log to W&B; returns the whole result
+  ({"summary", "rows", ...}).
   `slots`: sequences in flight for per-sequence exit (default: eval batch size / 8). Every setting
   runs once for its accuracy, iterations and FLOPs, then `mode` decides what is timed:
   - "full" (`python -m eval halting`, the benchmark): every setting, with per-sequence exit and as one
@@ -410,9 +411,11 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
             "criteria": list(CRITERIA)}
   if jax.process_index() != 0:
     return result
-  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-  plot = pareto_plot(rows, fixed, oracle, curve, os.path.join(workdir, "plots", "halting_pareto.png"))
-  write_json_atomic(os.path.join(workdir, "halting.json"), result)
+  from eval.outputs import output_dir
+  outdir = output_dir(workdir, step, "halting.json")  # eval/STEP/: a trial's and the CLI's never collide
+  os.makedirs(os.path.join(outdir, "plots"), exist_ok=True)
+  plot = pareto_plot(rows, fixed, oracle, curve, os.path.join(outdir, "plots", "halting_pareto.png"))
+  write_json_atomic(os.path.join(outdir, "halting.json"), result)
   if log_wandb:
     _log_wandb(cfg, workdir, summary, rows, plot, step)
   return result

@@ -45,3 +45,19 @@ def validate_model_config(m: ModelSpec, prefix: str = "model") -> None:
     value = getattr(m, key)
     if not isinstance(value, (int, float)) or value < 0:
       raise ConfigError(f"{prefix}.{key}", value, allowed=">= 0")
+  check_meaningful(m, prefix)
+
+
+def check_meaningful(m: ModelSpec, prefix: str = "model") -> None:
+  """Raise ConfigError for combinations that build a model but cannot mean anything: a block that never
+  sees the input, a local window wider than any sequence, a random initial state without randomness."""
+  if m.injection == "none" and m.state_init != "embed":
+    raise ConfigError(f"{prefix}.state_init", m.state_init, allowed="embed",
+                      reason=f"with {prefix}.injection='none' the input enters only through the initial "
+                      "state s0 = e; use injection add|concat|gate for another state_init")
+  if m.attention == "local" and m.window > m.max_len:
+    raise ConfigError(f"{prefix}.window", m.window, allowed=f"<= {prefix}.max_len={m.max_len}",
+                      reason=f"a window wider than the longest sequence is {prefix}.attention='full'")
+  if m.state_init == "normal" and not m.state_std > 0:
+    raise ConfigError(f"{prefix}.state_std", m.state_std, allowed="> 0",
+                      reason=f"with {prefix}.state_init='normal'; use state_init='zeros' for s0 = 0")

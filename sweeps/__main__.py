@@ -1,5 +1,6 @@
-"""`python -m sweeps --config configs/sweeps/NAME.py [--workdir runs] [--parallel N] [--dry-run]
-[--config.KEY=VALUE ...]` runs a sweep; `python -m sweeps report runs/NAME` rebuilds its report.
+"""`python -m sweeps --config configs/sweeps/NAME.py [--workdir runs] [--parallel N] [--dry-run] [--force]
+[--trial NAME] [--config.KEY=VALUE ...]` runs a sweep; `python -m sweeps report runs/NAME` rebuilds its
+report; `python -m sweeps export-wandb --config FILE [--out FILE]` writes a W&B sweep definition.
 
 Exit status: 0 when every trial is done, 1 when some failed or diverged (the report says which),
 2 for bad input (one line on stderr), 130/143 when stopped by SIGINT/SIGTERM (rerun to resume).
@@ -18,6 +19,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep file (configs/s
 _WORKDIR = flags.DEFINE_string("workdir", "runs", "Root of the sweep directories.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at once (separate processes).")
 _DRY_RUN = flags.DEFINE_bool("dry-run", False, "List the trials and exit.")
+_TRIAL = flags.DEFINE_multi_string("trial", None, "Run only this trial (repeatable); what a W&B agent "
+                                   "runs (see export-wandb).")
+_OUT = flags.DEFINE_string("out", None, "export-wandb: the YAML file (default WORKDIR/SWEEP/wandb_sweep.yaml).")
+_FORCE = flags.DEFINE_bool("force", False, "Run again the trials whose config changed since they ran "
+                           "(resumed from their checkpoints); without it such a sweep is refused.")
 
 
 def log_sweep_to_wandb(base_cfg, sweep: str, sweep_dir: str, paths: dict) -> None:
@@ -63,8 +69,9 @@ def main(argv: list[str]) -> int:
       paths = report.write_report(argv[2])
       print(f"report: {paths['md']} and {paths['html']}")
       return 0
-    if len(argv) > 1:
-      raise RunDirError(f"unexpected arguments {argv[1:]}")
+    export = argv[1:2] == ["export-wandb"]
+    if len(argv) > 1 + export:
+      raise RunDirError(f"unexpected arguments {argv[1 + export:]}")
     if _CONFIG.value is None:
       raise RunDirError("--config configs/sweeps/NAME.py is required")
     if _PARALLEL.value < 1:
@@ -75,6 +82,13 @@ def main(argv: list[str]) -> int:
     path = config_flags.get_config_filename(flags.FLAGS["config"])
     name = sweep_name(path)
     trials = expand(_CONFIG.value, load_sweep_module(path))
+    if export:
+      from sweeps import wandb_export
+      out = _OUT.value or os.path.join(_WORKDIR.value, name, "wandb_sweep.yaml")
+      wandb_export.write(wandb_export.definition(name, path, trials, _WORKDIR.value, _CONFIG.value), out)
+      print(f"W&B sweep definition: {out} ({len(trials)} trials)\nrun: wandb sweep {out}, then "
+            "wandb agent ENTITY/PROJECT/SWEEP_ID on each machine (sharing --workdir)")
+      return 0
     if _DRY_RUN.value:
       for t in trials:
         print(f"{t.name}\t" + " ".join(f"{k}={v}" for k, v in t.overrides.items())
@@ -83,7 +97,8 @@ def main(argv: list[str]) -> int:
       return 0
     from train import distributed
     distributed.initialize(_CONFIG.value.distributed)  # a pod: every host runs this same command
-    runner = Runner(name, trials, _WORKDIR.value, parallel=_PARALLEL.value)
+    runner = Runner(name, trials, _WORKDIR.value, parallel=_PARALLEL.value, force=_FORCE.value,
+                    only=_TRIAL.value)
     statuses = runner.run()
   except (ConfigError, RunDirError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -2,10 +2,13 @@
 
   python -m sweeps report runs/SWEEP
 
-Per trial: its axes, status, regime, degeneracy cosine, final per-layer change, converged_at, accuracy
-at every size with its best iteration count, wall time. Per block size: a regime grid of injection x
-norm with agreement across seeds. Overlaid convergence and extrapolation curves grouped by each axis.
-Where trials measured adaptive halting (`eval.halting`, on by default), a table of its savings.
+Trials are grouped into cells by every swept key except the seed (`train.seed`), and each cell
+aggregates its seeds: regime agreement (`cyclic 2/3`), mean ± standard deviation of accuracy (or
+validation loss), convergence iteration, degeneracy cosine and halting savings. Then per trial: its
+axes, status, regime, degeneracy cosine, final per-layer change, converged_at, accuracy at every size
+with its best iteration count, wall time; regime grids of injection × norm (one per value of the
+other axes); where trials measured adaptive halting (`eval.halting`), a table of its savings; and the
+figures (PNG and SVG; the HTML embeds the PNGs).
 """
 
 from __future__ import annotations
@@ -16,18 +19,19 @@ import html
 import os
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from eval import outputs
+from eval.plots import LINESTYLES, colors, plt, save
+from train.workdir import RunDirError, read_json
 
-from train.workdir import RunDirError, read_json  # noqa: E402
-
-REGIME_COLORS = {"cyclic": "#2a9d8f", "degenerate": "#e9c46a", "orbit": "#8e7dbe", "slider": "#f4a261",
-                 "divergent": "#e63946", "unconverged": "#adb5bd", "failed": "#343a40",
-                 "diverged": "#e63946", "pending": "#ffffff", "running": "#ffffff"}
-GRID_AXES = ("model.block_size", "model.injection", "model.norm")
+# Okabe-Ito colours for the regimes (colour-blind safe); dark cells get white text.
+REGIME_COLORS = {"cyclic": "#009E73", "degenerate": "#F0E442", "orbit": "#CC79A7", "slider": "#E69F00",
+                 "divergent": "#D55E00", "unconverged": "#BBBBBB", "failed": "#000000",
+                 "diverged": "#D55E00", "pending": "#FFFFFF", "running": "#FFFFFF"}
+DARK = ("failed", "cyclic", "divergent", "diverged")
+SEED = "train.seed"
+GRID_AXES = ("model.injection", "model.norm")  # rows x columns of each regime grid
 HALTING_NOTE = ("Per trial, on a mix of all sizes: fixed inference at R_fixed (the fewest iterations "
                 "reaching the best exact match on the longest size) against per-token exit once every "
                 "block layer has settled, at the ε with the fewest iterations whose exact match is within "
@@ -43,6 +47,17 @@ def _get(cfg: dict, key: str) -> Any:
   return None if node == {} else node
 
 
+def _read_trial(tdir: str) -> tuple[dict | None, dict | None]:
+  """(fixed_points.json, halting.json) of a trial: the newest evaluation, and the halting measured
+  beside it (else the newest halting)."""
+  fp_path = outputs.latest(tdir, "fixed_points.json")
+  halting_path = None
+  if fp_path and os.path.exists(os.path.join(os.path.dirname(fp_path), "halting.json")):
+    halting_path = os.path.join(os.path.dirname(fp_path), "halting.json")
+  halting_path = halting_path or outputs.latest(tdir, "halting.json")
+  return (read_json(fp_path) if fp_path else None), (read_json(halting_path) if halting_path else None)
+
+
 def load(sweep_dir: str) -> tuple[dict, list[dict]]:
   """(sweep.json, one record per trial with its trial/config/fixed_points data)."""
   index = read_json(os.path.join(sweep_dir, "sweep.json"))
@@ -52,9 +67,9 @@ def load(sweep_dir: str) -> tuple[dict, list[dict]]:
   for t in index["trials"]:
     tdir = os.path.join(sweep_dir, t["name"])
     trial = read_json(os.path.join(tdir, "trial.json")) or {"status": "pending"}
-    fp = read_json(os.path.join(tdir, "fixed_points.json"))
-    halting = read_json(os.path.join(tdir, "halting.json"))
-    cfg = read_json(os.path.join(tdir, "config.json")) or t.get("config") or {}
+    fp, halting = _read_trial(tdir)
+    cfg = (read_json(outputs.finished_config_path(tdir)) if os.path.isdir(tdir) else None) \
+        or t.get("config") or {}
     rows.append({"name": t["name"], "overrides": t["overrides"], "trial": trial, "config": cfg,
                  "fp": fp, "summary": (fp or {}).get("summary", {}),
                  "halting": (halting or {}).get("summary")})
@@ -68,6 +83,13 @@ def verdict(row: dict) -> str:
   return status
 
 
+def value_of(row: dict, key: str) -> Any:
+  """A config value of a trial: its override, else its config."""
+  if key in row["overrides"]:
+    return row["overrides"][key]
+  return _get(row["config"], key)
+
+
 def _fmt(v: Any, spec: str = ".3f") -> str:
   if v is None:
     return "—"
@@ -78,6 +100,66 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 def _pct(v: float | None) -> str:
   return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def cell_axes(rows: list[dict]) -> list[str]:
+  """Every swept key except the seed, in the order the sweep names them."""
+  return [k for k in dict.fromkeys(k for r in rows for k in r["overrides"]) if k != SEED]
+
+
+def cells(rows: list[dict]) -> dict[tuple, list[dict]]:
+  """{(value of each cell axis): the trials (seeds) of that cell}, in sweep order."""
+  axes = cell_axes(rows)
+  out: dict[tuple, list[dict]] = {}
+  for r in rows:
+    out.setdefault(tuple(value_of(r, a) for a in axes), []).append(r)
+  return out
+
+
+def convergence_iteration(row: dict) -> float | None:
+  """The iteration from which every block layer has converged (None unless all have)."""
+  s, k = row["summary"], _get(row["config"], "model.block_size") or 0
+  its = [s.get(f"fp/layer{l}/converged_at") for l in range(1, k + 1)]
+  return float(max(its)) if its and all(i is not None for i in its) else None
+
+
+def cell_metrics(rows: list[dict]) -> list[tuple[str, Any, str]]:
+  """The aggregated metrics: (column, fn(row) -> float | None, format)."""
+  keys = sorted({k for r in rows for k in r["summary"]})
+  sizes = sorted({int(k.split("/")[1][3:]) for k in keys if k.startswith("acc/len") and k.endswith("/best")})
+  out: list[tuple[str, Any, str]] = [
+      (f"acc@{n}", lambda r, n=n: r["summary"].get(f"acc/len{n}/best"), ".3f") for n in sizes]
+  out += [(k, lambda r, k=k: r["summary"].get(k), ".4f") for k in keys if k.endswith("/loss")]
+  out += [("converged at (it.)", convergence_iteration, ".1f"),
+          ("degeneracy cos", lambda r: r["summary"].get("fp/degeneracy_min_cosine"), ".4f"),
+          ("halting: it. saved", lambda r: (r["halting"] or {}).get("iterations_saved_fraction"), ".1%")]
+  return out
+
+
+def mean_std(values: list[float | None], spec: str) -> str:
+  """`mean ± std (n)` over the values that exist (population std; n only when some are missing)."""
+  xs = np.array([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+  if not len(xs):
+    return "—"
+  text = format(xs.mean(), spec) if len(xs) == 1 else f"{format(xs.mean(), spec)} ± {format(xs.std(), spec)}"
+  return text + (f" ({len(xs)}/{len(values)})" if len(xs) < len(values) else "")
+
+
+def cell_text(counter: collections.Counter) -> str:
+  n = sum(counter.values())
+  return ", ".join(f"{v} {c}/{n}" for v, c in counter.most_common())
+
+
+def cell_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+  """One line per cell: its axis values, seeds, regime agreement and mean ± std of each metric."""
+  axes, metrics = cell_axes(rows), cell_metrics(rows)
+  header = [a.split(".")[-1] for a in axes] + ["seeds", "regime (agreement)"] + [m[0] for m in metrics]
+  body = []
+  for key, members in cells(rows).items():
+    regimes = collections.Counter(verdict(r) for r in members)
+    body.append([_fmt(v, "g") for v in key] + [str(len(members)), cell_text(regimes)]
+                + [mean_std([fn(r) for r in members], spec) for _, fn, spec in metrics])
+  return header, body
 
 
 def trial_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -127,12 +209,16 @@ def halting_table(rows: list[dict]) -> list[list[str]]:
   return body
 
 
-def regime_grids(rows: list[dict]) -> dict[Any, dict]:
-  """{block size: {"injections", "norms", "cells": {(inj, norm): Counter of verdicts}}}."""
-  grids: dict[Any, dict] = {}
+def regime_grids(rows: list[dict]) -> dict[str, dict]:
+  """{title naming the other axes' values: {"injections", "norms", "cells": {(inj, norm): Counter}}},
+  one grid per combination of the swept keys other than injection, norm and the seed."""
+  others = [a for a in cell_axes(rows) if a not in GRID_AXES]
+  grids: dict[str, dict] = {}
   for r in rows:
-    k, inj, norm = (_get(r["config"], a) if r["config"] else r["overrides"].get(a) for a in GRID_AXES)
-    g = grids.setdefault(k, {"injections": [], "norms": [], "cells": collections.defaultdict(collections.Counter)})
+    title = ", ".join(f"{a.split('.')[-1]} = {_fmt(value_of(r, a), 'g')}" for a in others) or "all trials"
+    inj, norm = (value_of(r, a) for a in GRID_AXES)
+    g = grids.setdefault(title, {"injections": [], "norms": [],
+                                 "cells": collections.defaultdict(collections.Counter)})
     if inj not in g["injections"]:
       g["injections"].append(inj)
     if norm not in g["norms"]:
@@ -141,54 +227,84 @@ def regime_grids(rows: list[dict]) -> dict[Any, dict]:
   return grids
 
 
-def cell_text(counter: collections.Counter) -> str:
-  n = sum(counter.values())
-  return ", ".join(f"{v} {c}/{n}" for v, c in counter.most_common())
-
-
 def _plot_grids(grids: dict, path: str) -> str:
-  fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.6), squeeze=False)
-  for ax, (k, g) in zip(axes[0], sorted(grids.items(), key=lambda kv: str(kv[0]))):
+  """The regime grids as coloured tables: the cell's colour is its most common regime, its text the
+  agreement across seeds; a legend names the colours."""
+  n = len(grids)
+  cols = min(n, 3)
+  fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.4 * cols, 3.4 * ((n + cols - 1) // cols) + 0.6),
+                           squeeze=False)
+  seen = set()
+  for ax, (title, g) in zip(axes.flat, grids.items()):
+    ax.grid(False)
     for i, inj in enumerate(g["injections"]):
       for j, norm in enumerate(g["norms"]):
         counter = g["cells"].get((inj, norm), collections.Counter())
         top = counter.most_common(1)[0][0] if counter else "pending"
-        ax.add_patch(plt.Rectangle((j, i), 1, 1, color=REGIME_COLORS.get(top, "#ffffff"), ec="white"))
-        share = f"{counter[top]}/{sum(counter.values())}" if counter else ""
-        ax.text(j + 0.5, i + 0.5, f"{top}\n{share}", ha="center", va="center", fontsize=8)
+        seen.add(top)
+        ax.add_patch(plt.Rectangle((j, i), 1, 1, facecolor=REGIME_COLORS.get(top, "#FFFFFF"),
+                                   edgecolor="white", lw=2))
+        text = "\n".join(f"{v} {c}/{sum(counter.values())}" for v, c in counter.most_common())
+        ax.text(j + 0.5, i + 0.5, text or "—", ha="center", va="center", fontsize=7.5,
+                color="white" if top in DARK else "black")
     ax.set_xlim(0, len(g["norms"]))
     ax.set_ylim(len(g["injections"]), 0)
-    ax.set_xticks(np.arange(len(g["norms"])) + 0.5, g["norms"])
-    ax.set_yticks(np.arange(len(g["injections"])) + 0.5, g["injections"])
-    ax.set(title=f"block size k={k}", xlabel="norm", ylabel="injection")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+    ax.set_xticks(np.arange(len(g["norms"])) + 0.5, [str(x) for x in g["norms"]])
+    ax.set_yticks(np.arange(len(g["injections"])) + 0.5, [str(x) for x in g["injections"]])
+    ax.set(title=title, xlabel="norm", ylabel="injection")
+  for ax in list(axes.flat)[n:]:
+    ax.axis("off")
+  handles = [plt.Rectangle((0, 0), 1, 1, facecolor=REGIME_COLORS[r], edgecolor="0.6")
+             for r in REGIME_COLORS if r in seen]
+  fig.legend(handles, [r for r in REGIME_COLORS if r in seen], loc="lower center", ncol=len(handles),
+             title="regime (most common across seeds)", frameon=False)
+  fig.suptitle("Regime per cell (agreement across seeds)")
+  fig.tight_layout(rect=(0, 0.1, 1, 1))
+  if path is None:
+    return fig
+  fig.savefig(path, dpi=150)
+  fig.savefig(os.path.splitext(path)[0] + ".svg")
   plt.close(fig)
   return path
 
 
-def _plot_grouped(rows: list[dict], axis: str, series, ylabel: str, log: bool, path: str) -> str | None:
-  groups = collections.defaultdict(list)
-  for r in rows:
-    value = _get(r["config"], axis) if r["config"] else r["overrides"].get(axis)
-    y = series(r)
-    if y is not None and value is not None:
-      groups[value].append((r["name"], np.asarray(y, dtype=float)))
-  if not groups:
+def _cell_label(key: tuple, axes: list[str]) -> str:
+  return "-".join(_fmt(v, "g") for v, a in zip(key, axes) if a != axes[0]) or "all"
+
+
+def _plot_trials(rows: list[dict], series, ylabel: str, title: str, log: bool, path: str) -> str | None:
+  """One line per trial, one panel per value of the first swept axis: a colour per cell, a line
+  style per seed, and a legend naming every trial."""
+  axes = cell_axes(rows)
+  seeds = list(dict.fromkeys(value_of(r, SEED) for r in rows))
+  panels: dict[Any, dict[tuple, list]] = {}
+  for key, members in cells(rows).items():
+    for r in members:
+      y = series(r)
+      if y is not None:
+        panels.setdefault(key[0] if axes else None, {}).setdefault(key, []).append(
+            (value_of(r, SEED), np.asarray(y, float)))
+  if not panels:
     return None
-  fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False, sharey=True)
-  for ax, (value, curves) in zip(axes[0], sorted(groups.items(), key=lambda kv: str(kv[0]))):
-    for _, y in curves:
-      x = np.arange(1, len(y) + 1)
-      ax.plot(x, np.where(np.isfinite(y) & ((y > 0) | (not log)), y, np.nan), lw=0.9, alpha=0.7)
-    ax.set(title=f"{axis.split('.')[-1]} = {value}", xlabel="iteration")
+  n = len(panels)
+  fig, grid = plt.subplots(1, n, figsize=(4.8 * n, 4.4), squeeze=False, sharey=True)
+  for ax, (value, curves) in zip(grid[0], panels.items()):
+    for (key, ys), color in zip(curves.items(), colors(len(curves))):
+      for seed, y in ys:
+        x = np.arange(1, len(y) + 1)
+        y = np.where(np.isfinite(y) & ((y > 0) | (not log)), y, np.nan)
+        label = _cell_label(key, axes) + (f", seed {seed}" if len(seeds) > 1 else "")
+        ax.plot(x, y, lw=1, alpha=0.9, color=color, label=label,
+                linestyle=LINESTYLES[seeds.index(seed) % len(LINESTYLES)])
+    ax.set(title=f"{axes[0].split('.')[-1]} = {_fmt(value, 'g')}" if axes else title,
+           xlabel="iteration t (log)", xscale="log")
     if log:
       ax.set_yscale("log")
-  axes[0][0].set_ylabel(ylabel)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+    ax.legend(loc="best", fontsize=6, title="trial", title_fontsize=7,
+              ncol=2 if sum(len(v) for v in curves.values()) > 10 else 1)
+  grid[0][0].set_ylabel(ylabel)
+  fig.suptitle(title)
+  return save(fig, path)
 
 
 def _last_layer_change(r: dict):
@@ -206,75 +322,94 @@ def _longest_curve(r: dict):
   return fp["accuracy_curves"][max(fp["accuracy_curves"], key=int)]
 
 
+def _md_table(header: list[str], body: list[list[str]], first: list[str] | None = None) -> list[str]:
+  lead = ["trial"] if first is not None else []
+  lines = ["| " + " | ".join(lead + header) + " |", "|" + " --- |" * (len(header) + len(lead))]
+  for i, cells_ in enumerate(body):
+    lines.append("| " + " | ".join(([first[i]] if first is not None else [])
+                                   + [c.replace("|", "/") for c in cells_]) + " |")
+  return lines
+
+
 def write_report(sweep_dir: str) -> dict[str, str]:
-  """Write report.md, report.html and report_*.png in `sweep_dir`; returns their paths."""
+  """Write report.md, report.html and report_*.png (+ .svg) in `sweep_dir`; returns their paths."""
   index, rows = load(sweep_dir)
   header, body = trial_table(rows)
+  cheader, cbody = cell_table(rows)
   grids = regime_grids(rows)
   images = {"regimes": _plot_grids(grids, os.path.join(sweep_dir, "report_regimes.png"))}
-  for axis in GRID_AXES:
-    short = axis.split(".")[-1]
-    for kind, fn, label, log in (("convergence", _last_layer_change, "successive change (last layer)", True),
-                                 ("extrapolation", _longest_curve, "exact match, longest size", False)):
-      p = _plot_grouped(rows, axis, fn, label, log, os.path.join(sweep_dir, f"report_{kind}_by_{short}.png"))
-      if p:
-        images[f"{kind} by {short}"] = p
+  for kind, fn, label, title, log in (
+      ("convergence", _last_layer_change, "successive change, last block layer (relative, log)",
+       "Convergence of every trial", True),
+      ("extrapolation", _longest_curve, "exact match, longest test size",
+       "Extrapolation: accuracy against iterations", False)):
+    p = _plot_trials(rows, fn, label, title, log, os.path.join(sweep_dir, f"report_{kind}.png"))
+    if p:
+      images[kind] = p
   counts = collections.Counter(r["trial"].get("status", "pending") for r in rows)
+  seeds = sorted({value_of(r, SEED) for r in rows}, key=str)
   md = [f"# Sweep `{index['sweep']}`", "",
-        f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.most_common()) + ".", "",
-        "## Regimes by injection × norm", ""]
-  for k, g in sorted(grids.items(), key=lambda kv: str(kv[0])):
-    md += [f"### block size k = {k}", "", "| injection \\ norm | " + " | ".join(g["norms"]) + " |",
+        f"{len(rows)} trials in {len(cbody)} cells × seeds {', '.join(map(str, seeds))}: "
+        + ", ".join(f"{n} {s}" for s, n in counts.most_common()) + ".", "",
+        "## Cells (seeds aggregated)", "",
+        "Cells group the trials by every swept key except `train.seed`; metrics are mean ± standard "
+        "deviation over the seeds ((n/N): only n of the N seeds have the value).", ""]
+  md += _md_table(cheader, cbody) + ["", "## Regimes by injection × norm", ""]
+  for title, g in grids.items():
+    md += [f"### {title}", "", "| injection \\ norm | " + " | ".join(map(str, g["norms"])) + " |",
            "| --- |" + " --- |" * len(g["norms"])]
     for inj in g["injections"]:
       md.append(f"| {inj} | " + " | ".join(cell_text(g["cells"].get((inj, n), collections.Counter()))
                                            for n in g["norms"]) + " |")
     md.append("")
-  md += ["## Trials", "", "| trial | " + " | ".join(header) + " |", "|" + " --- |" * (len(header) + 1)]
-  md += [f"| {r['name']} | " + " | ".join(c.replace("|", "/") for c in cells) + " |"
-         for r, cells in zip(rows, body)]
+  md += ["## Trials", ""] + _md_table(header, body, [r["name"] for r in rows])
   halting = halting_table(rows)
   if halting:
-    md += ["", "## Adaptive halting (fixed_point criterion)", "", HALTING_NOTE, "",
-           "| trial | " + " | ".join(HALTING_HEADER) + " |", "|" + " --- |" * (len(HALTING_HEADER) + 1)]
-    md += ["| " + " | ".join(cells) + " |" for cells in halting]
+    md += ["", "## Adaptive halting (fixed_point criterion)", "", HALTING_NOTE, ""]
+    md += _md_table(HALTING_HEADER, [h[1:] for h in halting], [h[0] for h in halting])
   md += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(p)})" for name, p in images.items()]
   md_path = os.path.join(sweep_dir, "report.md")
   with open(md_path, "w") as f:
     f.write("\n".join(md) + "\n")
   html_path = os.path.join(sweep_dir, "report.html")
   with open(html_path, "w") as f:
-    f.write(_html(index["sweep"], grids, header, body, rows, images, counts, halting))
+    f.write(_html(index["sweep"], grids, (cheader, cbody), header, body, rows, images, counts, halting))
   return {"md": md_path, "html": html_path, **images}
 
 
-def _html(sweep, grids, header, body, rows, images, counts, halting) -> str:
+def _html_table(header: list[str], body: list[list[str]]) -> str:
+  e = html.escape
+  return ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+          + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells_) + "</tr>" for cells_ in body)
+          + "</table>")
+
+
+def _html(sweep, grids, cell_tab, header, body, rows, images, counts, halting) -> str:
   e = html.escape
   parts = [f"<!doctype html><meta charset='utf-8'><title>Sweep {e(sweep)}</title>",
            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
            "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style>",
            f"<h1>Sweep {e(sweep)}</h1><p>{len(rows)} trials: "
-           + e(", ".join(f"{n} {s}" for s, n in counts.most_common())) + "</p><h2>Regimes</h2>"]
-  for k, g in sorted(grids.items(), key=lambda kv: str(kv[0])):
-    parts.append(f"<h3>block size k = {e(str(k))}</h3><table><tr><th>injection \\ norm</th>"
+           + e(", ".join(f"{n} {s}" for s, n in counts.most_common())) + "</p>",
+           "<h2>Cells (seeds aggregated)</h2><p>mean ± standard deviation over the seeds of each cell</p>",
+           _html_table(*cell_tab), "<h2>Regimes</h2>"]
+  for title, g in grids.items():
+    parts.append(f"<h3>{e(title)}</h3><table><tr><th>injection \\ norm</th>"
                  + "".join(f"<th>{e(str(n))}</th>" for n in g["norms"]) + "</tr>")
     for inj in g["injections"]:
-      cells = []
+      tds = []
       for n in g["norms"]:
         counter = g["cells"].get((inj, n), collections.Counter())
         top = counter.most_common(1)[0][0] if counter else "pending"
-        cells.append(f"<td style='background:{REGIME_COLORS.get(top, '#fff')}'>{e(cell_text(counter))}</td>")
-      parts.append(f"<tr><th>{e(str(inj))}</th>{''.join(cells)}</tr>")
+        fg = "#fff" if top in DARK else "#000"
+        tds.append(f"<td style='background:{REGIME_COLORS.get(top, '#fff')};color:{fg}'>"
+                   f"{e(cell_text(counter))}</td>")
+      parts.append(f"<tr><th>{e(str(inj))}</th>{''.join(tds)}</tr>")
     parts.append("</table>")
-  parts.append("<h2>Trials</h2><table><tr><th>trial</th>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-  for r, cells in zip(rows, body):
-    parts.append(f"<tr><td>{e(r['name'])}</td>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
-  parts.append("</table>")
+  parts += ["<h2>Trials</h2>", _html_table(["trial"] + header, [[r["name"]] + c for r, c in zip(rows, body)])]
   if halting:
-    parts.append(f"<h2>Adaptive halting (fixed_point criterion)</h2><p>{e(HALTING_NOTE)}</p><table><tr>"
-                 + "".join(f"<th>{e(h)}</th>" for h in ["trial", *HALTING_HEADER]) + "</tr>")
-    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>" for cells in halting]
-    parts.append("</table>")
+    parts += [f"<h2>Adaptive halting (fixed_point criterion)</h2><p>{e(HALTING_NOTE)}</p>",
+              _html_table(["trial", *HALTING_HEADER], halting)]
   parts.append("<h2>Figures</h2>")
   for name, p in images.items():
     data = base64.b64encode(open(p, "rb").read()).decode()

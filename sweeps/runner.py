@@ -20,8 +20,10 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
+from configs.errors import ConfigError
 from sweeps.expand import Trial
-from train.workdir import read_json, write_json_atomic
+from sweeps.trial import PARENT_ENV
+from train.workdir import RunDirError, read_json, write_json_atomic
 
 TRIAL_STATUSES = ("pending", "running", "done", "failed", "diverged")
 SKIP = ("done", "diverged")  # diverged trials are deterministic: rerunning them would diverge again
@@ -48,16 +50,6 @@ def trial_config(trial: Trial, sweep: str) -> dict:
   return cfg
 
 
-def _detach_but_die_with_parent() -> None:
-  """In the trial process: its own session (a Ctrl-C reaches the runner, which stops the trials in
-  order), and on Linux a SIGTERM when the runner dies, even by SIGKILL, so that no orphan trial
-  goes on writing while a restarted runner resumes it (the trial saves a checkpoint and exits)."""
-  os.setsid()
-  if sys.platform.startswith("linux"):
-    import ctypes
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _error_text(log_path: str) -> str:
   lines = [l.strip() for l in open(log_path, errors="replace").read().splitlines() if l.strip()]
   errors = [l for l in lines if l.startswith("error:")]
@@ -67,10 +59,35 @@ def _error_text(log_path: str) -> str:
   return " | ".join(tail)[-500:] or "trial process failed without output"
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+  """`key: old -> new` for every flattened key that differs (JSON-normalised: tuples are lists)."""
+  old, new = flatten(json.loads(json.dumps(old))), flatten(json.loads(json.dumps(new)))
+  return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 class Runner:
-  def __init__(self, sweep: str, trials: list[Trial], root: str, parallel: int = 1):
+  def __init__(self, sweep: str, trials: list[Trial], root: str, parallel: int = 1,
+               force: bool = False, argv: list[str] | None = None, only: list[str] | None = None):
+    """`only`: run just these trials (e.g. the one a W&B agent was given); the others are listed."""
     self.sweep, self.trials, self.parallel = sweep, trials, max(1, parallel)
+    names = [t.name for t in trials]
+    for name in only or ():
+      if name not in names:
+        raise ConfigError("--trial", name, reason=f"no such trial in sweep {sweep} (see --dry-run)")
+    self.selected = [t for t in trials if not only or t.name in only]
     self.sweep_dir = os.path.join(root, sweep)
+    self.force, self.argv = force, list(argv or sys.argv)
     self.stop_signal: int | None = None
 
   def trial_dir(self, trial: Trial) -> str:
@@ -79,17 +96,56 @@ class Runner:
   def _on_signal(self, signum, frame) -> None:
     self.stop_signal = signum
 
+  def changed_trials(self) -> dict[str, list[str]]:
+    """{trial: its config differences} for trials that ran before with another config."""
+    changed = {}
+    for t in self.selected:
+      old = trial_record(self.trial_dir(t)).get("config")
+      if old is not None and not t.invalid:
+        diff = config_diff(old, trial_config(t, self.sweep))
+        if diff:
+          changed[t.name] = diff
+    return changed
+
+  def check_changed(self) -> list[str]:
+    """Refuse (RunDirError, one line) to reuse trials whose config changed since they ran, unless
+    `force`; with `force`, such trials run again from their own directory (resumed from their
+    checkpoint under the new config). Returns the names of those trials."""
+    changed = self.changed_trials()
+    if changed and not self.force:
+      first, diff = next(iter(changed.items()))
+      raise RunDirError(
+          f"{len(changed)} trial(s) of {self.sweep_dir} ran with another config, e.g. {first}: "
+          + "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
+          + "; use another --workdir, or --force to run them again with the new config")
+    return list(changed)
+
+  def record_invocation(self, forced: list[str]) -> None:
+    """sweep.json: the current trials, and one entry per invocation of the sweep (never rewritten)."""
+    path = os.path.join(self.sweep_dir, "sweep.json")
+    previous = read_json(path) or {}
+    invocations = previous.get("invocations", [])
+    invocations.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": self.argv,
+                        "parallel": self.parallel, "trials": [t.name for t in self.selected],
+                        "forced": forced})
+    write_json_atomic(path, {
+        "sweep": self.sweep, "invocations": invocations,
+        "trials": [{"name": t.name, "overrides": t.overrides, "config": t.config.to_dict()}
+                   for t in self.trials]})
+
   def run(self) -> dict[str, str]:
     """Run every trial not yet done; returns {trial name: status}."""
     main = jax.process_index() == 0
+    forced = self.check_changed()
     if main:
       os.makedirs(self.sweep_dir, exist_ok=True)
-      write_json_atomic(os.path.join(self.sweep_dir, "sweep.json"), {
-          "sweep": self.sweep, "trials": [{"name": t.name, "overrides": t.overrides, "config": t.config.to_dict()}
-                                  for t in self.trials]})
-    todo = [t for t in self.trials if trial_record(self.trial_dir(t))["status"] not in SKIP]
+      self.record_invocation(forced)
+      for name in forced:
+        set_trial(os.path.join(self.sweep_dir, name), status="pending", error=None)
+    todo = [t for t in self.selected if trial_record(self.trial_dir(t))["status"] not in SKIP
+            or t.name in forced]
     handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=len(self.trials), initial=len(self.trials) - len(todo), desc=self.sweep,
+    bar = tqdm(total=len(self.selected), initial=len(self.selected) - len(todo), desc=self.sweep,
                unit="trial", disable=not main, dynamic_ncols=True)
     local: dict[str, str] = {}  # with several processes, each knows its own outcome
     try:
@@ -101,12 +157,13 @@ class Runner:
       bar.close()
       for s, h in handlers.items():
         signal.signal(s, h)
-    return {t.name: local.get(t.name) or trial_record(self.trial_dir(t))["status"] for t in self.trials}
+    return {t.name: local.get(t.name) or trial_record(self.trial_dir(t))["status"] for t in self.selected}
 
   def _run_subprocesses(self, todo: list[Trial], bar) -> None:
     running: dict[str, tuple[Trial, subprocess.Popen, float, Any]] = {}
     queue = list(todo)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+         PARENT_ENV: str(os.getpid())}
     while (queue or running):
       if self.stop_signal is not None:
         for _, proc, _, _ in running.values():
@@ -122,12 +179,15 @@ class Runner:
           bar.update(1)
           continue
         log = open(os.path.join(tdir, "trial.log"), "a")
+        # No Python code runs between fork and exec (no preexec_fn), so nothing of JAX's threads is
+        # duplicated; its own session keeps a Ctrl-C for the runner, which stops the trials in order.
         proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", tdir], stdin=subprocess.PIPE,
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True,
-                                preexec_fn=_detach_but_die_with_parent)
+                                start_new_session=True)
         proc.stdin.write(json.dumps(trial_config(trial, self.sweep)))
         proc.stdin.close()
-        set_trial(tdir, status="running", overrides=trial.overrides, error=None, pid=proc.pid)
+        set_trial(tdir, status="running", overrides=trial.overrides, error=None, pid=proc.pid,
+                  config=trial_config(trial, self.sweep))
         running[trial.name] = (trial, proc, time.perf_counter(), log)
       for name, (trial, proc, start, log) in list(running.items()):
         if proc.poll() is None:
@@ -164,7 +224,8 @@ class Runner:
       tdir = self.trial_dir(trial)
       if main:
         os.makedirs(tdir, exist_ok=True)
-        set_trial(tdir, status="running", overrides=trial.overrides, error=None)
+        set_trial(tdir, status="running", overrides=trial.overrides, error=None,
+                  config=trial_config(trial, self.sweep))
       start = time.perf_counter()
       try:
         code, result = run_trial(ml_collections.ConfigDict(trial_config(trial, self.sweep)), tdir,

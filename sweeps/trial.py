@@ -10,9 +10,34 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import ml_collections
+
+PARENT_ENV = "LOOPED_SWEEP_RUNNER_PID"  # the runner's pid, set for each trial process
+
+
+def die_with_runner() -> None:
+  """On Linux, a SIGTERM when the sweep runner dies, even by SIGKILL, so that no orphan trial goes on
+  writing while a restarted runner resumes it (the trial saves a checkpoint and exits). Set up in the
+  trial itself (the runner starts it without running Python code between fork and exec)."""
+  parent = os.environ.get(PARENT_ENV)
+  if not parent or not sys.platform.startswith("linux"):
+    return
+  import ctypes
+  ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  if os.getppid() != int(parent):  # the runner died before the line above
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def use_compilation_cache(sweep_dir: str) -> None:
+  """Trials of one sweep share compiled programs through JAX's persistent cache in the sweep's
+  directory: seeds of a cell (and reruns after a stop) compile the same programs. Every program is
+  stored, however fast it compiled: a trial compiles dozens of sub-second programs."""
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.path.join(sweep_dir, ".jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def run_trial(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> tuple[int, dict]:
@@ -39,12 +64,12 @@ def main() -> int:
   from eval.fixed_points import TrajectoryError
   from train.workdir import RunDirError
 
+  die_with_runner()
+  from eval import plots
+  plots.FORMATS = ("png",)  # the report's figures come as SVG too; `python -m eval` writes a trial's
   logging.set_verbosity(logging.WARNING)
   workdir = sys.argv[1]
-  import jax
-  # Trials of one sweep share compiled programs (same shapes across seeds, reruns after a stop).
-  jax.config.update("jax_compilation_cache_dir",
-                    os.path.join(os.path.dirname(os.path.abspath(workdir)), ".jax_cache"))
+  use_compilation_cache(os.path.dirname(os.path.abspath(workdir)))
   try:
     cfg = ml_collections.ConfigDict(json.load(sys.stdin))
     code, result = run_trial(cfg, workdir, progress=False)

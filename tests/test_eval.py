@@ -15,6 +15,7 @@ from conftest import tiny_config
 from eval.capture import Capture
 from eval.evaluate import evaluate, plateau
 from eval.fixed_points import REGIMES, analyze_stream, analyze_trajectory
+from eval.outputs import latest
 from train.config import resolve
 from train.step import init_model, make_eval_step
 from train.tasks import fractions, get_task, make_batch
@@ -86,16 +87,18 @@ def test_end_to_end_trained_model(tmp_path):
   Trainer(cfg, workdir).run()
   summary = evaluate(resolve(cfg), workdir, iterations=16, batch_size=4, progress=False)
   assert summary["fp/regime"] in REGIMES
-  result = json.load(open(os.path.join(workdir, "fixed_points.json")))
+  out = os.path.dirname(latest(workdir, "fixed_points.json"))
+  assert out == os.path.join(workdir, "eval", "120")  # under the step it measured
+  result = json.load(open(os.path.join(out, "fixed_points.json")))
   assert result["summary"]["fp/regime"] == summary["fp/regime"] and result["iterations"] == 16
   assert len(result["report"]["series"]["successive_change"]) == 16
   assert summary["acc/len8/best"] >= 0.99  # trained to its length; curve over 1..R iterations
   assert len(result["accuracy_curves"]["16"]) == 16
-  md = open(os.path.join(workdir, "fixed_points.md")).read()
+  md = open(os.path.join(out, "fixed_points.md")).read()
   assert md.startswith(f"# Fixed points: **{summary['fp/regime']}**")
   for name in ("convergence", "distance", "attention_similarity", "trajectory_pca", "stage_metrics",
                "accuracy"):
-    assert os.path.getsize(os.path.join(workdir, "plots", f"{name}.png")) > 1000
+    assert os.path.getsize(os.path.join(out, "plots", f"{name}.png")) > 1000
   run = offline_run(str(tmp_path / "wandb"), read_status(workdir)["wandb_run_id"])
   assert run["summary"]["fp/regime"] == summary["fp/regime"]
   assert "fp/layer1/converged_at" in run["summary"] and "train/loss" in run["summary"]
@@ -111,7 +114,7 @@ def test_cli_random_init_control(tmp_path):
   workdir = tmp_path / "ri"
   out = cli("--config", "tests/tiny_config.py", "--init", "--workdir", str(workdir), "--iterations", "12")
   assert out.returncode == 0, out.stderr[-2000:]
-  result = json.load(open(workdir / "fixed_points.json"))
+  result = json.load(open(latest(str(workdir), "fixed_points.json")))
   assert result["init"] is True and result["step"] == 0
   assert result["summary"]["fp/regime"] in REGIMES
 

@@ -15,6 +15,7 @@ from flax import nnx
 from configs.errors import ConfigError
 from conftest import tiny_config
 from eval.halting import SUMMARY_FIGURES, evaluate_halting, halting_summary, oracle_exits
+from eval.outputs import latest
 from looped_models.halting import CRITERIA, halt
 from train.config import resolve
 from train.step import init_model
@@ -167,7 +168,7 @@ def test_evaluate_halting_end_to_end(tmp_path):
   with pytest.raises(ConfigError, match="halting.grids='oracle'"):
     evaluate_halting(cfg, workdir, grids={"oracle": (0,)}, progress=False)
   result = evaluate_halting(cfg, workdir, grids=grids, slots=8, repeats=1, progress=False)
-  saved = json.load(open(os.path.join(workdir, "halting.json")))
+  saved = json.load(open(latest(workdir, "halting.json")))
   summary = saved["summary"]
   for key in (*SUMMARY_FIGURES, "R_fixed", "R", "threshold", "kl_best"):
     assert key in summary
@@ -198,7 +199,7 @@ def test_evaluate_halting_end_to_end(tmp_path):
   if summary["threshold"] is not None:
     assert summary["accuracy_drop_points"] <= 0.5 + 1e-9
   assert result["summary"] == summary or json.loads(json.dumps(result["summary"])) == summary
-  assert os.path.getsize(os.path.join(workdir, "plots", "halting_pareto.png")) > 1000
+  assert os.path.getsize(os.path.join(workdir, "eval", "60", "plots", "halting_pareto.png")) > 1000
   run = offline_run(str(tmp_path / "wandb"), read_status(workdir)["wandb_run_id"])
   assert run["summary"]["halting/R_fixed"] == summary["R_fixed"] and "train/loss" in run["summary"]
 
@@ -217,7 +218,8 @@ def test_evaluate_halting_end_to_end(tmp_path):
     halting_summary(cfg, workdir, trajectories={8: curve["predictions"][:5]}, progress=False)
   fields = halting_summary(cfg, workdir, grids={"fixed_point": (1e-1, 3e-2, 0.0)}, repeats=1,
                            trajectories={8: curve["predictions"]}, progress=False, log_wandb=False)
-  trial = json.load(open(os.path.join(workdir, "halting.json")))
+  trial = json.load(open(latest(workdir, "halting.json")))  # its own eval/60.1/: the first is kept
+  assert latest(workdir, "halting.json") == os.path.join(workdir, "eval", "60.1", "halting.json")
   assert trial["mode"] == "trial" and "chunked_wall_s" not in trial["fixed"]
   timed = [r["threshold"] for r in trial["rows"] if r["wall_s"] is not None]
   assert timed == [trial["summary"]["threshold"]] and fields["halting/wall_speedup"] > 0

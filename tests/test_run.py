@@ -83,7 +83,8 @@ def test_two_process_evaluation_on_an_fsdp_mesh_equals_one_process(trained, tmp_
   assert [g["process_count"] for g in got] == [2, 2] and got[0]["devices"] == 4
   # parameters are sharded by the training rules (FSDP over 2), not copied whole to every device
   assert "fsdp" in got[0]["specs"]["['block'][0]['attn']['query']['kernel']"]
-  fp = lambda d: json.load(open(os.path.join(d, "fixed_points.json")))
+  from eval.outputs import latest
+  fp = lambda d: json.load(open(latest(d, "fixed_points.json")))
   want, have = fp(one), fp(two)
   assert have["summary"]["fp/regime"] == want["summary"]["fp/regime"]
   for key, value in want["summary"].items():

@@ -12,11 +12,13 @@ import pytest
 
 from conftest import tiny_config
 from configs.errors import ConfigError
+from eval.outputs import latest
+from looped_models.config import validate_model_config
 from sweeps import hyper
 from sweeps.expand import apply_overrides, expand, load_sweep_module, trial_name
 from sweeps.report import load, regime_grids
 from sweeps.runner import trial_record
-from train.workdir import read_status
+from train.workdir import RunDirError, read_status
 from wandb_records import offline_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,10 +47,11 @@ def test_expansion_products_zips_chains_and_names():
   assert trial_name({"train.lr": 0.003}) == "lr=0.003"
 
 
-def test_default_sweep_has_the_three_axes():
+def test_default_sweep_has_the_three_axes_and_two_seeds():
   module = load_sweep_module(os.path.join(ROOT, "configs/sweeps/default.py"))
   trials = expand(module.get_config(), module)
-  assert len(trials) == 27 and len({t.name for t in trials}) == 27
+  assert len(trials) == 54 and len({t.name for t in trials}) == 54  # 27 cells x 2 seeds
+  assert {t.config.train.seed for t in trials} == {0, 1}
   assert {t.config.model.block_size for t in trials} == {1, 2, 4}
   assert {t.config.model.injection for t in trials} == {"none", "add", "concat"}
   assert {t.config.model.norm for t in trials} == {"pre", "sandwich", "peri"}
@@ -84,7 +87,7 @@ def test_sigkilled_runner_resumes_skipping_finished_trials(tmp_path):
   assert trial_record(str(first)) == done_record  # skipped, not rerun
   for name in ("k1-pre", "k2-pre", "k3-pre"):
     assert trial_record(str(sweep_dir / name))["status"] == "done"
-    assert os.path.exists(sweep_dir / name / "fixed_points.json")
+    assert latest(str(sweep_dir / name), "fixed_points.json").startswith(str(sweep_dir / name / "eval"))
     assert read_status(str(sweep_dir / name))["step"] == 12
 
   # the report, from disk alone
@@ -95,7 +98,7 @@ def test_sigkilled_runner_resumes_skipping_finished_trials(tmp_path):
   assert html.count("data:image/png;base64,") >= 3
   _, rows = load(str(sweep_dir))
   grids = regime_grids(rows)
-  assert set(grids) == {1, 2, 3}
+  assert set(grids) == {"block_size = 1", "block_size = 2", "block_size = 3"}
   assert os.path.exists(sweep_dir / "report_regimes.png")
   os.remove(sweep_dir / "report.md")
   again = sweeps_cli("report", str(sweep_dir))
@@ -125,9 +128,9 @@ def test_failures_are_isolated(tmp_path):
   report = open(sweep_dir / "report.md").read()
   assert "failed: config error: model.injection='bogus'" in report
   # the good trial measured adaptive halting (eval.halting); the report has its line, and only its
-  halting = json.load(open(sweep_dir / good / "halting.json"))["summary"]
+  halting = json.load(open(latest(str(sweep_dir / good), "halting.json")))["summary"]
   assert halting["R_fixed"] >= 1 and halting["oracle_mean_iterations"] >= 1
-  assert not os.path.exists(sweep_dir / nan / "halting.json")
+  assert latest(str(sweep_dir / nan), "halting.json") is None
   section = report.split("## Adaptive halting")[1].split("## Figures")[0]
   lines = [line for line in section.splitlines() if line.startswith(f"| {good} |")]
   assert len(lines) == 1 and f"| {bad} |" not in section and f"| {nan} |" not in section
@@ -180,7 +183,92 @@ def test_pod_mode_two_processes_run_trials_over_the_whole_mesh(tmp_path):
   trial = tmp_path / "one" / "k2"
   assert trial_record(str(trial))["status"] == "done"
   assert read_status(str(trial))["step"] == 8
-  assert os.path.exists(trial / "fixed_points.json") and os.path.exists(tmp_path / "one" / "report.md")
-  assert json.load(open(trial / "halting.json"))["summary"]["R"] == 6  # halting, on every process
+  assert latest(str(trial), "fixed_points.json") and os.path.exists(tmp_path / "one" / "report.md")
+  assert json.load(open(latest(str(trial), "halting.json")))["summary"]["R"] == 6  # on every process
   assert "report:" in logs[0] and "report:" not in logs[1]  # process 0 alone writes and prints
   assert "train:" not in logs[1]
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("state_init", "zeros", "model.injection='none'"),  # the block would never see the input
+    ("window", 40, "model.max_len=32"),
+    ("block_size", 0, ">= 1"),
+    ("state_std", 0.0, "state_init='normal'"),
+])
+def test_meaningless_model_configs_are_one_line_errors(key, value, expected):
+  cfg = tiny_config()
+  cfg.model.update(injection="none" if key == "state_init" else "add", attention="local", vocab_size=8,
+                   state_init="normal" if key == "state_std" else "embed")
+  cfg.model[key] = value
+  with pytest.raises(ConfigError) as info:
+    validate_model_config(cfg.model)
+  assert info.value.key == f"model.{key}" and expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_meaningless_trials_are_rejected_before_running():
+  class Sweep:
+    @staticmethod
+    def get_hyper(h):
+      return h.product([h.sweep("model.injection", ["none", "add"]), h.sweep("model.state_init", ["embed", "zeros"])])
+
+  trials = {t.name: t.invalid for t in expand(tiny_config(), Sweep)}
+  assert [n for n, bad in trials.items() if bad] == ["none-init-zeros"]
+  assert "model.state_init='zeros'" in trials["none-init-zeros"]
+
+
+def test_export_wandb_runs_one_trial_as_an_agent_and_a_changed_config_is_refused(tmp_path):
+  import yaml
+  from sweeps.wandb_export import agent_command
+
+  out = sweeps_cli("export-wandb", "--config", "tests/sweeps/tiny.py", "--workdir", str(tmp_path),
+                   "--out", str(tmp_path / "sweep.yaml"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  defn = yaml.safe_load(open(tmp_path / "sweep.yaml"))
+  assert defn["method"] == "grid" and defn["name"] == "tiny"
+  assert defn["parameters"]["trial"] == {"values": ["k1-pre", "k2-pre", "k3-pre"]}
+  assert defn["parameters"]["config.wandb.group"] == {"value": "tiny"}
+  assert defn["command"][:4] == ["${env}", "${interpreter}", "-m", "sweeps"] and defn["command"][-1] == "${args}"
+  assert set(defn) <= {"name", "description", "method", "parameters", "command", "project", "entity",
+                       "program", "metric"}
+  # the exact command `wandb agent` runs for one trial (W&B offline: no API key here)
+  cmd = agent_command(defn, "k2-pre")
+  assert cmd[-3:] == ["--trial=k2-pre", "--config.wandb.group=tiny", "--config.wandb.mode=online"]
+  env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+  env.update(PYTHONPATH=f"{ROOT}:{ROOT}/tests", WANDB_MODE="offline")
+  run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  sweep_dir = tmp_path / "tiny"
+  assert trial_record(str(sweep_dir / "k2-pre"))["status"] == "done"
+  assert trial_record(str(sweep_dir / "k1-pre"))["status"] == "pending"  # not this agent's trial
+  wb = offline_run(os.environ["WANDB_DIR"], read_status(str(sweep_dir / "k2-pre"))["wandb_run_id"])
+  assert wb["run"].run_group == "tiny" and wb["config"]["model.block_size"] == 2
+  assert "fp/regime" in wb["summary"]
+
+  # the same trial with another config: refused (one line naming the key), nothing run or recorded
+  again = subprocess.run(cmd + ["--config.train.steps=14"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 2 and "train.steps: 12 -> 14" in again.stderr
+  assert len(again.stderr.strip().splitlines()) == 1 and "--force" in again.stderr
+  assert len(json.load(open(sweep_dir / "sweep.json"))["invocations"]) == 1
+
+
+def test_force_reruns_a_changed_trial_and_sweep_json_keeps_every_invocation(tmp_path):
+  from sweeps.runner import Runner, set_trial, trial_config
+
+  module = load_sweep_module(os.path.join(ROOT, "tests/sweeps/tiny.py"))
+  trials = expand(module.get_config(), module)
+  runner = Runner("tiny", trials, str(tmp_path), argv=["first"])
+  os.makedirs(runner.trial_dir(trials[0]))
+  set_trial(runner.trial_dir(trials[0]), status="done", config=trial_config(trials[0], "tiny"))
+  assert runner.changed_trials() == {}
+  runner.record_invocation(runner.check_changed())
+  longer = expand(apply_overrides(module.get_config(), {"train.steps": 14}), module)
+  with pytest.raises(RunDirError, match="train.steps: 12 -> 14.*--force"):
+    Runner("tiny", longer, str(tmp_path)).check_changed()
+  forced = Runner("tiny", longer, str(tmp_path), force=True, argv=["second", "--force"])
+  assert forced.check_changed() == ["k1-pre"]  # only the trial that ran; the others never did
+  forced.record_invocation(["k1-pre"])
+  index = json.load(open(tmp_path / "tiny" / "sweep.json"))
+  assert [(i["argv"], i["forced"]) for i in index["invocations"]] == [(["first"], []),
+                                                                     (["second", "--force"], ["k1-pre"])]
+  assert [t["config"]["train"]["steps"] for t in index["trials"]] == [14, 14, 14]

@@ -275,8 +275,9 @@ def test_evaluator_on_text_reports_token_classes_loss_curve_and_decoded_tokens(t
   from train.run import load_run_config
   run = str(tmp_path / "copy")
   shutil.copytree(trained[0], run)
+  from eval.outputs import latest
   summary = evaluate(load_run_config(run), run, iterations=8, batch_size=2, progress=False)
-  record = json.load(open(os.path.join(run, "fixed_points.json")))
+  record = json.load(open(latest(run, "fixed_points.json")))
   assert sum(summary[f"fp/tokens/{c}"] for c in ("fixed_point", "orbit", "slider", "unknown")) == \
       pytest.approx(1.0)
   curve = record["loss_curves"]["32"]
@@ -284,10 +285,14 @@ def test_evaluator_on_text_reports_token_classes_loss_curve_and_decoded_tokens(t
   assert summary["val/iters1/loss"] == pytest.approx(curve["loss"][0])
   # the PCA tokens are the decoded last tokens of the first held-out window
   assert len(record["pca_tokens"]) == 4 and all(isinstance(t, str) and t for t in record["pca_tokens"])
-  assert os.path.isfile(os.path.join(run, "plots", "loss.png"))
-  md = open(os.path.join(run, "fixed_points.md")).read()
+  outdir = os.path.dirname(latest(run, "fixed_points.json"))
+  assert os.path.isfile(os.path.join(outdir, "plots", "loss.png"))
+  md = open(os.path.join(outdir, "fixed_points.md")).read()
   assert "Held-out loss" in md and "bits per byte" in md
   # a control run's stage metrics beside this one's
   evaluate(load_run_config(run), run, iterations=8, batch_size=2, progress=False, compare=run)
-  record = json.load(open(os.path.join(run, "fixed_points.json")))
+  again = latest(run, "fixed_points.json")
+  assert os.path.dirname(again) != outdir  # a second evaluation of the step writes beside the first
+  record = json.load(open(again))
   assert len(record["compare"]["colsum_concentration"]) == 1  # one block layer at iteration 1
+  assert os.path.isfile(os.path.join(os.path.dirname(again), "plots", "stage_depth.png"))

@@ -109,12 +109,12 @@ class Trainer:
   def init_state(self) -> TrainState:
     cfg = self.cfg
 
-    def init():
-      model = LoopedTransformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+    def init(seed):  # the seed traced, so that seeds share one compiled program (a sweep's cache)
+      model = LoopedTransformer(cfg.model, rngs=nnx.Rngs(jax.random.key(seed)))
       params = nnx.to_pure_dict(nnx.state(model))
       return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    return jax.jit(init, out_shardings=self.state_sharding)()
+    return jax.jit(init, out_shardings=self.state_sharding)(np.int32(cfg.train.seed))
 
   def global_batch(self, step: int, min_length: int, max_length: int, batch_size: int,
                    stream: int) -> dict:
