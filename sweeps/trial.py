@@ -40,6 +40,23 @@ def use_compilation_cache(sweep_dir: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def control_trial(workdir: str) -> str | None:
+  """A sibling trial of this sweep marked `eval.control` (e.g. a feedforward model) that has been
+  evaluated already: this trial's stage metrics are drawn beside its own (sweep files list the
+  control first, so that with --parallel 1 it is always done before the others)."""
+  from eval.outputs import latest
+  from train.workdir import read_json
+  sweep_dir = os.path.dirname(os.path.abspath(workdir))
+  for name in sorted(os.listdir(sweep_dir)):
+    other = os.path.join(sweep_dir, name)
+    if other == os.path.abspath(workdir) or not os.path.isfile(os.path.join(other, "config.json")):
+      continue
+    if (read_json(os.path.join(other, "config.json")) or {}).get("eval", {}).get("control") and \
+        latest(other, "fixed_points.json"):
+      return other
+  return None
+
+
 def run_trial(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> tuple[int, dict]:
   from eval.evaluate import evaluate
   from train.trainer import Trainer
@@ -49,7 +66,8 @@ def run_trial(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     if result["status"] != "done":
       return result["exit_code"], result
   predictions: dict = {}  # the accuracy curves' per-iteration predictions: the halting oracle's too
-  summary = evaluate(cfg, workdir, init=cfg.train.steps == 0, progress=progress, predictions=predictions)
+  summary = evaluate(cfg, workdir, init=cfg.train.steps == 0, progress=progress, predictions=predictions,
+                     compare=None if cfg.eval.control else control_trial(workdir))
   # The savings of adaptive halting, per trial (measured against exact match: synthetic tasks).
   if cfg.eval.halting and cfg.train.steps > 0 and cfg.task.name != "text":
     from eval.halting import halting_summary
