@@ -16,10 +16,12 @@ from eval.fixed_points import analyze_stream
 from looped_models import LoopedTransformer
 from train.checkpoint import Checkpointer
 from train.config import resolve
+from train.logger import read_metrics
 from train.step import (SCHEDULES, check_grad_accum, decay_mask, init_model, make_optimizer,
                         make_schedule, make_train_step)
 from train.tasks import get_task, make_batch
 from train.trainer import Trainer
+from train.workdir import RunDirError, read_status
 
 V = 8
 
@@ -308,3 +310,51 @@ def test_grad_accum_must_divide_the_per_device_batch():
   with pytest.raises(ConfigError, match="per-device batch 4") as info:
     check_grad_accum(t, 4)
   assert info.value.key == "train.grad_accum"
+
+
+# -- 4. a damaged checkpoint ----------------------------------------------------------------------
+
+def orbax_steps(workdir):
+  """The steps orbax lists in WORKDIR/checkpoints."""
+  ckpt = Checkpointer(str(workdir), 2)
+  steps = sorted(ckpt.manager.all_steps())
+  ckpt.close()
+  return steps
+
+
+def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, capfd):
+  """The newest of two checkpoints is corrupted: the rerun says so in one line, resumes from the
+  older one, keeps the damaged one aside (orbax no longer lists it) and finishes. With no readable
+  checkpoint at all, resuming is an error and nothing is moved."""
+  workdir = tmp_path / "run"
+  trainer = Trainer(tiny_config(train__steps=20, train__checkpoint_every=10, task__test_lengths=(),
+                                train__eval_every=-1), str(workdir))
+  assert trainer.run()["status"] == "done"
+  ckpts = workdir / "checkpoints"
+  assert sorted(p.name for p in ckpts.iterdir()) == ["10", "20"]
+  files = [p for p in (ckpts / "20").rglob("*") if p.is_file() and p.stat().st_size > 0]
+  for p in files:
+    p.write_bytes(b"\x00garbage" * 8)
+  trainer.cfg.train.steps = 30  # a longer run, as a user resuming with more steps
+  capfd.readouterr()
+  result = trainer.run()
+  err = capfd.readouterr().err
+  assert result["status"] == "done" and result["step"] == 30
+  assert read_status(str(workdir))["resumed_from"] == 10
+  lines = [l for l in err.splitlines() if "kept aside" in l]
+  assert len(lines) == 1 and "resuming from step 10" in lines[0] and "20" in lines[0], err
+  names = [p.name for p in ckpts.iterdir()]
+  aside = [p for p in ckpts.iterdir() if p.name.startswith("20.damaged-")]
+  assert len(aside) == 1 and len(list(ckpts.iterdir())) == 3  # beside the new 20 and 30
+  assert orbax_steps(workdir) == [20, 30]  # orbax sees only the good ones
+  assert len([p for p in aside[0].rglob("*") if p.is_file()]) >= len(files)  # kept for inspection
+  metrics = read_metrics(str(workdir))
+  assert [m["step"] for m in metrics][-1] == 30
+  for step in ("20", "30"):
+    for p in (ckpts / step).rglob("*"):
+      if p.is_file():
+        p.write_bytes(b"\x00garbage")
+  trainer.cfg.train.steps = 40
+  with pytest.raises(RunDirError, match="corrupt"):
+    trainer.run()
+  assert sorted(p.name for p in ckpts.iterdir()) == sorted(names)

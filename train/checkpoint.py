@@ -1,8 +1,12 @@
-"""Orbax checkpoints of the train state (restored onto the target sharding) plus JSON metadata."""
+"""Orbax checkpoints of the train state (restored onto the target sharding) plus JSON metadata.
+Resuming falls back from an unreadable newest checkpoint to the newest readable one and keeps the
+damaged one aside."""
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -59,9 +63,54 @@ class Checkpointer:
       raise RunDirError(f"checkpoint {self.directory}/{step} does not match the model at {bad[0]}")
     return state, dict(out["meta"] or {})
 
+  def restore_newest(self, abstract_state: Any, *, say: Callable[[str], None] | None = None
+                     ) -> tuple[Any, dict, int] | None:
+    """(state, meta, step) of the newest checkpoint that reads, or None if there is none.
+
+    Newer checkpoints that do not read (corrupt or partly written) are renamed to
+    `<step>.damaged-<UTC time>` beside the others, where orbax no longer sees them, and `say` gets
+    one line for each. If none reads, the newest's error is raised and nothing is moved (a model
+    that no longer matches its checkpoints is not damage)."""
+    failed: list[tuple[int, RunDirError]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except RunDirError as e:
+        failed.append((step, e))
+        continue
+      for bad, error in failed:
+        aside = self._set_aside(bad)
+        (say or _stderr)(f"resuming from step {step}: {error}; kept aside as {aside}")
+      return state, meta, step
+    if failed:
+      raise failed[0][1]
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Rename checkpoint `step` out of orbax's sight (process 0; every process waits for it)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = self.directory / f"{step}.damaged-{stamp}"
+    _sync(f"damaged-{step}-before")
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(aside)
+    _sync(f"damaged-{step}-after")
+    self.manager.reload()
+    return str(aside)
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _stderr(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

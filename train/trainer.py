@@ -275,9 +275,9 @@ class Trainer:
 
   def _resume(self, ckpt: Checkpointer) -> tuple[TrainState, int | None, dict]:
     """(state, the step it was restored from or None, the checkpoint's metadata): the newest
-    checkpoint in WORKDIR, or a freshly initialised state."""
-    latest = ckpt.latest_step()
-    if latest is None:
+    readable checkpoint in WORKDIR (newer damaged ones are set aside), or a fresh state."""
+    restored = ckpt.restore_newest(self.abstract_state)  # falls back past damaged checkpoints
+    if restored is None:
       return self.init_state(), None, {}
-    state, meta = ckpt.restore(latest, self.abstract_state)
-    return state, latest, meta
+    state, meta, step = restored
+    return state, step, meta
