@@ -109,7 +109,7 @@ class LoopedTransformer(nnx.Module):
     k = self.spec.block_size
 
     def run(s):
-      s, states_kBSD, att_kBHSS = self.block_step(s, e_BSD, ctx)
+      s, states_kBSD, att_kBHSS = self.block_step(s, e_BSD, ctx, attention=return_attention)
       return s, (states_kBSD if return_states else None, att_kBHSS if return_attention else None)
 
     def skip(s):
