@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.state_std = 1.0            # std of the truncated normal for state_init=normal
   c.model.attention = "local"        # full | local
   c.model.window = 4                 # local attention width w (causal)
+  c.model.attention_impl = "auto"    # auto (cuDNN on GPU in bfloat16, else XLA) | xla | cudnn
   c.model.positions = "rope"         # rope | learned
   c.model.tie_embeddings = False
   c.model.init_std = 0.02            # std of hidden weight matrices (0: 1/sqrt(fan_in))

@@ -14,6 +14,7 @@ ATTENTIONS = ("full", "local")
 POSITIONS = ("rope", "learned")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 # The keys that fix the parameter shapes: a checkpoint only restores into a model that agrees on them.
 SHAPE_KEYS = ("d_model", "n_heads", "d_ff", "vocab_size", "max_len", "n_prelude", "block_size",
@@ -41,6 +42,7 @@ def validate_model_config(m: ModelSpec, prefix: str = "model") -> None:
                       reason="rope needs an even head dimension d_model/n_heads")
   if m.attention == "local":
     check_int(f"{prefix}.window", m.window, minimum=1)
+  check_attention_impl(m, prefix)
   for key in ("init_std", "embed_std", "state_std"):
     value = getattr(m, key)
     if not isinstance(value, (int, float)) or value < 0:
@@ -61,3 +63,23 @@ def check_meaningful(m: ModelSpec, prefix: str = "model") -> None:
   if m.state_init == "normal" and not m.state_std > 0:
     raise ConfigError(f"{prefix}.state_std", m.state_std, allowed="> 0",
                       reason=f"with {prefix}.state_init='normal'; use state_init='zeros' for s0 = 0")
+
+
+def check_attention_impl(m: ModelSpec, prefix: str = "model") -> None:
+  """`attention_impl=cudnn` needs a GPU, bfloat16 and a head dimension cuDNN takes (a multiple of 8,
+  at most 128)."""
+  impl = getattr(m, "attention_impl", "auto")
+  check_choice(f"{prefix}.attention_impl", impl, ATTENTION_IMPLS)
+  if impl != "cudnn":
+    return
+  import jax  # only here: the other checks need no backend
+  head_dim = m.d_model // m.n_heads
+  if jax.default_backend() != "gpu":
+    raise ConfigError(f"{prefix}.attention_impl", impl, allowed="auto|xla",
+                      reason=f"cuDNN attention needs a GPU; this backend is {jax.default_backend()}")
+  if m.dtype != "bfloat16":
+    raise ConfigError(f"{prefix}.attention_impl", impl, reason=f"cuDNN attention needs "
+                      f"{prefix}.dtype=bfloat16, not {m.dtype}")
+  if head_dim % 8 or head_dim > 128:
+    raise ConfigError(f"{prefix}.attention_impl", impl, reason=f"cuDNN attention needs a head "
+                      f"dimension d_model/n_heads that is a multiple of 8 and at most 128, not {head_dim}")

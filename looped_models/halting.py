@@ -176,7 +176,7 @@ def halt_loop(model: Any, tokens_BS: jax.Array, *, criterion: str, threshold: An
            "out_s_NSD": jnp.zeros_like(s0_NSD), "out_exit_NS": jnp.full((N, S), max_iters, jnp.int32)}
 
   def body(c):
-    s_new, outs_kPSD, _ = model.block_step(c["s_PSD"], c["e_PSD"], ctx)
+    s_new, outs_kPSD, _ = model.block_step(c["s_PSD"], c["e_PSD"], ctx, attention=False)
     t_P, done = c["t_P"] + 1, c["done_PS"]
     meets, prev = _criterion(model, criterion, ctx, c["s_PSD"], s_new, outs_kPSD, c["prev"], t_P == 1,
                              thr, linear_growth)

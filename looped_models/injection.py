@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from looped_models.config import ModelSpec
-from looped_models.layers import compute_dtype, dense_init
+from looped_models.layers import compute_dtype, dense, dense_init
 
 
 class Injection(nnx.Module):
@@ -26,6 +26,6 @@ class Injection(nnx.Module):
       return s_BSD + e_BSD
     se_BS2D = jnp.concatenate([s_BSD, e_BSD], axis=-1)
     if self.mode == "concat":
-      return self.proj(se_BS2D)
-    g_BSD = jax.nn.sigmoid(self.proj(se_BS2D))
+      return dense(self.proj, se_BS2D)
+    g_BSD = jax.nn.sigmoid(dense(self.proj, se_BS2D))
     return g_BSD * s_BSD + (1 - g_BSD) * e_BSD

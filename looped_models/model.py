@@ -93,20 +93,21 @@ class LoopedTransformer(nnx.Module):
     noise = jax.random.truncated_normal(key, -2.0, 2.0, e_BSD.shape, jnp.float32)
     return (m.state_std * noise).astype(e_BSD.dtype)
 
-  def block_step(self, s_BSD: jax.Array, e_BSD: jax.Array, ctx: Context
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def block_step(self, s_BSD: jax.Array, e_BSD: jax.Array, ctx: Context, *, attention: bool = True
+                 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """One iteration: inject, run the k block layers. Returns (next state, layer outputs [k, B, S, D],
-    attention [k, B, H, S, S]). With norm=peri the state is normalised after the iteration."""
+    attention [k, B, H, S, S], or None with `attention=False`, which takes the fused attention path).
+    With norm=peri the state is normalised after the iteration."""
     x_BSD = self.injection(s_BSD, e_BSD).astype(s_BSD.dtype)
     outs, atts = [], []
     for layer in self.block:
-      x_BSD, att_BHSS = layer(x_BSD, ctx)
+      x_BSD, att_BHSS = layer(x_BSD, ctx, weights=attention)
       outs.append(x_BSD)
       atts.append(att_BHSS)
     if self.iter_norm is not None:
       x_BSD = self.iter_norm(x_BSD)
       outs[-1] = x_BSD
-    return x_BSD, jnp.stack(outs), jnp.stack(atts)
+    return x_BSD, jnp.stack(outs), jnp.stack(atts) if attention else None
 
   def iterate(self, s_BSD: jax.Array, e_BSD: jax.Array, ctx: Context, n_iters: int | jax.Array,
               max_iters: int, *, backprop_depth: int = 0, return_states: bool = False,
@@ -147,7 +148,7 @@ class LoopedTransformer(nnx.Module):
     k = self.spec.block_size
 
     def run(s):
-      s, states_kBSD, att_kBHSS = self.block_step(s, e_BSD, ctx)
+      s, states_kBSD, att_kBHSS = self.block_step(s, e_BSD, ctx, attention=attention)
       return s, (states_kBSD if states else None, att_kBHSS if attention else None)
 
     def skip(s):

@@ -1,0 +1,112 @@
+"""Attention through jax.nn.dot_product_attention against the plain einsum + softmax implementation
+(causal and local windows, outputs and gradients), the explicit weights path the evaluator uses, the
+projections over flattened rows, and `model.attention_impl`'s checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.errors import ConfigError
+from looped_models import LoopedTransformer, validate_model_config
+from looped_models.layers import MLP, Attention, apply_rope, attention_impl, dense, make_context
+from test_model import tiny_config, tokens
+
+B, S, D, H = 2, 12, 32, 4
+MASKS = [dict(attention="full"), dict(attention="local", window=3)]
+
+
+def plain_attention(att: Attention, x_BSD, m):
+  """The attention of the code base before dot_product_attention: separate projections, einsum,
+  float32 softmax over the masked logits. Returns (output, probabilities)."""
+  ctx = make_context(m, x_BSD.shape[1])
+  split = lambda y: y.reshape(B, S, H, D // H)
+  q, k, v = split(att.query(x_BSD)), split(att.key(x_BSD)), split(att.value(x_BSD))
+  q, k = apply_rope(q, ctx.rope), apply_rope(k, ctx.rope)
+  i, j = np.arange(S)[:, None], np.arange(S)[None, :]
+  mask = (j <= i) & ((i - j) < m.window if m.attention == "local" else True)
+  logits = jnp.einsum("bshk,bthk->bhst", q, k) / np.sqrt(D // H)
+  probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+  return att.out(jnp.einsum("bhst,bthk->bshk", probs, v).reshape(B, S, D)), probs
+
+
+def setup(**overrides):
+  m = tiny_config(d_model=D, n_heads=H, max_len=S, **overrides)
+  validate_model_config(m)
+  x = jax.random.normal(jax.random.key(1), (B, S, D))
+  return m, Attention(m, nnx.Rngs(0)), x
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda o: o["attention"])
+def test_fused_and_weights_paths_equal_plain(mask):
+  m, att, x = setup(**mask)
+  ctx = make_context(m, S)
+  assert ctx.impl == "xla"  # auto on CPU
+  want_y, want_p = plain_attention(att, x, m)
+  fused_y, none = att(x, ctx)
+  explicit_y, probs = att(x, ctx, weights=True)
+  assert none is None and probs.shape == (B, H, S, S)
+  np.testing.assert_allclose(fused_y, want_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(explicit_y, want_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(probs, want_p, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  i, j = np.arange(S)[:, None], np.arange(S)[None, :]
+  outside = (j > i) | ((i - j) >= mask.get("window", S + 1))
+  assert np.all(np.asarray(probs)[:, :, outside] == 0)
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda o: o["attention"])
+def test_gradients_equal_plain(mask):
+  """Training goes through dot_product_attention: its gradients match the plain implementation's."""
+  m, att, x = setup(**mask)
+  graphdef, params = nnx.split(att)
+  ctx = make_context(m, S)
+
+  def loss(params, x, plain):
+    a = nnx.merge(graphdef, params)
+    y = plain_attention(a, x, m)[0] if plain else a(x, ctx)[0]
+    return jnp.sum(jnp.sin(y))
+
+  got = jax.grad(loss, argnums=(0, 1))(params, x, False)
+  want = jax.grad(loss, argnums=(0, 1))(params, x, True)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_model_outputs_agree_with_and_without_attention_maps():
+  """The evaluator's return_attention path (explicit weights) and the fused path give the same
+  logits and states; the maps are per iteration and block layer."""
+  m = tiny_config(attention="local", window=2, n_heads=2)
+  model = LoopedTransformer(m, rngs=nnx.Rngs(0))
+  x = tokens()
+  fused = model(x, 3, return_states=True)
+  maps = model(x, 3, return_states=True, return_attention=True)
+  assert fused.attention_RkBHSS is None
+  assert maps.attention_RkBHSS.shape == (3, m.block_size, x.shape[0], 2, x.shape[1], x.shape[1])
+  np.testing.assert_allclose(fused.logits_BSV, maps.logits_BSV, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fused.states_RkBSD, maps.states_RkBSD, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_on_flattened_rows_equals_linear(dtype):
+  m = tiny_config(d_model=D, n_heads=H, mlp="swiglu", d_ff=48, dtype=dtype)
+  mlp = MLP(m, nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (B, S, D))
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  got = dense(mlp.up, x)
+  assert got.shape == (B, S, 48) and got.dtype == jnp.dtype(dtype)
+  np.testing.assert_allclose(got.astype(jnp.float32), mlp.up(x).astype(jnp.float32), rtol=tol, atol=tol)
+  want = mlp.down(jax.nn.silu(mlp.gate(x)) * mlp.up(x))
+  np.testing.assert_allclose(mlp(x).astype(jnp.float32), want.astype(jnp.float32), rtol=tol, atol=tol)
+
+
+def test_attention_impl_config():
+  m = tiny_config()
+  assert attention_impl(m) == "xla"  # auto: no GPU here
+  m.attention_impl = "xla"
+  validate_model_config(m)
+  for bad, key in (("flash", "attention_impl"), ("cudnn", "attention_impl")):
+    m.attention_impl = bad
+    with pytest.raises(ConfigError, match=f"model.{key}='{bad}'"):
+      validate_model_config(m)
