@@ -19,7 +19,7 @@ from train.checkpoint import Checkpointer, saved_steps
 from train.config import resolve
 from train.logger import MetricsLogger
 from train.recurrence import max_recurrence
-from train.step import abstract_train_state, init_model, make_optimizer
+from train.step import abstract_model, init_model
 from train.tasks import get_task, make_batch
 from train.workdir import RunDirError, check_compatible, read_json, read_status, write_json_atomic
 
@@ -59,12 +59,12 @@ def load_params(cfg: Any, workdir: str, init: bool) -> tuple[Any, dict, int]:
     raise RunDirError(f"{workdir} holds no checkpoint (train it first, or evaluate with --init)")
   ckpt = Checkpointer(workdir, cfg.train.keep_checkpoints)
   step = ckpt.latest_step()
-  graphdef, abstract = abstract_train_state(cfg.model, make_optimizer(cfg.train), cfg.train.seed)
+  graphdef, abstract = abstract_model(cfg.model, cfg.train.seed)
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # every process reads it whole
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), abstract)
-  state, _ = ckpt.restore(step, abstract)
+  params = ckpt.restore_params(step, abstract)  # also a params-only (imported) checkpoint
   ckpt.close()
-  return graphdef, state["params"], step
+  return graphdef, params, step
 
 
 def plateau(acc_R: np.ndarray, tol: float = 1e-9) -> int:
