@@ -154,7 +154,6 @@ def import_raven(hf_dir: str, out: str, *, dtype: str = "float32", mesh: jax.sha
   Every check (config fields, tensor names, shapes, dtypes, the output directory) runs on the files'
   headers before anything is read or written. Tensors are then read one at a time, cast to `dtype`
   and placed on the device(s) (sharded by train/sharding.py's rules over `mesh`, when given)."""
-  from safetensors import safe_open
   from configs.errors import check_choice
   from train.checkpoint import Checkpointer
   from train.sharding import check_divisible, tree_shardings
@@ -175,26 +174,8 @@ def import_raven(hf_dir: str, out: str, *, dtype: str = "float32", mesh: jax.sha
   shardings = (tree_shardings(abstract, mesh) if mesh is not None
                else jax.tree.map(lambda _: device, abstract))
 
-  params: dict = {}
-  by_file: dict[str, list[str]] = {}
-  for name in names:
-    by_file.setdefault(found[name][2], []).append(name)
-  from tqdm import tqdm
-  bar = tqdm(total=len(names), desc="import", unit="tensor", disable=not progress, dynamic_ncols=True)
-  for file, file_names in by_file.items():
-    with safe_open(os.path.join(hf_dir, file), framework="np") as f:
-      for name in file_names:
-        w = f.get_tensor(name)
-        for path, a in raven.to_params(name, w, rc):
-          want = _get(abstract, path)
-          a = np.asarray(a, jnp.dtype(dtype))
-          assert a.shape == want.shape, (name, path, a.shape, want.shape)
-          _set(params, path, jax.make_array_from_callback(a.shape, _get(shardings, path),
-                                                          lambda idx, a=a: a[idx]))
-          del a
-        del w
-        bar.update()
-  bar.close()
+  params = stream_params(hf_dir, rc, {k: found[k][2] for k in names}, abstract, shardings, dtype,
+                         progress=progress)
 
   tmp = f"{out}.partial{os.getpid()}"
   main = jax.process_index() == 0
@@ -217,6 +198,35 @@ def import_raven(hf_dir: str, out: str, *, dtype: str = "float32", mesh: jax.sha
       shutil.rmtree(tmp, ignore_errors=True)
     raise
   return cfg
+
+
+def stream_params(hf_dir: str, rc: dict, files: dict[str, str], abstract: dict, shardings: dict,
+                  dtype: str, progress: bool = False) -> dict:
+  """The parameter tree of the tensors {name: file}, read one tensor at a time, cast to `dtype` and
+  placed with `shardings` (a tree like `abstract`; each device receives only its shard)."""
+  from safetensors import safe_open
+  from tqdm import tqdm
+  params: dict = {}
+  by_file: dict[str, list[str]] = {}
+  for name, file in files.items():
+    by_file.setdefault(file, []).append(name)
+  bar = tqdm(total=len(files), desc="import", unit="tensor", disable=not progress, dynamic_ncols=True)
+  for file, names in by_file.items():
+    with safe_open(os.path.join(hf_dir, file), framework="np") as f:
+      for name in names:
+        w = f.get_tensor(name)
+        for path, a in raven.to_params(name, w, rc):
+          a = np.asarray(a, jnp.dtype(dtype))
+          if a.shape != _get(abstract, path).shape:
+            raise RavenError(f"tensor {name} maps to {'/'.join(map(str, path))} of shape "
+                             f"{list(a.shape)}, but the model needs {list(_get(abstract, path).shape)}")
+          _set(params, path, jax.make_array_from_callback(a.shape, _get(shardings, path),
+                                                          lambda idx, a=a: a[idx]))
+          del a
+        del w
+        bar.update()
+  bar.close()
+  return params
 
 
 # -- export ----------------------------------------------------------------------------------------

@@ -86,7 +86,9 @@ class LoopedTransformer(nnx.Module):
     if m.state_init == "zeros":
       return jnp.zeros_like(e_BSD)
     key = jax.random.key(0) if key is None else key
-    cut, std = (3.0, m.state_std * m.d_model ** 0.5) if m.state_init == "like_init" else (2.0, m.state_std)
+    cut, std = 2.0, m.state_std
+    if m.state_init == "like_init":  # Huginn: std * sqrt(d), cut at 3 of that std
+      cut, std = 3.0, m.state_std * m.d_model ** 0.5
     noise = jax.random.truncated_normal(key, -cut, cut, e_BSD.shape, jnp.float32)
     return (std * noise).astype(e_BSD.dtype)
 

@@ -106,7 +106,8 @@ def check_tensors(rc: dict, found: dict[str, tuple[tuple[int, ...], str]]) -> li
   the names to import. Raises RavenError naming the first missing, misshapen or unexpected tensor."""
   want = expected_tensors(rc)
   wte = found.get("transformer.wte.weight")
-  if wte is not None and len(wte[0]) == 2 and wte[0][1] == rc["n_embd"] and wte[0][0] != rc["vocab_size"]:
+  if (wte is not None and len(wte[0]) == 2 and wte[0][1] == rc["n_embd"]
+      and wte[0][0] != rc["vocab_size"]):
     raise RavenError(f"config.json: vocab_size={rc['vocab_size']} disagrees with "
                      f"transformer.wte.weight of shape {list(wte[0])}")
   for name, shape in want.items():
@@ -178,8 +179,8 @@ def raven_config(m: Any, t: Any) -> dict[str, Any]:
           "n_layers_in_coda": m.n_coda, "intermediate_size": m.d_ff, "vocab_size": m.vocab_size,
           "tie_embeddings": bool(m.tie_embeddings), "norm_eps": float(m.norm_eps),
           "rope_base": float(m.rope_base), "qk_bias": bool(m.qk_bias),
-          "mean_recurrence": int(t.mean_recurrence), "mean_backprop_depth": int(t.backprop_depth or
-                                                                                t.mean_recurrence),
+          "mean_recurrence": int(t.mean_recurrence),
+          "mean_backprop_depth": int(t.backprop_depth or t.mean_recurrence),
           "block_size": m.max_len, "state_init": "like-init", "injection_type": "linear",
           "torch_dtype": m.param_dtype}
 

@@ -4,6 +4,8 @@ NumPy transcription of the forward pass in ../shared/formats/huginn_raven.md (fl
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +20,9 @@ from configs.base import get_config
 from configs.errors import ConfigError
 from looped_models import LoopedTransformer, validate_model_config
 from looped_models import convert, raven
-from looped_models.raven import RavenError
 
 B, S = 2, 7
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def raven_cfg(**overrides):
@@ -226,6 +228,41 @@ def test_round_trip_and_sharded_export(tmp_path):
   convert.export_raven(run, bf16, dtype="bfloat16")
   assert json.load(open(os.path.join(bf16, "config.json")))["torch_dtype"] == "bfloat16"
   assert load_file(os.path.join(bf16, "model.safetensors"))["lm_head.weight"].dtype == ml_dtypes.bfloat16
+
+
+SHARDED = """
+import sys
+from jax.sharding import PartitionSpec as P
+from looped_models import convert, raven
+from train.sharding import tree_shardings
+from train.step import abstract_model
+hf, run = sys.argv[1:]
+assert convert.main(["from-raven", hf, "--out", run, "--mesh", "1,2,2"]) == 0
+rc, found = convert.read_config(hf), convert.scan_tensors(hf)
+_, abstract = abstract_model(convert.run_config(rc, "float32").model, 0)
+params = convert.stream_params(hf, rc, {k: found[k][2] for k in raven.expected_tensors(rc)}, abstract,
+                               tree_shardings(abstract, convert.make_mesh("1,2,2")), "float32")
+q, up = params["block"][0]["attn"]["query"]["kernel"], params["coda"][0]["mlp"]["up"]["kernel"]
+assert q.sharding.spec == P("fsdp", "tensor") and {s.data.shape for s in q.addressable_shards} == {(8, 8)}
+assert {s.data.shape for s in up.addressable_shards} == {(8, 12)}
+"""
+
+
+def test_import_sharded_over_a_mesh(tmp_path):
+  """With --mesh (4 fake devices as fsdp 2 x tensor 2) every device receives only its shard as the
+  tensors are read, and the run holds the same parameters as a single-device import."""
+  from eval.evaluate import load_params, load_run_config
+  rc = raven_cfg()
+  hf = write_raven(str(tmp_path / "hf"), rc, random_tensors(rc, seed=4), shards=2)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": ROOT}
+  proc = subprocess.run([sys.executable, "-c", SHARDED, hf, str(tmp_path / "sharded")], env=env,
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  convert.import_raven(hf, str(tmp_path / "single"))
+  trees = [load_params(load_run_config(str(tmp_path / n)), str(tmp_path / n), False)[1]
+           for n in ("sharded", "single")]
+  jax.tree.map(np.testing.assert_array_equal, *trees)
 
 
 def test_every_tensor_is_mapped():
