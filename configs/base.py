@@ -30,17 +30,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.norm = "pre"               # pre | post | sandwich | peri | none
   c.model.norm_type = "rms"          # rms | layer
   c.model.mlp = "gelu"               # gelu | swiglu
-  c.model.state_init = "embed"       # embed | zeros | normal
-  c.model.state_std = 1.0            # std of the truncated normal for state_init=normal
+  c.model.state_init = "embed"       # embed | zeros | normal | like_init
+  c.model.state_std = 1.0            # std of the truncated normal (normal: cut at 2 std; like_init:
+                                     # std * sqrt(d_model), cut at 3 of that std)
   c.model.attention = "local"        # full | local
   c.model.window = 4                 # local attention width w (causal)
   c.model.attention_impl = "auto"    # auto (cuDNN on GPU in bfloat16, else XLA) | xla | cudnn
   c.model.positions = "rope"         # rope | learned
+  c.model.rope_style = "half"        # half: rotate (i, i+Dh/2) | pairs: rotate (2i, 2i+1)
+  c.model.rope_base = 10000.0        # RoPE theta
+  c.model.qk_bias = False            # learned additive bias on q and k (before RoPE)
+  c.model.embed_scale = ml_collections.FieldReference(0.0, field_type=object)  # 0: none | a float | "sqrt_d"
+  c.model.latent_norm = False        # the final norm also on the state before the coda (same weights)
+  c.model.norm_eps = 1e-6            # epsilon of every norm
   c.model.tie_embeddings = False
   c.model.init_std = 0.02            # std of hidden weight matrices (0: 1/sqrt(fan_in))
   c.model.embed_std = 1.0            # std of the token (and learned position) embeddings
-  c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
+  c.model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters: param_dtype)
   c.model.state_dtype = "float32"    # recurrent state and residual stream: float32 | bfloat16
+  c.model.param_dtype = "float32"    # parameter dtype: float32 | bfloat16
   c.model.remat = False              # rematerialise each iteration in the backward pass
 
   c.train = ml_collections.ConfigDict()

@@ -9,16 +9,18 @@ from configs.errors import ConfigError, check_choice, check_int
 INJECTIONS = ("none", "add", "concat", "gate")
 NORMS = ("pre", "post", "sandwich", "peri", "none")
 NORM_TYPES = ("rms", "layer")
-STATE_INITS = ("embed", "zeros", "normal")
+STATE_INITS = ("embed", "zeros", "normal", "like_init")
 ATTENTIONS = ("full", "local")
 POSITIONS = ("rope", "learned")
+ROPE_STYLES = ("half", "pairs")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 # The keys that fix the parameter shapes: a checkpoint only restores into a model that agrees on them.
 SHAPE_KEYS = ("d_model", "n_heads", "d_ff", "vocab_size", "max_len", "n_prelude", "block_size",
-              "n_coda", "injection", "norm", "norm_type", "mlp", "positions", "tie_embeddings")
+              "n_coda", "injection", "norm", "norm_type", "mlp", "positions", "tie_embeddings",
+              "qk_bias")
 
 ModelSpec = Any  # an ml_collections.ConfigDict (or any object) with the attributes of configs/base.py:model
 
@@ -27,8 +29,8 @@ def validate_model_config(m: ModelSpec, prefix: str = "model") -> None:
   """Raise ConfigError (one line, naming the key) for the first option that cannot work."""
   for key, allowed in (("injection", INJECTIONS), ("norm", NORMS), ("norm_type", NORM_TYPES),
                        ("state_init", STATE_INITS), ("attention", ATTENTIONS),
-                       ("positions", POSITIONS), ("mlp", MLPS), ("dtype", DTYPES),
-                       ("state_dtype", DTYPES)):
+                       ("positions", POSITIONS), ("rope_style", ROPE_STYLES), ("mlp", MLPS),
+                       ("dtype", DTYPES), ("state_dtype", DTYPES), ("param_dtype", DTYPES)):
     check_choice(f"{prefix}.{key}", getattr(m, key), allowed)
   for key in ("d_model", "n_heads", "d_ff", "vocab_size", "max_len", "block_size"):
     check_int(f"{prefix}.{key}", getattr(m, key), minimum=1)
@@ -47,6 +49,17 @@ def validate_model_config(m: ModelSpec, prefix: str = "model") -> None:
     value = getattr(m, key)
     if not isinstance(value, (int, float)) or value < 0:
       raise ConfigError(f"{prefix}.{key}", value, allowed=">= 0")
+  for key in ("qk_bias", "latent_norm"):
+    if not isinstance(getattr(m, key), bool):
+      raise ConfigError(f"{prefix}.{key}", getattr(m, key), allowed="True|False")
+  if isinstance(m.rope_base, bool) or not isinstance(m.rope_base, (int, float)) or m.rope_base <= 1:
+    raise ConfigError(f"{prefix}.rope_base", m.rope_base, allowed="> 1")
+  if isinstance(m.norm_eps, bool) or not isinstance(m.norm_eps, (int, float)) or not m.norm_eps > 0:
+    raise ConfigError(f"{prefix}.norm_eps", m.norm_eps, allowed="> 0")
+  scale = m.embed_scale
+  if scale != "sqrt_d" and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                            or scale < 0):
+    raise ConfigError(f"{prefix}.embed_scale", scale, allowed="0 (none), a positive number, sqrt_d")
   check_meaningful(m, prefix)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from looped_models.config import ModelSpec
-from looped_models.layers import compute_dtype, dense, dense_init
+from looped_models.layers import compute_dtype, dense, dense_init, param_dtype
 
 
 class Injection(nnx.Module):
@@ -16,7 +16,8 @@ class Injection(nnx.Module):
   def __init__(self, m: ModelSpec, rngs: nnx.Rngs):
     self.mode = m.injection
     self.proj = (nnx.Linear(2 * m.d_model, m.d_model, use_bias=self.mode == "gate",
-                            kernel_init=dense_init(m), dtype=compute_dtype(m), rngs=rngs)
+                            kernel_init=dense_init(m), dtype=compute_dtype(m),
+                            param_dtype=param_dtype(m), rngs=rngs)
                  if self.mode in ("concat", "gate") else None)
 
   def __call__(self, s_BSD: jax.Array, e_BSD: jax.Array) -> jax.Array:

@@ -27,10 +27,15 @@ def state_dtype(m: ModelSpec):
   return jnp.dtype(getattr(m, "state_dtype", "float32"))
 
 
+def param_dtype(m: ModelSpec):
+  return jnp.dtype(m.param_dtype)
+
+
 def make_norm(m: ModelSpec, rngs: nnx.Rngs, dtype=None) -> nnx.Module:
-  """A norm computing (and returning) `dtype`, by default the compute dtype; parameters float32."""
+  """A norm computing (and returning) `dtype`, by default the compute dtype."""
   cls = nnx.RMSNorm if m.norm_type == "rms" else nnx.LayerNorm
-  return cls(m.d_model, epsilon=1e-6, dtype=dtype or compute_dtype(m), rngs=rngs)
+  return cls(m.d_model, epsilon=m.norm_eps, dtype=dtype or compute_dtype(m),
+             param_dtype=param_dtype(m), rngs=rngs)
 
 
 class Context(NamedTuple):
@@ -61,15 +66,20 @@ def make_context(m: ModelSpec, seq_len: int) -> Context:
   rope = None
   if m.positions == "rope":
     half = m.d_model // m.n_heads // 2
-    freq = 10000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freq = m.rope_base ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_SH = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * freq[None, :]
     rope = (jnp.sin(angle_SH), jnp.cos(angle_SH))
   window = m.window if m.attention == "local" else None
   return Context(mask, rope, window, attention_impl(m))
 
 
-def apply_rope(x_BSHD: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+def apply_rope(x_BSHD: jax.Array, rope: tuple[jax.Array, jax.Array], style: str = "half") -> jax.Array:
+  """Rotate feature pairs by the angles of `rope`: (i, i + Dh/2) with style `half` (Llama in Hugging
+  Face), adjacent (2i, 2i+1) with style `pairs` (the complex layout of Huginn)."""
   sin, cos = (r[None, :, None, :].astype(x_BSHD.dtype) for r in rope)
+  if style == "pairs":
+    x1, x2 = x_BSHD[..., 0::2], x_BSHD[..., 1::2]
+    return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x_BSHD.shape)
   x1, x2 = jnp.split(x_BSHD, 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
@@ -95,18 +105,31 @@ class Attention(nnx.Module):
   also returns the probabilities [B, H, S, S]."""
 
   def __init__(self, m: ModelSpec, rngs: nnx.Rngs):
-    d, init, dt = m.d_model, dense_init(m), compute_dtype(m)
-    self.n_heads = m.n_heads
-    proj = lambda: nnx.Linear(d, d, use_bias=False, kernel_init=init, dtype=dt, rngs=rngs)
+    d, init, dt, pdt = m.d_model, dense_init(m), compute_dtype(m), param_dtype(m)
+    self.n_heads, self.rope_style = m.n_heads, m.rope_style
+    proj = lambda: nnx.Linear(d, d, use_bias=False, kernel_init=init, dtype=dt, param_dtype=pdt,
+                              rngs=rngs)
     self.query, self.key, self.value, self.out = proj(), proj(), proj(), proj()
+    # additive q/k bias [2, H, Dh] (q, k), added before RoPE
+    self.qk_bias = nnx.Param(jnp.zeros((2, m.n_heads, d // m.n_heads), pdt)) if m.qk_bias else None
+
+  def position(self, q_BSHK: jax.Array, k_BSHK: jax.Array, ctx: Context
+               ) -> tuple[jax.Array, jax.Array]:
+    """The q/k bias, then RoPE (when the model uses it)."""
+    if self.qk_bias is not None:
+      bias = self.qk_bias[...].astype(q_BSHK.dtype)
+      q_BSHK, k_BSHK = q_BSHK + bias[0], k_BSHK + bias[1]
+    if ctx.rope is not None:
+      q_BSHK = apply_rope(q_BSHK, ctx.rope, self.rope_style)
+      k_BSHK = apply_rope(k_BSHK, ctx.rope, self.rope_style)
+    return q_BSHK, k_BSHK
 
   def __call__(self, x_BSD: jax.Array, ctx: Context, *, weights: bool = False
                ) -> tuple[jax.Array, jax.Array | None]:
     B, S, D = x_BSD.shape
     split = lambda y: y.reshape(B, S, self.n_heads, D // self.n_heads)
     q_BSHK, k_BSHK, v_BSHK = (split(dense(lin, x_BSD)) for lin in (self.query, self.key, self.value))
-    if ctx.rope is not None:
-      q_BSHK, k_BSHK = apply_rope(q_BSHK, ctx.rope), apply_rope(k_BSHK, ctx.rope)
+    q_BSHK, k_BSHK = self.position(q_BSHK, k_BSHK, ctx)
     att_BHST = None
     if weights:
       att_BHST = attention_weights(q_BSHK, k_BSHK, ctx.mask_SS)
@@ -120,8 +143,9 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
   def __init__(self, m: ModelSpec, rngs: nnx.Rngs):
-    d, f, init, dt = m.d_model, m.d_ff, dense_init(m), compute_dtype(m)
-    lin = lambda a, b: nnx.Linear(a, b, use_bias=False, kernel_init=init, dtype=dt, rngs=rngs)
+    d, f, init, dt, pdt = m.d_model, m.d_ff, dense_init(m), compute_dtype(m), param_dtype(m)
+    lin = lambda a, b: nnx.Linear(a, b, use_bias=False, kernel_init=init, dtype=dt, param_dtype=pdt,
+                                  rngs=rngs)
     self.gated = m.mlp == "swiglu"
     self.up = lin(d, f)
     self.gate = lin(d, f) if self.gated else None

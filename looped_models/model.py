@@ -19,7 +19,12 @@ from looped_models.config import ModelSpec
 from looped_models.halting import HaltOutput, halt
 from looped_models.injection import Injection
 from looped_models.layers import (Context, Layer, compute_dtype, make_context, make_norm,
-                                  state_dtype)
+                                  param_dtype, state_dtype)
+
+
+def embed_scale(m: ModelSpec) -> float:
+  """The factor on the token embeddings: model.embed_scale, `sqrt_d` for sqrt(d_model); 0: none."""
+  return m.d_model ** 0.5 if m.embed_scale == "sqrt_d" else float(m.embed_scale)
 
 
 class LoopOutput(NamedTuple):
@@ -49,10 +54,12 @@ class LoopedTransformer(nnx.Module):
 
   def __init__(self, m: ModelSpec, *, rngs: nnx.Rngs):
     self.spec = m
-    dt = compute_dtype(m)
+    dt, pdt = compute_dtype(m), param_dtype(m)
     emb_init = nnx.initializers.normal(m.embed_std)
-    self.embed = nnx.Embed(m.vocab_size, m.d_model, embedding_init=emb_init, dtype=dt, rngs=rngs)
-    self.pos_embed = (nnx.Embed(m.max_len, m.d_model, embedding_init=emb_init, dtype=dt, rngs=rngs)
+    self.embed = nnx.Embed(m.vocab_size, m.d_model, embedding_init=emb_init, dtype=dt,
+                           param_dtype=pdt, rngs=rngs)
+    self.pos_embed = (nnx.Embed(m.max_len, m.d_model, embedding_init=emb_init, dtype=dt,
+                                param_dtype=pdt, rngs=rngs)
                       if m.positions == "learned" else None)
     self.prelude = nnx.List([Layer(m, rngs) for _ in range(m.n_prelude)])
     self.injection = Injection(m, rngs)
@@ -63,7 +70,7 @@ class LoopedTransformer(nnx.Module):
     self.unembed = (None if m.tie_embeddings else
                     nnx.Linear(m.d_model, m.vocab_size, use_bias=False,
                                kernel_init=nnx.initializers.normal(m.d_model ** -0.5), dtype=dt,
-                               rngs=rngs))
+                               param_dtype=pdt, rngs=rngs))
 
   # -- the pieces of one forward pass ---------------------------------------------------------------
 
@@ -76,6 +83,9 @@ class LoopedTransformer(nnx.Module):
       raise ValueError(f"sequence of {tokens_BS.shape[1]} tokens is longer than model.max_len="
                        f"{self.spec.max_len}")
     x_BSD = self.embed(tokens_BS)
+    scale = embed_scale(self.spec)
+    if scale:
+      x_BSD = x_BSD * jnp.asarray(scale, x_BSD.dtype)
     if self.pos_embed is not None:
       x_BSD = x_BSD + self.pos_embed(jnp.arange(tokens_BS.shape[1]))[None]
     x_BSD = x_BSD.astype(state_dtype(self.spec))
@@ -90,8 +100,11 @@ class LoopedTransformer(nnx.Module):
     if m.state_init == "zeros":
       return jnp.zeros_like(e_BSD)
     key = jax.random.key(0) if key is None else key
-    noise = jax.random.truncated_normal(key, -2.0, 2.0, e_BSD.shape, jnp.float32)
-    return (m.state_std * noise).astype(e_BSD.dtype)
+    cut, std = 2.0, m.state_std
+    if m.state_init == "like_init":  # Huginn: std * sqrt(d), cut at 3 of that std
+      cut, std = 3.0, m.state_std * m.d_model ** 0.5
+    noise = jax.random.truncated_normal(key, -cut, cut, e_BSD.shape, jnp.float32)
+    return (std * noise).astype(e_BSD.dtype)
 
   def block_step(self, s_BSD: jax.Array, e_BSD: jax.Array, ctx: Context, *, attention: bool = True
                  ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
@@ -163,8 +176,13 @@ class LoopedTransformer(nnx.Module):
     n = jnp.asarray(n, jnp.int32)
     return jax.lax.scan(lambda s, t: jax.lax.cond(t < n, run, skip, s), s_BSD, jnp.arange(length))
 
+  def latent(self, s_BSD: jax.Array) -> jax.Array:
+    """The state as the coda reads it: normed by the final norm with model.latent_norm, else as is."""
+    return self.final_norm(s_BSD) if self.spec.latent_norm else s_BSD
+
   def decode(self, s_BSD: jax.Array, ctx: Context) -> jax.Array:
-    """Coda, final norm and unembedding: logits [B, S, V] in float32."""
+    """(Latent norm,) coda, final norm and unembedding: logits [B, S, V] in float32."""
+    s_BSD = self.latent(s_BSD)
     for layer in self.coda:
       s_BSD, _ = layer(s_BSD, ctx)
     s_BSD = self.final_norm(s_BSD)
@@ -176,8 +194,10 @@ class LoopedTransformer(nnx.Module):
 
   def __call__(self, tokens_BS: jax.Array, n_iters: int | jax.Array | None = None, *,
                max_iters: int | None = None, backprop_depth: int = 0, key: jax.Array | None = None,
-               return_states: bool = False, return_attention: bool = False) -> LoopOutput:
-    """Logits after `n_iters` iterations of the block (default and upper bound: `max_iters`)."""
+               return_states: bool = False, return_attention: bool = False,
+               state0: jax.Array | None = None) -> LoopOutput:
+    """Logits after `n_iters` iterations of the block (default and upper bound: `max_iters`),
+    starting from `state0` [B, S, D] when given (else from `model.state_init`)."""
     if max_iters is None:
       if not isinstance(n_iters, int):
         raise ValueError("max_iters is required when n_iters is traced or None")
@@ -185,7 +205,8 @@ class LoopedTransformer(nnx.Module):
     n_iters = max_iters if n_iters is None else n_iters
     ctx = self.context(tokens_BS.shape[1])
     e_BSD = self.encode(tokens_BS, ctx)
-    trace = self.iterate(self.initial_state(e_BSD, key), e_BSD, ctx, n_iters, max_iters,
+    s0_BSD = self.initial_state(e_BSD, key) if state0 is None else state0.astype(e_BSD.dtype)
+    trace = self.iterate(s0_BSD, e_BSD, ctx, n_iters, max_iters,
                          backprop_depth=backprop_depth, return_states=return_states,
                          return_attention=return_attention)
     return LoopOutput(self.decode(trace.state_BSD, ctx), trace.states_RkBSD, trace.attention_RkBHSS)

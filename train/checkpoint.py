@@ -55,13 +55,29 @@ class Checkpointer:
       raise RunDirError(f"checkpoint {self.directory}/{step} is corrupt or does not match the "
                         f"model ({_first_line(e)})") from None
     state = out["state"]
+    self._check_shapes(step, abstract_state, state)
+    return state, dict(out["meta"] or {})
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the parameters of `step`, onto `abstract_params` (shapes, dtypes, shardings): from a
+    training checkpoint, or from a params-only one (an imported model has no optimizer state)."""
+    item = {"params": abstract_params}
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    except Exception as e:  # orbax raises many types for damaged or foreign files
+      raise RunDirError(f"checkpoint {self.directory}/{step} is corrupt or does not match the "
+                        f"model ({_first_line(e)})") from None
+    self._check_shapes(step, item, out["state"])
+    return out["state"]["params"]
+
+  def _check_shapes(self, step: int, abstract: Any, restored: Any) -> None:
     bad: list[str] = []
     jax.tree_util.tree_map_with_path(
         lambda path, a, b: bad.append(jax.tree_util.keystr(path)) if a.shape != b.shape else None,
-        abstract_state, state)
+        abstract, restored)
     if bad:
       raise RunDirError(f"checkpoint {self.directory}/{step} does not match the model at {bad[0]}")
-    return state, dict(out["meta"] or {})
 
   def restore_newest(self, abstract_state: Any, *, say: Callable[[str], None] | None = None
                      ) -> tuple[Any, dict, int] | None:

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -81,27 +80,13 @@ def abstract_params(cfg: Any, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
 
 
 def restore_params(workdir: str, step: int, abstract: dict) -> dict:
-  """Only the parameters of checkpoint `step`, placed as `abstract` says; RunDirError if damaged."""
+  """Only the parameters of checkpoint `step` (a training checkpoint or an imported params-only
+  one), placed as `abstract` says; RunDirError if damaged."""
   ckpt = Checkpointer(workdir, len(saved_steps(workdir)))  # keeps them all: a reader deletes nothing
   try:
-    item = {"params": abstract}
-    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)))
-  except Exception as e:  # orbax raises many types for damaged or foreign files
-    text = str(e).strip().splitlines()
-    raise RunDirError(f"checkpoint {ckpt.directory}/{step} is corrupt or does not match the model "
-                      f"({type(e).__name__}: {text[0][:200] if text else ''})") from None
+    return ckpt.restore_params(step, abstract)
   finally:
     ckpt.close()
-  params = out["state"]["params"]
-  bad: list[str] = []
-  jax.tree_util.tree_map_with_path(
-      lambda path, a, b: bad.append(jax.tree_util.keystr(path)) if a.shape != b.shape else None,
-      abstract, params)
-  if bad:
-    raise RunDirError(f"checkpoint {ckpt.directory}/{step} does not match the model at {bad[0]}")
-  return params
 
 
 def run_tokenizer(workdir: str, cfg: Any):

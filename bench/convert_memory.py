@@ -1,0 +1,132 @@
+"""Time and peak host memory of importing a Huginn / Raven checkpoint of at least 1B parameters.
+
+  python -m bench.convert_memory [--d_model 2560] [--layers 2,8,2] [--shard_gb 1] [--dtype bfloat16]
+
+Writes a synthetic Raven directory (random bfloat16 weights, sharded safetensors with an index) into a
+temporary directory, then runs `python -m looped_models.convert from-raven` on it in a child process
+and records its wall time and peak resident memory (ru_maxrss of the child: file pages mapped from the
+shard being read count too). The import's bound is about 1.2 x the largest shard plus the model in its
+target dtype. Everything is deleted afterwards. Figures go to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from bench.results import machine, write_section
+from looped_models import raven
+
+
+# The child: start-up (jax, the converter) is measured apart from the import itself.
+CHILD = """
+import json, resource, sys, time
+import jax
+from looped_models import convert
+jax.devices()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t0 = time.perf_counter()
+assert convert.main(["from-raven", sys.argv[1], "--out", sys.argv[2], "--dtype", sys.argv[3]]) == 0
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "base": base,
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def synthetic_config(d: int, layers: tuple[int, int, int], vocab: int) -> dict:
+  p, k, c = layers
+  return dict(model_type="huginn_raven", n_embd=d, n_heads=d // 128, n_layers_in_prelude=p,
+              n_layers_in_recurrent_block=k, n_layers_in_coda=c, intermediate_size=(27 * d) // 10 // 64 * 64,
+              vocab_size=vocab, tie_embeddings=False, norm_eps=1e-6, rope_base=50000.0, qk_bias=True,
+              mean_recurrence=32, mean_backprop_depth=8, block_size=4096, state_init="like-init",
+              injection_type="linear")
+
+
+def write_checkpoint(path: str, rc: dict, shard_bytes: int) -> tuple[int, int, int]:
+  """Random bfloat16 tensors in shards of at most `shard_bytes`; (parameters, bytes, largest shard)."""
+  rng = np.random.default_rng(0)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(rc, f)
+  shards, shard, size = [], {}, 0
+  n_params = 0
+
+  def flush():
+    name = f"model-{len(shards) + 1:05d}.safetensors"
+    save_file(shard, os.path.join(path, name))
+    shards.append((name, list(shard), size))
+
+  for name, shape in raven.expected_tensors(rc).items():
+    a = (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    if shard and size + a.nbytes > shard_bytes:
+      flush()
+      shard, size = {}, 0
+    shard[name], size, n_params = a, size + a.nbytes, n_params + a.size
+  flush()
+  index = {"metadata": {"total_size": 2 * n_params},
+           "weight_map": {t: name for name, names, _ in shards for t in names}}
+  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+    json.dump(index, f)
+  return n_params, 2 * n_params, max(s for _, _, s in shards)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--d_model", type=int, default=2560)
+  p.add_argument("--layers", default="2,8,2", help="p,k,c")
+  p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--shard_gb", type=float, default=1.0)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--note", default="", help="machine state to record (e.g. 'shared, loaded')")
+  args = p.parse_args()
+  rc = synthetic_config(args.d_model, tuple(int(x) for x in args.layers.split(",")), args.vocab)
+  gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
+  with tempfile.TemporaryDirectory(prefix="convert_bench") as tmp:
+    hf, run = os.path.join(tmp, "hf"), os.path.join(tmp, "run")
+    os.makedirs(hf)
+    t0 = time.perf_counter()
+    n_params, n_bytes, largest = write_checkpoint(hf, rc, int(args.shard_gb * 2 ** 30))
+    write_s = time.perf_counter() - t0
+    print(f"wrote {n_params / 1e9:.2f}B parameters ({gib(n_bytes)}) in {write_s:.0f} s", flush=True)
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    out = subprocess.run([sys.executable, "-c", CHILD, hf, run, args.dtype], check=True, env=env,
+                         stdout=subprocess.PIPE, text=True).stdout
+    child = json.loads(out.strip().splitlines()[-1])
+    import_s, peak, base = child["seconds"], child["peak"], child["base"]
+    ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(run) for f in fs)
+  model_bytes = n_params * (2 if args.dtype == "bfloat16" else 4)
+  bound = 1.2 * largest + model_bytes
+  print(f"import {import_s:.0f} s, peak RSS {gib(peak)}, {gib(peak - base)} above start-up "
+        f"(bound {gib(bound)})")
+  d, (pl, k, c) = args.d_model, (rc["n_layers_in_prelude"], rc["n_layers_in_recurrent_block"],
+                                  rc["n_layers_in_coda"])
+  lines = [f"## Raven import: {n_params / 1e9:.2f}B parameters, bfloat16 files, target {args.dtype}", "",
+           f"Machine: {machine()}{'; ' + args.note if args.note else ''}. "
+           f"`python -m bench.convert_memory --d_model {d} --layers {pl},{k},{c} --vocab {args.vocab} --shard_gb "
+           f"{args.shard_gb} --dtype {args.dtype}`: a synthetic checkpoint ({pl}, {k}⊗r, {c}), d={d}, "
+           f"f={rc['intermediate_size']}, V={rc['vocab_size']}, untied, q/k bias; "
+           f"{gib(n_bytes)} in shards of at most {gib(largest)}; the import runs in a child process "
+           f"(`python -m looped_models.convert from-raven`, one CPU device).", "",
+           "| quantity | value |", "| --- | --- |",
+           f"| import wall time (read, cast, place, orbax write) | {import_s:.1f} s |",
+           f"| peak resident memory of the import process | {gib(peak)} |",
+           f"| of which after start-up (python, jax, the converter: {gib(base)}) | "
+           f"{gib(peak - base)} |",
+           f"| bound: 1.2 × largest shard + model in {args.dtype} | {gib(bound)} |",
+           f"| model in {args.dtype} | {gib(model_bytes)} |",
+           f"| largest shard | {gib(largest)} |",
+           f"| run directory written | {gib(ckpt_bytes)} |",
+           f"| writing the synthetic checkpoint (not part of the import) | {write_s:.1f} s |"]
+  write_section("convert_memory", "\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
