@@ -8,8 +8,11 @@ batch and heads, so one call serves one layer ([B,H,S,S]) or a whole block ([k,B
 - `sink_rate`: share of (batch, head) maps with some column of mean attention c_j >= threshold;
 - `mixing_score`: mean row entropy in nats (0 log 0 = 0).
 `AttentionAccumulator` streams them one iteration at a time and keeps the maps of the first
-`map_batch` sequences (float32, unit-normalised) for the (layer, iteration)^2 similarity map; that map
-costs R*k*map_batch*H*S^2 floats of host memory (`map_batch=0` turns it off).
+`map_batch` sequences over the first `map_iterations` iterations (float32, unit-normalised, at most
+`map_columns` evenly spaced key columns) for the (layer, iteration)^2 similarity map: at most
+map_iterations*k*map_batch*H*rows*map_columns floats of host memory, whatever R and S
+(`map_batch=0` turns it off). The maps may hold a subsample of the query rows (the evaluator sends
+at most 128 for long sequences): column mass, sinks and mixing are then means over those rows.
 """
 
 from __future__ import annotations
@@ -76,8 +79,10 @@ def similarity_map(maps_NbF: np.ndarray) -> np.ndarray:
 class AttentionAccumulator:
   """Streams the attention metrics of one iteration at a time (maps [k, B, H, S, S])."""
 
-  def __init__(self, sink_threshold: float = 0.3, map_batch: int = 2):
+  def __init__(self, sink_threshold: float = 0.3, map_batch: int = 2, map_iterations: int = 16,
+               map_columns: int = 128):
     self.sink_threshold, self.map_batch = sink_threshold, map_batch
+    self.map_iterations, self.map_columns = map_iterations, map_columns
     self._prev_kBHSS: np.ndarray | None = None
     self._series: dict[str, list[np.ndarray]] = {
         "attention_change": [], "colsum_concentration": [], "sink_rate": [], "mixing": []}
@@ -95,14 +100,18 @@ class AttentionAccumulator:
     self._series["colsum_concentration"].append(np.asarray(colsum_concentration(att)))
     self._series["sink_rate"].append(np.asarray(sink_rate(att, self.sink_threshold)))
     self._series["mixing"].append(np.asarray(mixing_score(att)))
-    if self.map_batch > 0:
+    if self.map_batch > 0 and len(self._maps) < self.map_iterations:
+      cols = att.shape[-1]
+      if cols > self.map_columns:  # evenly spaced key columns: the map's memory does not grow with S
+        att = att[..., np.linspace(0, cols - 1, self.map_columns).round().astype(int)]
       m_kbF = att[:, :self.map_batch].reshape(k, min(self.map_batch, att.shape[1]), -1)
       m_kbF = m_kbF / np.maximum(np.linalg.norm(m_kbF, axis=-1, keepdims=True), _TINY)
       self._maps.append(m_kbF.astype(np.float32))
-    self._prev_kBHSS = att
+    self._prev_kBHSS = _f64(att_kBHSS)
 
   def result(self) -> dict[str, np.ndarray | None]:
-    """Series [R, k] ([R, k, H] for the change) and the [(R*k), (R*k)] similarity map, rows (t, l)."""
+    """Series [R, k] ([R, k, H] for the change) and the [(T*k), (T*k)] similarity map of the first
+    T = min(R, map_iterations) iterations, rows (t, l)."""
     out: dict[str, np.ndarray | None] = {name: np.stack(v) for name, v in self._series.items()}
     if self._maps:
       maps_RkbF = np.stack(self._maps)

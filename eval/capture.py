@@ -32,11 +32,14 @@ class Capture:
   """Jitted pieces of one model for trajectory capture; `params` is the pure-dict parameter tree."""
 
   def __init__(self, graphdef: nnx.GraphDef, params: dict, *, chunk: int = 4, seed: int = 0,
-               token_bytes: np.ndarray | None = None, mesh: Mesh | None = None):
+               token_bytes: np.ndarray | None = None, mesh: Mesh | None = None,
+               attention_rows: int = 128):
     """`token_bytes` ([V] UTF-8 bytes per token id; text) adds the summed loss ("nats") and the
     targets' "bytes" to the per-iteration counts. With `mesh` (the parameters' mesh, see
     train.run.open_run), batches are split over its data axes where they divide, and every process
-    gets the whole result back."""
+    gets the whole result back. Attention maps leave the device with at most `attention_rows` evenly
+    spaced query rows ([n, k, B, H, rows, S]: all rows up to that length), so what reaches the host
+    grows with S, not S^2."""
     self.graphdef, self.params, self.chunk, self.mesh = graphdef, params, chunk, mesh
     key = jax.random.key(seed)
 
@@ -63,7 +66,11 @@ class Capture:
       preds_nBS, extra = jax.lax.map(read, trace.states_RkBSD[:, -1])
       counts = jax.vmap(lambda p: accuracy_counts(p, targets_BS, mask_BS))(preds_nBS)
       counts.update(extra)
-      return trace.state_BSD, trace.states_RkBSD, trace.attention_RkBHSS, counts, preds_nBS
+      att = trace.attention_RkBHSS
+      S = s_BSD.shape[1]
+      if att is not None and S > attention_rows:
+        att = att[..., np.linspace(0, S - 1, attention_rows).round().astype(int), :]
+      return trace.state_BSD, trace.states_RkBSD, att, counts, preds_nBS
 
     self._start = jax.jit(start)
     self._advance = jax.jit(advance, static_argnames=("n", "attention"))

@@ -51,7 +51,7 @@ REGIMES = ("cyclic", "degenerate", "orbit", "slider", "divergent", "unconverged"
 DEFAULT_THRESHOLDS: dict[str, Any] = dict(
     tau=0.05, rho=0.9, eps_cos=1e-4, eps_rel=1e-3, linear_slack=1.5, min_stable=3, tail_frac=0.25,
     max_lag=8, degenerate_cos=0.99, diverge_ratio=1e3, regime_frac=0.5, rate_floor=1e-6,
-    rate_skip=2, sink_threshold=0.3, map_batch=2)
+    rate_skip=2, sink_threshold=0.3, map_batch=2, map_iterations=16, map_columns=128)
 _TINY = 1e-30
 Chunks = Callable[[], Iterable[tuple[Any, Any]]]
 
@@ -133,7 +133,8 @@ def _check_thresholds(th: dict[str, Any]) -> None:
   for name in ("rho", "tail_frac", "regime_frac", "sink_threshold"):
     need(name, 0 < th[name] <= 1, "in (0, 1]")
   need("degenerate_cos", -1 <= th["degenerate_cos"] <= 1, "in [-1, 1]")
-  for name, lo in (("max_lag", 2), ("min_stable", 1), ("rate_skip", 1), ("map_batch", 0)):
+  for name, lo in (("max_lag", 2), ("min_stable", 1), ("rate_skip", 1), ("map_batch", 0),
+                   ("map_iterations", 1), ("map_columns", 1)):
     need(name, isinstance(th[name], (int, np.integer)) and th[name] >= lo, f"an int >= {lo}")
 
 
@@ -269,20 +270,24 @@ def analyze_stream(chunks: Chunks, *, tau: float = 0.05, rho: float = 0.9, eps_c
                    eps_rel: float = 1e-3, linear_slack: float = 1.5, min_stable: int = 3,
                    tail_frac: float = 0.25, max_lag: int = 8, degenerate_cos: float = 0.99,
                    diverge_ratio: float = 1e3, regime_frac: float = 0.5, rate_floor: float = 1e-6,
-                   rate_skip: int = 2, sink_threshold: float = 0.3, map_batch: int = 2
-                   ) -> FixedPointReport:
+                   rate_skip: int = 2, sink_threshold: float = 0.3, map_batch: int = 2,
+                   map_iterations: int = 16, map_columns: int = 128) -> FixedPointReport:
   """Analyses a trajectory read (twice) from `chunks()`, which yields, in iteration order, pairs
-  (states [t, k, B, S, D], attention [t, k, B, H, S, S] or None) of consecutive iterations."""
+  (states [t, k, B, S, D], attention [t, k, B, H, S, S] or None) of consecutive iterations; the
+  attention may hold a subsample of the query rows ([t, k, B, H, s, S], as the evaluator's capture
+  sends for long sequences). The (layer, iteration)^2 attention similarity map covers the first
+  `map_iterations` iterations of `map_batch` sequences, on at most `map_columns` key columns, so its
+  memory depends on neither R nor S^2."""
   th = dict(tau=tau, rho=rho, eps_cos=eps_cos, eps_rel=eps_rel, linear_slack=linear_slack,
             min_stable=min_stable, tail_frac=tail_frac, max_lag=max_lag,
             degenerate_cos=degenerate_cos, diverge_ratio=diverge_ratio, regime_frac=regime_frac,
             rate_floor=rate_floor, rate_skip=rate_skip, sink_threshold=sink_threshold,
-            map_batch=map_batch)
+            map_batch=map_batch, map_iterations=map_iterations, map_columns=map_columns)
   _check_thresholds(th)
   want: dict[str, Any] = {}
   # Pass 1: successive changes, norms, attention metrics, the final states.
   rel, rel_max, cos_change, growth, norms = [], [], [], [], []
-  acc = AttentionAccumulator(sink_threshold, map_batch)
+  acc = AttentionAccumulator(sink_threshold, map_batch, map_iterations, map_columns)
   prev_kBSD, finite, has_att = None, True, False
   with np.errstate(all="ignore"):
     for x_kBSD, a_kBHSS in _iterations(chunks, want):

@@ -202,9 +202,14 @@ def test_attention_series_in_report():
   assert np.all(np.diff(rep.attention_change[1:, 0, 0]) < 0)
   for name in ("colsum_concentration", "sink_rate", "mixing"):
     assert getattr(rep, name).shape == (20, 2)
-  sim = rep.attention_similarity
-  assert sim.shape == (40, 40) and np.allclose(np.diag(sim), 1.0) and np.allclose(sim, sim.T)
+  sim = rep.attention_similarity  # the first map_iterations=16 iterations x 2 layers
+  assert sim.shape == (32, 32) and np.allclose(np.diag(sim), 1.0) and np.allclose(sim, sim.T)
   assert rep.thresholds["map_batch"] == 1
+  whole = analyze_trajectory(x, att, map_batch=1, map_iterations=20).attention_similarity
+  assert whole.shape == (40, 40) and np.allclose(whole[:32, :32], sim)
+  # fewer key columns: the map's memory does not grow with S; identical maps stay identical
+  few = analyze_trajectory(x, att, map_batch=1, map_columns=2).attention_similarity
+  assert few.shape == (32, 32) and np.allclose(np.diag(few), 1.0)
   json.dumps(rep.to_dict(), allow_nan=False)
 
 

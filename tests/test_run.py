@@ -150,3 +150,14 @@ def test_pod_preset_dry_run_two_processes_of_four_devices(tmp_path):
   losses = [m["train/loss"] for m in read_metrics(str(workdir)) if "train/loss" in m]
   assert len(losses) == 2 and all(np.isfinite(losses))
   assert os.path.isdir(workdir / "checkpoints" / "2")
+
+
+def test_capture_sends_a_bounded_number_of_attention_rows(trained):
+  from eval.capture import Capture
+  run = open_run(trained)
+  tokens = np.zeros((2, 16), np.int32)
+  batch = {"inputs": tokens, "targets": tokens, "mask": np.ones((2, 16), np.float32)}
+  full = next(Capture(run.graphdef, run.params, chunk=2).run(batch, 2, attention=True))[1]
+  rows = next(Capture(run.graphdef, run.params, chunk=2, attention_rows=4).run(batch, 2, attention=True))[1]
+  assert full.shape[-2:] == (16, 16) and rows.shape[-2:] == (4, 16)
+  np.testing.assert_allclose(rows, full[..., [0, 5, 10, 15], :], rtol=1e-6)
