@@ -237,10 +237,10 @@ def export_raven(run_dir: str, out: str, *, dtype: str | None = None,
   A model whose options the layout cannot express is refused (RavenError naming the option)."""
   from safetensors.numpy import save_file
   from configs.errors import check_choice
-  from eval.evaluate import load_params, load_run_config
-  from train.config import resolve
+  from train.run import open_run
 
-  cfg = resolve(load_run_config(run_dir))
+  run = open_run(run_dir)  # the config it finished with, its newest checkpoint's parameters
+  cfg, params = run.cfg, run.params
   bad = raven.fit_errors(cfg.model)
   if bad:
     raise RavenError(f"{run_dir} does not fit the Raven layout: {bad[0]}")
@@ -248,7 +248,6 @@ def export_raven(run_dir: str, out: str, *, dtype: str | None = None,
   check_choice("--dtype", dtype, raven.DTYPES.values())
   out = os.path.abspath(out)
   _check_new_dir(out)
-  _, params, _ = load_params(cfg, run_dir, False)
   rc = {**raven.raven_config(cfg.model, cfg.train), "torch_dtype": dtype}
 
   tmp = f"{out}.partial{os.getpid()}"
@@ -328,8 +327,8 @@ def run_logits(run_dir: str, tokens_BS: np.ndarray, iterations: list[int],
   """`logits_and_latents` for run `run_dir`; `state0`: None (the model's initial state), "zeros",
   or an array [B, S, D]. Bad tokens or state: ConfigError naming the argument."""
   from configs.errors import ConfigError
-  from eval.evaluate import load_params, load_run_config
   from train.config import resolve
+  from train.run import load_run_config, open_run
 
   cfg = resolve(load_run_config(run_dir))
   m = cfg.model
@@ -352,8 +351,8 @@ def run_logits(run_dir: str, tokens_BS: np.ndarray, iterations: list[int],
   if state0 is not None and np.shape(state0) != (*tokens_BS.shape, m.d_model):
     raise ConfigError("--state0", f"shape {list(np.shape(state0))}",
                       reason=f"must be [batch, sequence, d_model] = {[*tokens_BS.shape, m.d_model]}")
-  graphdef, params, _ = load_params(cfg, run_dir, False)
-  return logits_and_latents(graphdef, params, tokens_BS, iterations, state0,
+  run = open_run(run_dir, cfg=cfg)
+  return logits_and_latents(run.graphdef, run.params, tokens_BS, iterations, state0,
                             jax.random.key(cfg.train.seed))
 
 

@@ -251,7 +251,8 @@ assert {s.data.shape for s in up.addressable_shards} == {(8, 12)}
 def test_import_sharded_over_a_mesh(tmp_path):
   """With --mesh (4 fake devices as fsdp 2 x tensor 2) every device receives only its shard as the
   tensors are read, and the run holds the same parameters as a single-device import."""
-  from eval.evaluate import load_params, load_run_config
+  from eval.evaluate import load_params
+  from train.run import load_run_config
   rc = raven_cfg()
   hf = write_raven(str(tmp_path / "hf"), rc, random_tensors(rc, seed=4), shards=2)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
@@ -359,14 +360,17 @@ def test_bad_arguments_and_refused_export(tmp_path, capsys):
 
 def test_eval_opens_imported_run(tmp_path):
   """`python -m eval --workdir RUN` (in process) evaluates an imported model: params-only restore."""
-  from eval.evaluate import evaluate, load_run_config
+  from eval.evaluate import evaluate
+  from train.run import load_run_config
   rc = raven_cfg()  # max_len 16: the evaluation runs on the training length only
   run = str(tmp_path / "run")
   convert.import_raven(write_raven(str(tmp_path / "hf"), rc, random_tensors(rc)), run)
   cfg = load_run_config(run)
   cfg.train.eval_batch_size = 4
   summary = evaluate(cfg, run, iterations=4, batch_size=2, chunk=2, log_wandb=False, progress=False)
-  assert summary["fp/iterations"] == 4 and os.path.exists(os.path.join(run, "fixed_points.json"))
+  from eval.outputs import latest
+  assert summary["fp/iterations"] == 4 and latest(run, "fixed_points.json") == os.path.join(
+      run, "eval", "0", "fixed_points.json")  # an imported model's checkpoint is step 0
 
 
 # -- the model options the layout needs -----------------------------------------------------------

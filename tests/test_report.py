@@ -166,7 +166,8 @@ def test_output_dirs_never_overwrite(tmp_path):
 
 
 def test_reevaluation_leaves_the_first_outputs_untouched(tmp_path):
-  from eval.evaluate import evaluate, load_run_config
+  from eval.evaluate import evaluate
+  from train.run import load_run_config
 
   workdir = str(tmp_path / "ri")
   cfg = tiny_config(task__test_lengths=(), train__eval_batch_size=4)
