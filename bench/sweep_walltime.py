@@ -1,9 +1,15 @@
 """Wall time of whole sweeps (train + evaluate + report for every trial) and trials per hour.
 
   python -m bench.sweep_walltime [--sweeps smoke,default] [--parallel 1] [--keep DIR]
+      [--trials NAME,NAME] [--no-cache]
 
 Each sweep runs from scratch with W&B offline, as `make run` does, in a temporary directory, or in
-DIR/SWEEP (which must not exist yet) with `--keep`, to read its report afterwards.
+DIR/SWEEP (which must not exist yet) with `--keep`, to read its report afterwards. `--trials` runs only
+those trials of the sweep (a subset, to compare settings on a busy machine); `--no-cache` turns JAX's
+persistent compilation cache off (JAX_ENABLE_COMPILATION_CACHE=false), so that every trial compiles
+its programs itself. Besides the wall time it records the CPU time of the trials (user + system,
+all processes) and the machine's load average before and after, since a shared machine's wall time
+depends on the others' work.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -21,22 +28,32 @@ from bench.results import machine, write_section
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(sweep: str, parallel: int, keep: str | None = None) -> dict:
+def _cpu_s() -> float:
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
+def run(sweep: str, parallel: int, keep: str | None = None, trials: list[str] | None = None,
+        cache: bool = True) -> dict:
   if keep and os.path.exists(os.path.join(keep, sweep)):
     sys.exit(f"error: {os.path.join(keep, sweep)} exists; --keep needs a fresh directory")
   with tempfile.TemporaryDirectory() as scratch:
     tmp = keep or scratch
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": tmp}
-    start = time.perf_counter()
+    if not cache:
+      env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    load0, cpu0, start = os.getloadavg()[0], _cpu_s(), time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "sweeps", "--config", f"configs/sweeps/{sweep}.py",
-                          "--workdir", tmp, f"--parallel={parallel}"], cwd=ROOT, env=env,
+                          "--workdir", tmp, f"--parallel={parallel}"]
+                         + [f"--trial={t}" for t in trials or ()], cwd=ROOT, env=env,
                          capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, cpu, load1 = time.perf_counter() - start, _cpu_s() - cpu0, os.getloadavg()[0]
     index = json.load(open(os.path.join(tmp, sweep, "sweep.json")))
-    statuses = [json.load(open(os.path.join(tmp, sweep, t["name"], "trial.json")))["status"]
-                for t in index["trials"]]
-  return {"sweep": sweep, "wall_s": wall, "trials": len(statuses), "done": statuses.count("done"),
-          "exit": out.returncode}
+    names = trials or [t["name"] for t in index["trials"]]
+    statuses = [json.load(open(os.path.join(tmp, sweep, n, "trial.json")))["status"] for n in names]
+  return {"sweep": sweep, "wall_s": wall, "cpu_s": cpu, "trials": len(statuses),
+          "done": statuses.count("done"), "exit": out.returncode, "cache": cache,
+          "load": f"{load0:.1f} → {load1:.1f}", "subset": bool(trials)}
 
 
 def main() -> None:
@@ -44,22 +61,31 @@ def main() -> None:
   p.add_argument("--sweeps", default="smoke,default")
   p.add_argument("--parallel", type=int, default=1)
   p.add_argument("--keep", default=None, help="run in DIR/SWEEP and keep it (default: a temporary dir)")
+  p.add_argument("--trials", default=None, help="comma-separated trial names: run only these")
+  p.add_argument("--no-cache", action="store_true", help="without JAX's persistent compilation cache")
   args = p.parse_args()
+  trials = args.trials.split(",") if args.trials else None
   rows = []
   for sweep in args.sweeps.split(","):
-    row = run(sweep, args.parallel, args.keep)
+    row = run(sweep, args.parallel, args.keep, trials, cache=not args.no_cache)
     print(row, flush=True)
     rows.append(row)
-  for r in rows:  # one section per sweep, so that sweeps measured separately keep their figures
-    lines = [f"## Sweep wall time: `{r['sweep']}` (train + evaluate + report), --parallel {args.parallel}",
-             "", f"Machine: {machine()}. `python -m bench.sweep_walltime --sweeps {r['sweep']} "
-             f"--parallel {args.parallel}`. Each trial trains, evaluates its fixed points and, with "
-             f"`eval.halting` (the default), what adaptive halting saves.", "",
-             "| sweep | trials (done) | wall time | trials per hour | exit status |",
-             "| --- | --- | --- | --- | --- |",
+  for r in rows:  # one section per sweep and setting, so that each keeps its figures
+    what = (f"{r['trials']} of its trials" if r["subset"] else "all trials") + (
+        ", compilation cache off" if not r["cache"] else "")
+    cmd = (f"python -m bench.sweep_walltime --sweeps {r['sweep']} --parallel {args.parallel}"
+           + (f" --trials {args.trials}" if trials else "") + (" --no-cache" if not r["cache"] else ""))
+    lines = [f"## Sweep wall time: `{r['sweep']}` ({what}), --parallel {args.parallel}",
+             "", f"Machine: {machine()}; load average {r['load']} (start → end). `{cmd}`. Each trial "
+             "trains, evaluates its fixed points and, with `eval.halting` (the default), what adaptive "
+             "halting saves. CPU time: user + system of all the sweep's processes.", "",
+             "| sweep | trials (done) | wall time | CPU time | trials per hour | exit status |",
+             "| --- | --- | --- | --- | --- | --- |",
              f"| {r['sweep']} | {r['trials']} ({r['done']}) | {r['wall_s'] / 60:.1f} min | "
-             f"{3600 * r['trials'] / r['wall_s']:.0f} | {r['exit']} |"]
-    write_section(f"sweep_walltime_{r['sweep']}_p{args.parallel}", "\n".join(lines))
+             f"{r['cpu_s'] / 60:.1f} min | {3600 * r['trials'] / r['wall_s']:.0f} | {r['exit']} |"]
+    name = f"sweep_walltime_{r['sweep']}_p{args.parallel}" + ("_subset" if trials else "") + (
+        "_nocache" if not r["cache"] else "")
+    write_section(name, "\n".join(lines))
 
 
 if __name__ == "__main__":
