@@ -34,6 +34,7 @@ from looped_models import raven
 from looped_models.raven import RavenError
 
 INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # -- reading a Raven directory ---------------------------------------------------------------------
@@ -180,7 +181,7 @@ def import_raven(hf_dir: str, out: str, *, dtype: str = "float32", mesh: jax.sha
   tmp = f"{out}.partial{os.getpid()}"
   main = jax.process_index() == 0
   try:
-    ckpt = Checkpointer(tmp, keep=1)
+    ckpt = Checkpointer(tmp, keep=1, save_concurrent_gb=1)  # host memory: about the model once
     ckpt.save(0, {"params": params, "step": jnp.int32(0)},
               {"source": raven.MODEL_TYPE, "params_only": True})
     ckpt.close()
@@ -189,6 +190,9 @@ def import_raven(hf_dir: str, out: str, *, dtype: str = "float32", mesh: jax.sha
       write_json_atomic(os.path.join(tmp, "import.json"),
                         {"source": os.path.abspath(hf_dir), "format": raven.MODEL_TYPE,
                          "dtype": dtype, "raven_config": rc, "tensors": len(names)})
+      for name in TOKENIZER_FILES:  # the checkpoint's own tokenizer travels with the run
+        if os.path.isfile(os.path.join(hf_dir, name)):
+          shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
       write_status(tmp, "done", step=0, steps=0, error=None, imported_from=os.path.abspath(hf_dir))
       if os.path.isdir(out):
         os.rmdir(out)  # checked empty above
@@ -212,19 +216,20 @@ def stream_params(hf_dir: str, rc: dict, files: dict[str, str], abstract: dict, 
     by_file.setdefault(file, []).append(name)
   bar = tqdm(total=len(files), desc="import", unit="tensor", disable=not progress, dynamic_ncols=True)
   for file, names in by_file.items():
-    with safe_open(os.path.join(hf_dir, file), framework="np") as f:
-      for name in names:
+    for name in names:
+      # opened per tensor: the file's mapping (and the pages read through it) ends with the tensor
+      with safe_open(os.path.join(hf_dir, file), framework="np") as f:
         w = f.get_tensor(name)
-        for path, a in raven.to_params(name, w, rc):
-          a = np.asarray(a, jnp.dtype(dtype))
-          if a.shape != _get(abstract, path).shape:
-            raise RavenError(f"tensor {name} maps to {'/'.join(map(str, path))} of shape "
-                             f"{list(a.shape)}, but the model needs {list(_get(abstract, path).shape)}")
-          _set(params, path, jax.make_array_from_callback(a.shape, _get(shardings, path),
-                                                          lambda idx, a=a: a[idx]))
-          del a
-        del w
-        bar.update()
+      for path, a in raven.to_params(name, w, rc):
+        a = np.asarray(a, jnp.dtype(dtype))
+        if a.shape != _get(abstract, path).shape:
+          raise RavenError(f"tensor {name} maps to {'/'.join(map(str, path))} of shape "
+                           f"{list(a.shape)}, but the model needs {list(_get(abstract, path).shape)}")
+        _set(params, path, jax.make_array_from_callback(a.shape, _get(shardings, path),
+                                                        lambda idx, a=a: a[idx]))
+        del a
+      del w
+      bar.update()
   bar.close()
   return params
 
@@ -274,6 +279,9 @@ def export_raven(run_dir: str, out: str, *, dtype: str | None = None,
         json.dump(index, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(rc, f, indent=2)
+    for name in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(run_dir, name)):
+        shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, name))
     if os.path.isdir(out):
       os.rmdir(out)
     os.rename(tmp, out)

@@ -32,11 +32,16 @@ class Checkpointer:
 
   Every process calls every method (orbax writes and reads collectively across hosts)."""
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int, save_concurrent_gb: int | None = None):
+    """`save_concurrent_gb` bounds the bytes a save holds in flight (host memory; orbax: 96)."""
     self.directory = path(workdir) / "checkpoints"  # local or gs://, never a URL made local
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                            create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+    handlers = None if save_concurrent_gb is None else {
+        "state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
+        "meta": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"),
+                                         item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
