@@ -281,7 +281,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   from eval.evaluate import default_iterations, load_params
   from train import distributed
   from train.config import resolve
-  from train.workdir import write_json_atomic
+  from train.workdir import path as store_path, write_json_atomic
 
   grids = check_grids(grids)
   if mode not in MODES:
@@ -413,7 +413,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
     return result
   from eval.outputs import output_dir
   outdir = output_dir(workdir, step, "halting.json")  # eval/STEP/: a trial's and the CLI's never collide
-  os.makedirs(os.path.join(outdir, "plots"), exist_ok=True)
+  store_path(outdir).joinpath("plots").mkdir(parents=True, exist_ok=True)
   plot = pareto_plot(rows, fixed, oracle, curve, os.path.join(outdir, "plots", "halting_pareto.png"))
   write_json_atomic(os.path.join(outdir, "halting.json"), result)
   if log_wandb:

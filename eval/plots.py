@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from train.workdir import path as store_path  # noqa: E402
+
 # Okabe & Ito (2008): distinguishable with every common colour-vision deficiency.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 # Paul Tol's "muted" scheme, also colour-blind safe, for figures with more than 8 series.
@@ -39,9 +41,9 @@ def save(fig, path: str | None) -> Any:
   fig.tight_layout()
   if path is None:
     return fig
-  fig.savefig(path, dpi=150)
-  if "svg" in FORMATS:
-    fig.savefig(os.path.splitext(path)[0] + ".svg")
+  for fmt in FORMATS:  # through etils.epath: a local folder or gs://
+    with store_path(os.path.splitext(path)[0] + "." + fmt).open("wb") as f:
+      fig.savefig(f, format=fmt, dpi=150)
   plt.close(fig)
   return path
 
@@ -247,7 +249,7 @@ def loss_curves(curves: dict[int, np.ndarray], path: str, train_length: int, tra
 def all_plots(report, points_RkND, curves, train_length: int, outdir: str, *,
               labels: Sequence[str] | None = None, compare: Any = None,
               similarity_iterations: int = SIMILARITY_ITERATIONS) -> dict[str, str]:
-  os.makedirs(outdir, exist_ok=True)
+  store_path(outdir).mkdir(parents=True, exist_ok=True)
   out = {"convergence": convergence(report, os.path.join(outdir, "convergence.png")),
          "distance": distance_to_fixed_point(report, os.path.join(outdir, "distance.png")),
          "trajectory_pca": trajectory_pca(points_RkND, os.path.join(outdir, "trajectory_pca.png"),

@@ -58,13 +58,13 @@ def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
   from configs.errors import ConfigError
   from sweeps import report
-  from train.workdir import RunDirError
+  from train.workdir import RunDirError, check_reachable
 
   try:
     if len(argv) >= 2 and argv[1] == "report":
       if len(argv) != 3:
         raise RunDirError("usage: python -m sweeps report runs/SWEEP")
-      if not os.path.isdir(argv[2]):
+      if not check_reachable(argv[2]).is_dir():
         raise RunDirError(f"sweep directory {argv[2]} does not exist")
       paths = report.write_report(argv[2])
       print(f"report: {paths['md']} and {paths['html']}")
@@ -95,6 +95,7 @@ def main(argv: list[str]) -> int:
               + (f"\tINVALID: {t.invalid}" if t.invalid else ""))
       print(f"{len(trials)} trials in {os.path.join(_WORKDIR.value, name)}")
       return 0
+    check_reachable(_WORKDIR.value)  # a bucket that cannot be reached: one line, before any trial
     from train import distributed
     distributed.initialize(_CONFIG.value.distributed)  # a pod: every host runs this same command
     runner = Runner(name, trials, _WORKDIR.value, parallel=_PARALLEL.value, force=_FORCE.value,

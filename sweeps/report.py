@@ -23,7 +23,7 @@ import numpy as np
 
 from eval import outputs
 from eval.plots import LINESTYLES, colors, plt, save
-from train.workdir import RunDirError, read_json
+from train.workdir import RunDirError, path, read_json
 
 # Okabe-Ito colours for the regimes (colour-blind safe); dark cells get white text.
 REGIME_COLORS = {"cyclic": "#009E73", "degenerate": "#F0E442", "orbit": "#CC79A7", "slider": "#E69F00",
@@ -52,23 +52,23 @@ def _read_trial(tdir: str) -> tuple[dict | None, dict | None]:
   beside it (else the newest halting)."""
   fp_path = outputs.latest(tdir, "fixed_points.json")
   halting_path = None
-  if fp_path and os.path.exists(os.path.join(os.path.dirname(fp_path), "halting.json")):
-    halting_path = os.path.join(os.path.dirname(fp_path), "halting.json")
+  if fp_path and (path(fp_path).parent / "halting.json").exists():
+    halting_path = str(path(fp_path).parent / "halting.json")
   halting_path = halting_path or outputs.latest(tdir, "halting.json")
   return (read_json(fp_path) if fp_path else None), (read_json(halting_path) if halting_path else None)
 
 
 def load(sweep_dir: str) -> tuple[dict, list[dict]]:
   """(sweep.json, one record per trial with its trial/config/fixed_points data)."""
-  index = read_json(os.path.join(sweep_dir, "sweep.json"))
+  index = read_json(path(sweep_dir) / "sweep.json")
   if index is None:
     raise RunDirError(f"{sweep_dir} holds no sweep.json: not a sweep directory")
   rows = []
   for t in index["trials"]:
-    tdir = os.path.join(sweep_dir, t["name"])
-    trial = read_json(os.path.join(tdir, "trial.json")) or {"status": "pending"}
+    tdir = str(path(sweep_dir) / t["name"])
+    trial = read_json(path(tdir) / "trial.json") or {"status": "pending"}
     fp, halting = _read_trial(tdir)
-    cfg = (read_json(outputs.finished_config_path(tdir)) if os.path.isdir(tdir) else None) \
+    cfg = (read_json(outputs.finished_config_path(tdir)) if path(tdir).is_dir() else None) \
         or t.get("config") or {}
     rows.append({"name": t["name"], "overrides": t["overrides"], "trial": trial, "config": cfg,
                  "fp": fp, "summary": (fp or {}).get("summary", {}),
@@ -227,7 +227,7 @@ def regime_grids(rows: list[dict]) -> dict[str, dict]:
   return grids
 
 
-def _plot_grids(grids: dict, path: str) -> str:
+def _plot_grids(grids: dict, file: str | None) -> str:
   """The regime grids as coloured tables: the cell's colour is its most common regime, its text the
   agreement across seeds; a legend names the colours."""
   n = len(grids)
@@ -260,12 +260,13 @@ def _plot_grids(grids: dict, path: str) -> str:
              title="regime (most common across seeds)", frameon=False)
   fig.suptitle("Regime per cell (agreement across seeds)")
   fig.tight_layout(rect=(0, 0.1, 1, 1))
-  if path is None:
+  if file is None:
     return fig
-  fig.savefig(path, dpi=150)
-  fig.savefig(os.path.splitext(path)[0] + ".svg")
+  for fmt in ("png", "svg"):
+    with path(os.path.splitext(file)[0] + "." + fmt).open("wb") as f:
+      fig.savefig(f, format=fmt, dpi=150)
   plt.close(fig)
-  return path
+  return file
 
 
 def _cell_label(key: tuple, axes: list[str]) -> str:
@@ -322,6 +323,14 @@ def _longest_curve(r: dict):
   return fp["accuracy_curves"][max(fp["accuracy_curves"], key=int)]
 
 
+def _loss_curve(r: dict):
+  """A text trial's held-out loss against iterations (its training window)."""
+  fp = r["fp"]
+  if not fp or not fp.get("loss_curves"):
+    return None
+  return fp["loss_curves"][min(fp["loss_curves"], key=int)]["loss"]
+
+
 def _md_table(header: list[str], body: list[list[str]], first: list[str] | None = None) -> list[str]:
   lead = ["trial"] if first is not None else []
   lines = ["| " + " | ".join(lead + header) + " |", "|" + " --- |" * (len(header) + len(lead))]
@@ -337,15 +346,24 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   header, body = trial_table(rows)
   cheader, cbody = cell_table(rows)
   grids = regime_grids(rows)
-  images = {"regimes": _plot_grids(grids, os.path.join(sweep_dir, "report_regimes.png"))}
+  out = lambda name: str(path(sweep_dir) / name)
+  images = {"regimes": _plot_grids(grids, out("report_regimes.png"))}
+  text = any((r["fp"] or {}).get("loss_curves") for r in rows)
   for kind, fn, label, title, log in (
       ("convergence", _last_layer_change, "successive change, last block layer (relative, log)",
        "Convergence of every trial", True),
+      ("extrapolation", _loss_curve, "held-out loss (nats per token)",
+       "Extrapolation in depth: held-out loss against iterations", False) if text else
       ("extrapolation", _longest_curve, "exact match, longest test size",
        "Extrapolation: accuracy against iterations", False)):
-    p = _plot_trials(rows, fn, label, title, log, os.path.join(sweep_dir, f"report_{kind}.png"))
+    p = _plot_trials(rows, fn, label, title, log, out(f"report_{kind}.png"))
     if p:
       images[kind] = p
+  for r in rows:  # a trial evaluated beside the sweep's control: its stages along depth
+    fp_path = outputs.latest(str(path(sweep_dir) / r["name"]), "fixed_points.json")
+    depth = fp_path and path(fp_path).parent / "plots" / "stage_depth.png"
+    if depth and depth.exists():
+      images[f"stages against the control: {r['name']}"] = str(depth)
   counts = collections.Counter(r["trial"].get("status", "pending") for r in rows)
   seeds = sorted({value_of(r, SEED) for r in rows}, key=str)
   md = [f"# Sweep `{index['sweep']}`", "",
@@ -367,13 +385,12 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   if halting:
     md += ["", "## Adaptive halting (fixed_point criterion)", "", HALTING_NOTE, ""]
     md += _md_table(HALTING_HEADER, [h[1:] for h in halting], [h[0] for h in halting])
-  md += ["", "## Figures", ""] + [f"![{name}]({os.path.basename(p)})" for name, p in images.items()]
-  md_path = os.path.join(sweep_dir, "report.md")
-  with open(md_path, "w") as f:
-    f.write("\n".join(md) + "\n")
-  html_path = os.path.join(sweep_dir, "report.html")
-  with open(html_path, "w") as f:
-    f.write(_html(index["sweep"], grids, (cheader, cbody), header, body, rows, images, counts, halting))
+  md += ["", "## Figures", ""] + [f"![{name}]({os.path.relpath(str(p), str(path(sweep_dir)))})"
+                                  for name, p in images.items()]
+  md_path, html_path = out("report.md"), out("report.html")
+  path(md_path).write_text("\n".join(md) + "\n")
+  path(html_path).write_text(_html(index["sweep"], grids, (cheader, cbody), header, body, rows,
+                                   images, counts, halting))
   return {"md": md_path, "html": html_path, **images}
 
 
@@ -412,6 +429,6 @@ def _html(sweep, grids, cell_tab, header, body, rows, images, counts, halting) -
               _html_table(["trial", *HALTING_HEADER], halting)]
   parts.append("<h2>Figures</h2>")
   for name, p in images.items():
-    data = base64.b64encode(open(p, "rb").read()).decode()
+    data = base64.b64encode(path(p).read_bytes()).decode()
     parts.append(f"<h3>{e(name)}</h3><img alt='{e(name)}' src='data:image/png;base64,{data}'>")
   return "\n".join(parts) + "\n"

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from configs.errors import ConfigError
 from sweeps.expand import Trial
 from sweeps.trial import PARENT_ENV
-from train.workdir import RunDirError, read_json, write_json_atomic
+from train.workdir import RunDirError, path, read_json, write_json_atomic
 
 TRIAL_STATUSES = ("pending", "running", "done", "failed", "diverged")
 SKIP = ("done", "diverged")  # diverged trials are deterministic: rerunning them would diverge again
@@ -31,14 +31,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def trial_record(trial_dir: str) -> dict:
-  return read_json(os.path.join(trial_dir, "trial.json")) or {"status": "pending"}
+  return read_json(path(trial_dir) / "trial.json") or {"status": "pending"}
 
 
 def set_trial(trial_dir: str, **fields: Any) -> None:
   record = trial_record(trial_dir)
   record.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
   assert record["status"] in TRIAL_STATUSES, record["status"]
-  write_json_atomic(os.path.join(trial_dir, "trial.json"), record)
+  write_json_atomic(path(trial_dir) / "trial.json", record)
 
 
 def trial_config(trial: Trial, sweep: str) -> dict:
@@ -86,12 +86,12 @@ class Runner:
       if name not in names:
         raise ConfigError("--trial", name, reason=f"no such trial in sweep {sweep} (see --dry-run)")
     self.selected = [t for t in trials if not only or t.name in only]
-    self.sweep_dir = os.path.join(root, sweep)
+    self.sweep_dir = str(path(root) / sweep)  # local or gs://
     self.force, self.argv = force, list(argv or sys.argv)
     self.stop_signal: int | None = None
 
   def trial_dir(self, trial: Trial) -> str:
-    return os.path.join(self.sweep_dir, trial.name)
+    return str(path(self.sweep_dir) / trial.name)
 
   def _on_signal(self, signum, frame) -> None:
     self.stop_signal = signum
@@ -122,13 +122,13 @@ class Runner:
 
   def record_invocation(self, forced: list[str]) -> None:
     """sweep.json: the current trials, and one entry per invocation of the sweep (never rewritten)."""
-    path = os.path.join(self.sweep_dir, "sweep.json")
-    previous = read_json(path) or {}
+    file = path(self.sweep_dir) / "sweep.json"
+    previous = read_json(file) or {}
     invocations = previous.get("invocations", [])
     invocations.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": self.argv,
                         "parallel": self.parallel, "trials": [t.name for t in self.selected],
                         "forced": forced})
-    write_json_atomic(path, {
+    write_json_atomic(file, {
         "sweep": self.sweep, "invocations": invocations,
         "trials": [{"name": t.name, "overrides": t.overrides, "config": t.config.to_dict()}
                    for t in self.trials]})
@@ -138,10 +138,10 @@ class Runner:
     main = jax.process_index() == 0
     forced = self.check_changed()
     if main:
-      os.makedirs(self.sweep_dir, exist_ok=True)
+      path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
       self.record_invocation(forced)
       for name in forced:
-        set_trial(os.path.join(self.sweep_dir, name), status="pending", error=None)
+        set_trial(str(path(self.sweep_dir) / name), status="pending", error=None)
     todo = [t for t in self.selected if trial_record(self.trial_dir(t))["status"] not in SKIP
             or t.name in forced]
     handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -173,12 +173,12 @@ class Runner:
       while queue and len(running) < self.parallel and self.stop_signal is None:
         trial = queue.pop(0)
         tdir = self.trial_dir(trial)
-        os.makedirs(tdir, exist_ok=True)
+        path(tdir).mkdir(parents=True, exist_ok=True)
         if trial.invalid:  # rejected before anything is compiled; the others go on
           set_trial(tdir, status="failed", overrides=trial.overrides, error=trial.invalid, wall_s=0.0)
           bar.update(1)
           continue
-        log = open(os.path.join(tdir, "trial.log"), "a")
+        log = open(self.log_file(tdir), "a")
         # No Python code runs between fork and exec (no preexec_fn), so nothing of JAX's threads is
         # duplicated; its own session keeps a Ctrl-C for the runner, which stops the trials in order.
         proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", tdir], stdin=subprocess.PIPE,
@@ -193,10 +193,25 @@ class Runner:
         if proc.poll() is None:
           continue
         log.close()
+        self.keep_log(trial)
         del running[name]
         self._record(trial, proc.returncode, time.perf_counter() - start)
         bar.update(1)
       time.sleep(0.1)
+
+  def log_file(self, tdir: str) -> str:
+    """Where a trial process writes its output: TRIAL/trial.log, or for a sweep on an object store
+    (a process writes only local files) a local file, copied into the trial's directory after it."""
+    if "://" not in str(path(tdir)):
+      return os.path.join(tdir, "trial.log")
+    local = os.path.join(os.path.expanduser("~/.cache/looped/logs"), self.sweep)
+    os.makedirs(local, exist_ok=True)
+    return os.path.join(local, f"{path(tdir).name}.log")
+
+  def keep_log(self, trial: Trial) -> None:
+    tdir = self.trial_dir(trial)
+    if "://" in str(path(tdir)):
+      (path(tdir) / "trial.log").write_bytes(open(self.log_file(tdir), "rb").read())
 
   def _record(self, trial: Trial, code: int, wall_s: float) -> None:
     tdir = self.trial_dir(trial)
@@ -205,11 +220,11 @@ class Runner:
     if code == 0:
       set_trial(tdir, status="done", wall_s=wall, error=None)
     elif code == 3:
-      set_trial(tdir, status="diverged", wall_s=wall, error=_error_text(os.path.join(tdir, "trial.log")))
+      set_trial(tdir, status="diverged", wall_s=wall, error=_error_text(self.log_file(tdir)))
     elif code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT):
       set_trial(tdir, status="pending", wall_s=wall, error="interrupted; rerun the sweep to resume")
     else:
-      set_trial(tdir, status="failed", wall_s=wall, error=_error_text(os.path.join(tdir, "trial.log")))
+      set_trial(tdir, status="failed", wall_s=wall, error=_error_text(self.log_file(tdir)))
 
   def _run_in_process(self, todo: list[Trial], bar) -> dict[str, str]:
     """Multi-host: all processes run each trial together over the whole mesh."""
@@ -223,7 +238,7 @@ class Runner:
         break
       tdir = self.trial_dir(trial)
       if main:
-        os.makedirs(tdir, exist_ok=True)
+        path(tdir).mkdir(parents=True, exist_ok=True)
         set_trial(tdir, status="running", overrides=trial.overrides, error=None,
                   config=trial_config(trial, self.sweep))
       start = time.perf_counter()

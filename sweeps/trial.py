@@ -45,15 +45,14 @@ def control_trial(workdir: str) -> str | None:
   evaluated already: this trial's stage metrics are drawn beside its own (sweep files list the
   control first, so that with --parallel 1 it is always done before the others)."""
   from eval.outputs import latest
-  from train.workdir import read_json
-  sweep_dir = os.path.dirname(os.path.abspath(workdir))
-  for name in sorted(os.listdir(sweep_dir)):
-    other = os.path.join(sweep_dir, name)
-    if other == os.path.abspath(workdir) or not os.path.isfile(os.path.join(other, "config.json")):
+  from train.workdir import path, read_json
+  me = path(workdir)
+  for other in sorted(me.parent.iterdir(), key=lambda p: p.name):
+    if other.name == me.name or not (other / "config.json").is_file():
       continue
-    if (read_json(os.path.join(other, "config.json")) or {}).get("eval", {}).get("control") and \
-        latest(other, "fixed_points.json"):
-      return other
+    if (read_json(other / "config.json") or {}).get("eval", {}).get("control") and \
+        latest(str(other), "fixed_points.json"):
+      return str(other)
   return None
 
 
@@ -87,7 +86,8 @@ def main() -> int:
   plots.FORMATS = ("png",)  # the report's figures come as SVG too; `python -m eval` writes a trial's
   logging.set_verbosity(logging.WARNING)
   workdir = sys.argv[1]
-  use_compilation_cache(os.path.dirname(os.path.abspath(workdir)))
+  from train.workdir import path
+  use_compilation_cache(str(path(workdir).parent))
   try:
     cfg = ml_collections.ConfigDict(json.load(sys.stdin))
     code, result = run_trial(cfg, workdir, progress=False)

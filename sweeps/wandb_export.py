@@ -13,7 +13,6 @@ and `${args}` (`--trial=NAME --config.wandb.group=NAME --config.wandb.mode=onlin
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -56,8 +55,8 @@ def agent_command(defn: dict, trial: str, interpreter: str = sys.executable) -> 
   return cmd
 
 
-def write(defn: dict, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    yaml.safe_dump(defn, f, sort_keys=False)
-  return path
+def write(defn: dict, file: str) -> str:
+  from train.workdir import path
+  path(file).parent.mkdir(parents=True, exist_ok=True)
+  path(file).write_text(yaml.safe_dump(defn, sort_keys=False))
+  return file
