@@ -19,8 +19,9 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 # The keys that fix the parameter shapes: a checkpoint only restores into a model that agrees on them.
 SHAPE_KEYS = ("d_model", "n_heads", "d_ff", "vocab_size", "max_len", "n_prelude", "block_size",
-              "n_coda", "injection", "norm", "norm_type", "mlp", "positions", "tie_embeddings",
-              "qk_bias")
+              "n_coda", "injection", "norm", "norm_type", "mlp", "positions", "tie_embeddings")
+# (qk_bias changes shapes too, but runs made before it existed lack the key; a mismatch is caught by
+# the checkpoint restore: "does not match the model")
 
 ModelSpec = Any  # an ml_collections.ConfigDict (or any object) with the attributes of configs/base.py:model
 

@@ -168,6 +168,10 @@ def import_raven(hf_dir: str, out: str, *, dtype: str = "float32", mesh: jax.sha
   out = os.path.abspath(out)
   cfg = run_config(rc, dtype, os.path.basename(out))
   _check_new_dir(out)
+  tmp = f"{out}.partial"  # the same name on every process (orbax writes collectively)
+  if os.path.exists(tmp):
+    from train.workdir import RunDirError
+    raise RunDirError(f"{tmp} exists: an import into {out} was interrupted; remove it first")
   if mesh is not None:
     check_divisible(cfg.model, mesh.shape["data"] * mesh.shape["fsdp"], mesh)
   _, abstract = abstract_model(cfg.model, cfg.train.seed)
@@ -178,7 +182,6 @@ def import_raven(hf_dir: str, out: str, *, dtype: str = "float32", mesh: jax.sha
   params = stream_params(hf_dir, rc, {k: found[k][2] for k in names}, abstract, shardings, dtype,
                          progress=progress)
 
-  tmp = f"{out}.partial{os.getpid()}"
   main = jax.process_index() == 0
   try:
     ckpt = Checkpointer(tmp, keep=1, save_concurrent_gb=1)  # host memory: about the model once
