@@ -21,7 +21,8 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at once (separate pr
 _DRY_RUN = flags.DEFINE_bool("dry-run", False, "List the trials and exit.")
 _TRIAL = flags.DEFINE_multi_string("trial", None, "Run only this trial (repeatable); what a W&B agent "
                                    "runs (see export-wandb).")
-_OUT = flags.DEFINE_string("out", None, "export-wandb: the YAML file (default WORKDIR/SWEEP/wandb_sweep.yaml).")
+_OUT = flags.DEFINE_string("out", None,
+                           "export-wandb: the YAML file (default WORKDIR/SWEEP/wandb_sweep.yaml).")
 _FORCE = flags.DEFINE_bool("force", False, "Run again the trials whose config changed since they ran "
                            "(resumed from their checkpoints); without it such a sweep is refused.")
 

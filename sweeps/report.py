@@ -232,8 +232,8 @@ def _plot_grids(grids: dict, file: str | None) -> str:
   agreement across seeds; a legend names the colours."""
   n = len(grids)
   cols = min(n, 3)
-  fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.4 * cols, 3.4 * ((n + cols - 1) // cols) + 0.6),
-                           squeeze=False)
+  nrows = (n + cols - 1) // cols
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows + 0.6), squeeze=False)
   seen = set()
   for ax, (title, g) in zip(axes.flat, grids.items()):
     ax.grid(False)

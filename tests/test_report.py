@@ -67,7 +67,8 @@ def test_cells_group_every_axis_but_the_seed_and_aggregate_seeds(tmp_path):
   header, body = report.cell_table(rows)
   table = {(r[0], r[1]): dict(zip(header, r)) for r in body}
   assert table[("1", "16")]["regime (agreement)"] == "degenerate 2/2"
-  assert table[("1", "32")]["regime (agreement)"] in ("degenerate 1/2, orbit 1/2", "orbit 1/2, degenerate 1/2")
+  assert table[("1", "32")]["regime (agreement)"] in ("degenerate 1/2, orbit 1/2",
+                                                      "orbit 1/2, degenerate 1/2")
   assert table[("1", "16")]["acc@16"] == "0.600 ± 0.100"  # mean and population std of 0.5, 0.7
   assert table[("2", "16")]["acc@16"] == "0.750 ± 0.150"
   assert table[("2", "16")]["converged at (it.)"] == "6.0 ± 1.0"  # all layers: max(3, 5), max(7, 2)
@@ -129,7 +130,8 @@ def test_evaluation_figures(analysis):
     assert _legend_matches_lines(ax) == ["relative norm", "1 − cos"] and ax.get_yscale() == "log"
   fig = plots.attention_similarity(rep, None)  # the first 8 of 12 iterations by default
   assert fig.axes[0].get_images()[0].get_array().shape == (16, 16)
-  assert plots.attention_similarity(rep, None, iterations=3).axes[0].get_images()[0].get_array().shape == (6, 6)
+  fig = plots.attention_similarity(rep, None, iterations=3)
+  assert fig.axes[0].get_images()[0].get_array().shape == (6, 6)
   fig = plots.stage_metrics(rep, None, compare={"sink_rate": np.zeros((12, 2))}, compare_label="random init")
   sink = next(ax for ax in fig.axes if ax.get_title() == "Sink rate")
   assert _legend_matches_lines(sink) == ["layer ℓ = 1", "layer ℓ = 2", "ℓ = 1, random init",
@@ -181,7 +183,8 @@ def test_reevaluation_leaves_the_first_outputs_untouched(tmp_path):
   for f, data in before.items():
     assert open(os.path.join(first, f), "rb").read() == data
   again = json.load(open(outputs.latest(workdir, "fixed_points.json")))
-  assert again["report"]["thresholds"]["tau"] == 0.1 and outputs.latest(workdir, "fixed_points.json").endswith("eval/0.1/fixed_points.json")
+  assert again["report"]["thresholds"]["tau"] == 0.1
+  assert outputs.latest(workdir, "fixed_points.json").endswith("eval/0.1/fixed_points.json")
   # the evaluator reads the config the run finished with (the newest config.N.json)
   finished = json.load(open(os.path.join(workdir, "config.json")))
   finished["train"]["steps"] = 77

@@ -209,7 +209,8 @@ def test_meaningless_trials_are_rejected_before_running():
   class Sweep:
     @staticmethod
     def get_hyper(h):
-      return h.product([h.sweep("model.injection", ["none", "add"]), h.sweep("model.state_init", ["embed", "zeros"])])
+      return h.product([h.sweep("model.injection", ["none", "add"]),
+                        h.sweep("model.state_init", ["embed", "zeros"])])
 
   trials = {t.name: t.invalid for t in expand(tiny_config(), Sweep)}
   assert [n for n, bad in trials.items() if bad] == ["none-init-zeros"]
@@ -227,7 +228,8 @@ def test_export_wandb_runs_one_trial_as_an_agent_and_a_changed_config_is_refused
   assert defn["method"] == "grid" and defn["name"] == "tiny"
   assert defn["parameters"]["trial"] == {"values": ["k1-pre", "k2-pre", "k3-pre"]}
   assert defn["parameters"]["config.wandb.group"] == {"value": "tiny"}
-  assert defn["command"][:4] == ["${env}", "${interpreter}", "-m", "sweeps"] and defn["command"][-1] == "${args}"
+  assert defn["command"][:4] == ["${env}", "${interpreter}", "-m", "sweeps"]
+  assert defn["command"][-1] == "${args}"
   assert set(defn) <= {"name", "description", "method", "parameters", "command", "project", "entity",
                        "program", "metric"}
   # the exact command `wandb agent` runs for one trial (W&B offline: no API key here)

@@ -4,7 +4,7 @@ for 2 CPU cores (`make run`, about 15 minutes; see bench/RESULTS.md).
   python -m sweeps --config configs/sweeps/default.py
 
 27 cells x 2 seeds = 54 trials; each trains a (1, k⊗r, 1) model, d=32, on prefix_or of size 8 with a
-local window, then evaluates its fixed points over 64 iterations, its accuracy at sizes 8 and 32 and
+local window, then evaluates its fixed points over 48 iterations, its accuracy at sizes 8 and 32 and
 what adaptive halting saves. The seeds of a cell compile the same programs, which the trials share
 through JAX's persistent compilation cache in runs/default/.jax_cache.
 """
@@ -16,10 +16,10 @@ def get_config():
   c = base_config()
   c.task.train_length, c.task.test_lengths = 8, (32,)
   c.model.update(d_model=32, n_heads=2, d_ff=64, max_len=32, n_prelude=1, n_coda=1, window=3)
-  c.train.update(steps=120, batch_size=32, lr=3e-3, warmup=20, recurrence="uniform", eval_every=-1,
+  c.train.update(steps=100, batch_size=32, lr=3e-3, warmup=20, recurrence="uniform", eval_every=-1,
                  min_recurrence=2, max_recurrence=6, mean_recurrence=4, log_every=20,
-                 checkpoint_every=60, eval_batch_size=128)
-  c.eval.update(iterations=64, batch_size=4)
+                 checkpoint_every=50, eval_batch_size=64)
+  c.eval.update(iterations=48, batch_size=4)
   return c
 
 
