@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
 from bench.results import machine, write_section

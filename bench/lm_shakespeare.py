@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
 
   m = cfg.model
   lines = [
-      f"## Shakespeare preset: held-out loss against wall time (`configs/lm_shakespeare.py`)", "",
+      "## Shakespeare preset: held-out loss against wall time (`configs/lm_shakespeare.py`)", "",
       f"Machine: {machine()}. `python -m bench.lm_shakespeare`. ({m.n_prelude}, {m.block_size}⊗r, "
       f"{m.n_coda}), d = {m.d_model}, {m.n_heads} heads, {m.mlp} MLP of {m.d_ff}, injection "
       f"`{m.injection}`, norm `{m.norm}`, {n_params / 1e6:.2f}M parameters, byte-level, windows of "
