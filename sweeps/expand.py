@@ -59,6 +59,9 @@ def _fmt(value: Any) -> str:
 def trial_name(overrides: dict[str, Any]) -> str:
   parts = []
   for key, value in overrides.items():
+    if isinstance(value, bool) and key not in NAME_PREFIX:  # eval.control=True -> "control"
+      parts.append(("" if value else "no-") + key.split(".")[-1])
+      continue
     prefix = NAME_PREFIX.get(key, key.split(".")[-1] + "=")
     parts.append(f"{prefix}{_fmt(value)}")
   return "-".join(parts).replace("/", "_") or "base"

@@ -274,3 +274,9 @@ def test_force_reruns_a_changed_trial_and_sweep_json_keeps_every_invocation(tmp_
   assert [(i["argv"], i["forced"]) for i in index["invocations"]] == [(["first"], []),
                                                                      (["second", "--force"], ["k1-pre"])]
   assert [t["config"]["train"]["steps"] for t in index["trials"]] == [14, 14, 14]
+
+
+def test_boolean_overrides_name_a_trial_by_their_key():
+  from sweeps.expand import trial_name
+  assert trial_name({"model.block_size": 12, "eval.control": True}) == "k12-control"
+  assert trial_name({"eval.control": False}) == "no-control"
