@@ -87,18 +87,18 @@ def train_caller(c, batch: dict, r: int = TRAIN_ITERS, *, static_n: bool = False
   the gradients."""
   graphdef, params = init_model(c.model, 0)
   tx = make_optimizer(c.train)
-  step_fn = make_train_step(graphdef, tx, max_iters=r, backprop_depth=c.train.backprop_depth, seed=0)
+  def grads_only(params, batch, n_iters):
+    def loss_fn(p):
+      out = nnx.merge(graphdef, p)(batch["inputs"], n_iters, max_iters=r)
+      return masked_cross_entropy(out.logits_BSV, batch["targets"], batch["mask"])
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    return params, (loss, grads)
+
   if optimizer:
+    step_fn = make_train_step(graphdef, tx, max_iters=r, backprop_depth=c.train.backprop_depth, seed=0)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   else:
-    state = params
-
-    def step_fn(params, batch, n_iters):  # noqa: F811 (the loss and gradients only)
-      def loss_fn(p):
-        out = nnx.merge(graphdef, p)(batch["inputs"], n_iters, max_iters=r)
-        return masked_cross_entropy(out.logits_BSV, batch["targets"], batch["mask"])
-      loss, grads = jax.value_and_grad(loss_fn)(params)
-      return params, (loss, grads)
+    step_fn, state = grads_only, params
   if static_n:
     compiled = jax.jit(lambda s, b: step_fn(s, b, r), donate_argnums=(0,)).lower(state, batch).compile()
     run = lambda s: compiled(s, batch)
