@@ -86,8 +86,8 @@ def apply_rope(x_BSHD: jax.Array, rope: tuple[jax.Array, jax.Array], style: str 
 
 def dense(lin: nnx.Linear, x: jax.Array) -> jax.Array:
   """`lin(x)` over x's rows flattened to a 2-D [tokens, features] matrix: XLA's CPU backend runs a 2-D
-  matmul and its weight gradient about 1.4x faster than the same contraction over [B, S, D] (it
-  transposes the [B, S, F] cotangent otherwise); on other backends the reshape is free."""
+  matmul and its weight gradient faster than the same contraction over [B, S, D] (a swiglu MLP's
+  forward and backward 1.4x, bench/RESULTS.md); on other backends the reshape is free."""
   return lin(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 

@@ -1,0 +1,130 @@
+"""Model FLOPs utilisation of the train step on one NVIDIA GPU: (2, 4⊗8, 2), d = 1024, sequence 1024,
+bfloat16, the largest batch that fits, attention through cuDNN (and XLA for contrast).
+
+  python -m bench.gpu_mfu                     # on a GPU host: prints and records the figures
+  python -m bench.gpu_mfu --smoke             # tiny shapes on any backend: checks the script runs
+
+The batch: the largest power of two (up to --max_batch) whose compiled train step XLA says fits in
+--memory_fraction of the device's memory, halved again if it still runs out. Figures: training
+tokens/s, model TFLOP/s (6 × matmul FLOPs of the forward per token, the causal half of the attention
+scores) and MFU against the chip's dense bfloat16 peak; the forward pass (prefill) tokens/s as well.
+Per-token decoding needs a decode path with a KV cache, which this code base does not have yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+
+from bench.reference_speed import (batch_of, forward_caller, forward_flops, reference_config, timed,
+                                   train_caller)
+from bench.results import machine, write_section
+
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense
+
+
+def gpu_config(args, impl: str):
+  c = reference_config(d_model=args.d_model, n_heads=args.d_model // 64, d_ff=args.d_ff,
+                       vocab_size=args.vocab, max_len=args.seq, dtype=args.dtype,
+                       attention_impl=impl, remat=args.remat)
+  c.train.batch_size = 0
+  return c
+
+
+def fits(c, batch_size: int, args) -> bool:
+  """Whether XLA's compiled memory for this batch is within the budget (compiles, runs nothing)."""
+  try:
+    call = train_caller(c, batch_of(c.model.vocab_size, batch_size, args.seq), args.iters)
+  except Exception as e:  # noqa: BLE001 (an allocation failure at compile time means "no")
+    print(f"batch {batch_size}: does not compile ({str(e).splitlines()[0][:120]})", flush=True)
+    return False
+  m = call.compiled.memory_analysis()
+  need = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit", 0)
+  print(f"batch {batch_size}: {need / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB", flush=True)
+  return not limit or need <= args.memory_fraction * limit
+
+
+def largest_batch(c, args) -> int:
+  b = 1
+  while b * 2 <= args.max_batch and fits(c, b * 2, args):
+    b *= 2
+  return b
+
+
+def measure(c, batch_size: int, args) -> dict:
+  batch = batch_of(c.model.vocab_size, batch_size, args.seq)
+  while True:
+    try:
+      train = train_caller(c, batch, args.iters)
+      step_s = timed(train, args.repeats, args.warmup)
+      break
+    except Exception as e:  # noqa: BLE001 (out of memory at run time: halve the batch)
+      if "RESOURCE_EXHAUSTED" not in str(e) or batch_size == 1:
+        raise
+      batch_size //= 2
+      batch = batch_of(c.model.vocab_size, batch_size, args.seq)
+      print(f"out of memory; batch {batch_size}", flush=True)
+  del train
+  fwd_s = timed(forward_caller(c, batch, args.iters), args.repeats, args.warmup)
+  tokens = batch_size * args.seq
+  flops = 3 * forward_flops(c.model, args.iters, batch_size, args.seq)
+  kind = jax.devices()[0].device_kind
+  peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
+  return {"impl": c.model.attention_impl, "batch": batch_size, "step_s": step_s,
+          "tokens_per_s": tokens / step_s, "tflops": flops / step_s / 1e12,
+          "mfu": flops / step_s / peak if peak else None, "forward_tokens_per_s": tokens / fwd_s}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--d_model", type=int, default=1024)
+  p.add_argument("--d_ff", type=int, default=2816)
+  p.add_argument("--vocab", type=int, default=32768)
+  p.add_argument("--seq", type=int, default=1024)
+  p.add_argument("--iters", type=int, default=8)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--impls", default="auto,xla", help="model.attention_impl values to measure")
+  p.add_argument("--max_batch", type=int, default=256)
+  p.add_argument("--memory_fraction", type=float, default=0.9)
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--smoke", action="store_true", help="tiny shapes, any backend, nothing recorded")
+  p.add_argument("--section", default="gpu_mfu")
+  args = p.parse_args()
+  if args.smoke:
+    args.d_model, args.d_ff, args.vocab, args.seq, args.iters = 128, 256, 256, 64, 2
+    args.max_batch, args.repeats, args.warmup, args.impls = 4, 1, 1, "auto"
+  elif jax.default_backend() != "gpu":
+    sys.exit(f"no GPU here (backend {jax.default_backend()}); run with --smoke to check the script")
+  rows = []
+  for impl in args.impls.split(","):
+    c = gpu_config(args, impl)
+    b = largest_batch(c, args)
+    rows.append(measure(c, b, args))
+    print(rows[-1], flush=True)
+  cmd = " ".join(["python -m bench.gpu_mfu", *sys.argv[1:]])
+  lines = [f"## GPU train-step MFU: (2, 4⊗{args.iters}, 2), d = {args.d_model}, swiglu {args.d_ff}, "
+           f"vocab {args.vocab}, sequence {args.seq}, {args.dtype}{', remat' if args.remat else ''}",
+           "", f"Machine: {machine()}. `{cmd}` (median of {args.repeats} steps after {args.warmup} "
+           f"warm-ups; the largest power-of-two batch whose compiled step fits in "
+           f"{args.memory_fraction:.0%} of the device memory).", "",
+           "| attention | batch | step (s) | train tokens/s | model TFLOP/s | MFU | forward tokens/s |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    lines.append(f"| {r['impl']} | {r['batch']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+                 f"{r['tflops']:.1f} | {mfu} | {r['forward_tokens_per_s']:,.0f} |")
+  lines += ["", "Target: ≥ 40% MFU on an H100/H200. Model FLOPs: 3 × the forward's matmul FLOPs "
+            "(projections, concat adapter, unembedding, the causal half of QKᵀ and AV)."]
+  print("\n".join(lines))
+  if not args.smoke:
+    write_section(args.section, "\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()

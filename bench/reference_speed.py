@@ -1,0 +1,171 @@
+"""Train step and forward passes at the configuration of the public Huginn PyTorch implementation's
+small benchmark, next to the machine's own fp32 matmul rate measured in the same run.
+
+  python -m bench.reference_speed [--repeats 10] [--warmup 3] [--section reference_speed]
+
+(2, 4⊗8, 2), d = 256, 4 heads, gated-SiLU MLP of width 869, vocabulary 512, tied embeddings, concat
+injection, sandwich norm, full causal attention, float32, batch 8 × 256 tokens, all 8 iterations
+back-propagated, AdamW. Figures are medians of `--repeats` calls after `--warmup` calls. The reference's
+own figures (PyTorch eager, 2 threads, measured on a 2-core AMD EPYC machine, issue 15) are quoted for the
+ratio; they only compare with figures measured on that machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bench.results import machine, write_section
+from configs.base import get_config
+from train.step import init_model, make_optimizer, make_train_step, masked_cross_entropy
+
+BATCH, SEQ, TRAIN_ITERS = 8, 256, 8
+# PyTorch eager, 2 threads, on the 2-core AMD EPYC machine of issue 15: seconds per call.
+REFERENCE_S = {"train": 3.53, "forward8": 1.07, "forward32": 4.07}
+
+
+def reference_config(**overrides):
+  """The full trial config at the reference configuration; `overrides` apply to `model`."""
+  c = get_config()
+  c.model.update(d_model=256, n_heads=4, d_ff=869, mlp="swiglu", vocab_size=512, max_len=SEQ,
+                 tie_embeddings=True, injection="concat", norm="sandwich", attention="full",
+                 positions="rope", state_init="normal", n_prelude=2, block_size=4, n_coda=2,
+                 dtype="float32", remat=False)
+  c.model.update(overrides)
+  c.train.update(steps=1000, recurrence="fixed", mean_recurrence=TRAIN_ITERS, backprop_depth=0)
+  return c
+
+
+def forward_flops(m, r: int, batch: int = BATCH, seq: int = SEQ) -> float:
+  """Matmul FLOPs of one forward pass: 2 per multiply-add of every projection, the concat adapter and
+  the unembedding, plus QK^T and AV over the causal half of the score matrix (the issue's accounting)."""
+  d, f = m.d_model, m.d_ff
+  layer = 4 * d * d + (3 if m.mlp == "swiglu" else 2) * d * f
+  applications = m.n_prelude + m.n_coda + m.block_size * r
+  adapter = {"concat": 2 * d * d, "gate": 2 * d * d}.get(m.injection, 0) * r
+  dense = 2 * batch * seq * (applications * layer + adapter + d * m.vocab_size)
+  attention = applications * 2 * batch * seq * seq * d  # 2 matmuls x 2 FLOPs x S^2/2 (causal) x D
+  return float(dense + attention)
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+  """Median wall seconds of `fn()` (blocking on its result) after `warmup` untimed calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def matmul_rate(n: int = 2048, repeats: int = 10, warmup: int = 3) -> float:
+  """FLOP/s of a jitted n x n float32 matmul."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  mm = jax.jit(jnp.dot)
+  return 2 * n ** 3 / timed(lambda: mm(a, b), repeats, warmup)
+
+
+def batch_of(vocab: int, batch: int = BATCH, seq: int = SEQ) -> dict:
+  tokens = np.random.default_rng(0).integers(0, vocab, (batch, seq), dtype=np.int32)
+  return {"inputs": jnp.asarray(tokens), "targets": jnp.asarray(np.roll(tokens, -1, 1)),
+          "mask": jnp.ones((batch, seq), jnp.float32)}
+
+
+def train_caller(c, batch: dict, r: int = TRAIN_ITERS, *, static_n: bool = False,
+                 optimizer: bool = True) -> Callable[[], object]:
+  """One train step compiled now (as the trainer compiles it: traced n_iters, donated state) as a
+  thunk. `static_n` passes r as a Python int (no per-iteration masking); `optimizer=False` stops at
+  the gradients."""
+  graphdef, params = init_model(c.model, 0)
+  tx = make_optimizer(c.train)
+  def grads_only(params, batch, n_iters):
+    def loss_fn(p):
+      out = nnx.merge(graphdef, p)(batch["inputs"], n_iters, max_iters=r)
+      return masked_cross_entropy(out.logits_BSV, batch["targets"], batch["mask"])
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    return params, (loss, grads)
+
+  if optimizer:
+    step_fn = make_train_step(graphdef, tx, max_iters=r, backprop_depth=c.train.backprop_depth, seed=0)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  else:
+    step_fn, state = grads_only, params
+  if static_n:
+    compiled = jax.jit(lambda s, b: step_fn(s, b, r), donate_argnums=(0,)).lower(state, batch).compile()
+    run = lambda s: compiled(s, batch)
+  else:
+    n = jnp.int32(r)
+    compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, batch, n).compile()
+    run = lambda s: compiled(s, batch, n)
+  box = [state]
+
+  def call():
+    box[0], metrics = run(box[0])
+    return metrics
+
+  call.compiled = compiled
+  return call
+
+
+def forward_caller(c, batch: dict, r: int) -> Callable[[], object]:
+  """The forward pass (logits after r iterations), compiled now, as a thunk."""
+  graphdef, params = init_model(c.model, 0)
+  compiled = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, r).logits_BSV).lower(
+      params, batch["inputs"]).compile()
+  call = lambda: compiled(params, batch["inputs"])
+  call.compiled = compiled
+  return call
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--note", default="", help="a sentence on the machine's state, for RESULTS.md")
+  p.add_argument("--section", default="reference_speed")
+  args = p.parse_args()
+  c = reference_config()
+  batch = batch_of(c.model.vocab_size)
+  rate = matmul_rate(repeats=args.repeats, warmup=args.warmup)
+  print(f"matmul 2048^2 fp32: {rate / 1e9:.0f} GFLOP/s", flush=True)
+  f8, f32 = forward_flops(c.model, 8), forward_flops(c.model, 32)
+  rows = [("train step, r = 8", "train", train_caller(c, batch), 3 * f8),
+          ("forward, r = 8", "forward8", forward_caller(c, batch, 8), f8),
+          ("forward, r = 32", "forward32", forward_caller(c, batch, 32), f32)]
+  lines = []
+  for name, key, call, flops in rows:
+    s = timed(call, args.repeats, args.warmup)
+    ref = REFERENCE_S[key]
+    line = (f"| {name} | {s:.3f} | {BATCH * SEQ / s:,.0f} | {flops / s / 1e9:.0f} | "
+            f"{flops / s / rate:.0%} | {ref:.2f} ({BATCH * SEQ / ref:,.0f}) | {ref / s:.2f}× |")
+    print(line, flush=True)
+    lines.append(line)
+  rate_after = matmul_rate(repeats=args.repeats, warmup=1)
+  body = [f"## Reference configuration: (2, 4⊗8, 2), d = 256, swiglu 869, vocab 512, concat, sandwich, "
+          f"float32, batch {BATCH} × {SEQ}", "",
+          f"Machine: {machine()}. `python -m bench.reference_speed --repeats {args.repeats} --warmup "
+          f"{args.warmup}` (median of {args.repeats} calls after {args.warmup} warm-ups). "
+          f"{args.note}".rstrip(), "",
+          f"fp32 matmul rate (jitted 2048² `jnp.dot`, same run): {rate / 1e9:.0f} GFLOP/s before the "
+          f"model figures, {rate_after / 1e9:.0f} GFLOP/s after them. Model GFLOP/s count the matmul "
+          f"FLOPs (causal half of the attention scores), the train step as 3× the forward's; % is of "
+          f"the first matmul rate.", "",
+          "| program | seconds | tokens/s | GFLOP/s | % of matmul | reference s (tokens/s) | "
+          "speed vs reference |", "| --- | --- | --- | --- | --- | --- | --- |", *lines, "",
+          "Reference: the public Huginn PyTorch implementation, eager, 2 threads, measured on a 2-core "
+          "AMD EPYC machine (issue 15); the ratio column only means something on that machine. "
+          "Targets: train step ≥ 1.5× (≤ 2.35 s there, about 48% of its matmul rate), forward ≥ 2×."]
+  write_section(args.section, "\n".join(body))
+
+
+if __name__ == "__main__":
+  main()
