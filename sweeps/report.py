@@ -129,7 +129,14 @@ def cell_metrics(rows: list[dict]) -> list[tuple[str, Any, str]]:
   sizes = sorted({int(k.split("/")[1][3:]) for k in keys if k.startswith("acc/len") and k.endswith("/best")})
   out: list[tuple[str, Any, str]] = [
       (f"acc@{n}", lambda r, n=n: r["summary"].get(f"acc/len{n}/best"), ".3f") for n in sizes]
-  out += [(k, lambda r, k=k: r["summary"].get(k), ".4f") for k in keys if k.endswith("/loss")]
+  # held-out loss (text): the best over 1..R, then at each recorded iteration count, in order
+  losses = sorted((k for k in keys if k.startswith("val/iters") and k.endswith("/loss")),
+                  key=lambda k: int(k.split("/")[1][5:]))
+  if any(k == "val/best_loss" for k in keys):
+    out.append(("held-out loss (best)", lambda r: r["summary"].get("val/best_loss"), ".4f"))
+  out += [(f"loss @ r={k.split('/')[1][5:]}", lambda r, k=k: r["summary"].get(k), ".4f") for k in losses]
+  out += [(k, lambda r, k=k: r["summary"].get(k), ".4f") for k in keys
+          if k.endswith("/loss") and k not in losses]
   out += [("converged at (it.)", convergence_iteration, ".1f"),
           ("degeneracy cos", lambda r: r["summary"].get("fp/degeneracy_min_cosine"), ".4f"),
           ("halting: it. saved", lambda r: (r["halting"] or {}).get("iterations_saved_fraction"), ".1%")]
