@@ -1,7 +1,7 @@
 """`python -m eval --workdir runs/NAME` evaluates a trained run's newest checkpoint;
 `python -m eval --config FILE --init --workdir runs/NAME` evaluates the model at initialisation;
 `--data DIR` evaluates on held-out windows of a prepared text corpus, `--compare RUN` shows a control
-run's stage metrics beside this one's;
+run's stage metrics beside this one's, `--mesh D,F,T` opens the run on another device mesh;
 `python -m eval halting --workdir runs/NAME [--iterations R] [--slots P] [--repeats N]` sweeps the halting
 criteria of a trained run (eval/halting.py).
 
@@ -32,9 +32,25 @@ _DATA = flags.DEFINE_string("data", None, "A prepared text corpus (python -m tra
                             "evaluate on: held-out windows of it, whatever the run trained on.")
 _COMPARE = flags.DEFINE_string("compare", None, "A control run (e.g. a feedforward model), already "
                                "evaluated, whose stage metrics are shown beside this run's.")
+_MESH = flags.DEFINE_string("mesh", None, "DATA,FSDP,TENSOR: the device mesh to open the run on "
+                            "(default: the run's own mesh config; -1 takes the remaining devices).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "halting: timed calls per setting (median; 0: no timing).")
 _SLOTS = flags.DEFINE_integer("slots", None, "halting: sequences in flight for per-sequence exit "
                               "(default: train.eval_batch_size / 8).")
+
+
+def with_mesh(cfg):
+  """`cfg` with `--mesh D,F,T` applied (the run's parameters are sharded onto that mesh)."""
+  if not _MESH.value:
+    return cfg
+  from configs.errors import ConfigError
+  try:
+    data, fsdp, tensor = (int(x) for x in _MESH.value.split(","))
+  except ValueError:
+    raise ConfigError("--mesh", _MESH.value, allowed="DATA,FSDP,TENSOR (integers, one may be -1)") from None
+  cfg = type(cfg)(cfg.to_dict())
+  cfg.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+  return cfg
 
 
 def halting_main() -> int:
@@ -48,7 +64,7 @@ def halting_main() -> int:
   try:
     if _INIT.value:
       raise RunDirError("halting evaluates a trained run; --init is not supported")
-    cfg = load_run_config(_WORKDIR.value)
+    cfg = with_mesh(load_run_config(_WORKDIR.value))
     s = evaluate_halting(cfg, _WORKDIR.value, iterations=_ITERS.value, slots=_SLOTS.value,
                          repeats=_REPEATS.value)["summary"]
     where = latest(_WORKDIR.value, "halting.json")
@@ -93,6 +109,7 @@ def main(argv: list[str]) -> int:
       cfg = load_run_config(_WORKDIR.value)
     if _DATA.value:
       cfg = with_text_data(cfg, _DATA.value)
+    cfg = with_mesh(cfg)
     summary = evaluate(cfg, _WORKDIR.value, init=_INIT.value, iterations=_ITERS.value,
                        batch_size=_BATCH.value, chunk=_CHUNK.value,
                        thresholds={"tau": _TAU.value, "rho": _RHO.value}, compare=_COMPARE.value)
