@@ -32,6 +32,8 @@ _DATA = flags.DEFINE_string("data", None, "A prepared text corpus (python -m tra
                             "evaluate on: held-out windows of it, whatever the run trained on.")
 _COMPARE = flags.DEFINE_string("compare", None, "A control run (e.g. a feedforward model), already "
                                "evaluated, whose stage metrics are shown beside this run's.")
+_STARTS = flags.DEFINE_integer("starts", None, "Path independence: also run from this many random "
+                               "initial states (default: eval.path_starts, 0).")
 _MESH = flags.DEFINE_string("mesh", None, "DATA,FSDP,TENSOR: the device mesh to open the run on "
                             "(default: the run's own mesh config; -1 takes the remaining devices).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "halting: timed calls per setting (median; 0: no timing).")
@@ -110,6 +112,9 @@ def main(argv: list[str]) -> int:
     if _DATA.value:
       cfg = with_text_data(cfg, _DATA.value)
     cfg = with_mesh(cfg)
+    if _STARTS.value is not None:
+      cfg = type(cfg)(cfg.to_dict())
+      cfg.eval.path_starts = _STARTS.value
     summary = evaluate(cfg, _WORKDIR.value, init=_INIT.value, iterations=_ITERS.value,
                        batch_size=_BATCH.value, chunk=_CHUNK.value,
                        thresholds={"tau": _TAU.value, "rho": _RHO.value}, compare=_COMPARE.value)

@@ -43,11 +43,17 @@ class Capture:
     self.graphdef, self.params, self.chunk, self.mesh = graphdef, params, chunk, mesh
     key = jax.random.key(seed)
 
-    def start(params, tokens_BS):
+    def start(params, tokens_BS, start_key):
+      """The injected input e and the initial state: the model's own (start_key None), or a random
+      one (truncated normal of the per-token scale of e: a path-independence start)."""
       model = nnx.merge(graphdef, params)
       ctx = model.context(tokens_BS.shape[1])
       e_BSD = model.encode(tokens_BS, ctx)
-      return model.initial_state(e_BSD, key), e_BSD
+      if start_key is None:
+        return model.initial_state(e_BSD, key), e_BSD
+      scale_BS1 = jnp.sqrt(jnp.mean(jnp.square(e_BSD.astype(jnp.float32)), -1, keepdims=True))
+      noise = jax.random.truncated_normal(start_key, -3.0, 3.0, e_BSD.shape, jnp.float32)
+      return (noise * scale_BS1).astype(e_BSD.dtype), e_BSD
 
     def advance(params, s_BSD, e_BSD, targets_BS, mask_BS, *, n: int, attention: bool):
       """n iterations: the new state, per-layer states [n,k,B,S,D], attention [n,k,B,H,S,S], the
@@ -75,13 +81,14 @@ class Capture:
     self._start = jax.jit(start)
     self._advance = jax.jit(advance, static_argnames=("n", "attention"))
 
-  def run(self, batch: dict, R: int, *, states: bool = True, attention: bool = False
+  def run(self, batch: dict, R: int, *, states: bool = True, attention: bool = False,
+          start_key: jax.Array | None = None
           ) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, dict, np.ndarray]]:
     """Yield, per chunk of consecutive iterations, (states [n,k,B,S,D] or None,
     attention [n,k,B,H,S,S] or None, accuracy counts per iteration {name: [n]}, predictions [n,B,S])
-    as numpy."""
+    as numpy. `start_key`: start from a random state instead of the model's own."""
     batch = self.place(batch)
-    s_BSD, e_BSD = self._start(self.params, batch["inputs"])
+    s_BSD, e_BSD = self._start(self.params, batch["inputs"], start_key)
     done = 0
     while done < R:
       n = min(self.chunk, R - done)
@@ -102,6 +109,26 @@ class Capture:
     sharding = NamedSharding(self.mesh, spec)
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
             for k, v in batch.items()}
+
+  def path_independence(self, batch: dict, R: int, starts: int, seed: int = 0) -> dict:
+    """Run the same tokens for R iterations from the model's own initial state and from `starts`
+    random ones; compare where each token's last block layer ends: {"starts", "min_cosine" (over
+    tokens and starts, of each end against the model's own end), "mean_cosine", "same_point" (share
+    of tokens whose every end lies within 1 - cos < 0.05 of the model's own: one fixed point,
+    reached from anywhere)}."""
+    def end(start_key):
+      last = None
+      for st, _, _, _ in self.run(batch, R, start_key=start_key):
+        last = st[-1, -1]
+      return last.astype(np.float64)
+
+    own = end(None)
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
+    cos_KBS = np.stack([(unit(own) * unit(end(jax.random.key(seed * 1000 + i)))).sum(-1)
+                        for i in range(1, starts + 1)])
+    return {"starts": starts, "min_cosine": float(np.nanmin(cos_KBS)),
+            "mean_cosine": float(np.nanmean(cos_KBS)),
+            "same_point": float(np.mean(np.all(1 - cos_KBS < 0.05, axis=0)))}
 
   def chunks(self, batch: dict, R: int, attention: bool = True) -> Callable[[], Iterator]:
     """A replayable chunk source for `eval.fixed_points.analyze_stream`."""

@@ -120,6 +120,10 @@ def markdown(summary: dict, report: FixedPointReport, cfg: Any, step: int, init:
            f"({m.n_prelude}, {m.block_size}⊗R, {m.n_coda}), injection `{m.injection}`, norm "
            f"`{m.norm}`/{m.norm_type}, d={m.d_model}, task `{cfg.task.name}`; R = {report.num_iterations}.",
            "", f"- degeneracy (min cos between layer fixed points): {report.degeneracy_min_cosine:.4f}",
+           *([f"- path independence: from {summary['fp/path/starts']} random initial states, "
+              f"{summary['fp/path/same_point']:.2%} of the tokens end at the point they reach from "
+              f"the model's own (min cos {summary['fp/path/min_cosine']:.4f})"]
+             if "fp/path/starts" in summary else []),
            "- tokens at the last block layer: " + ", ".join(
                f"{k} {v:.2%}" for k, v in report.token_classes.items()), "",
            "| layer | converged | converged_at | final change | contraction rate |",
@@ -212,6 +216,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
     return replay
 
   report = analyze_stream(counted(capture.chunks(train_batch, R, attention=True)), **(thresholds or {}))
+  starts = cfg.eval.path_starts
+  path_check = capture.path_independence(train_batch, R, starts, cfg.train.seed) if starts else None
   curves, text_curves = {}, {}
   for n in (cfg.task.train_length, *cfg.task.test_lengths):
     curve = capture.accuracy_curve(batch_of(n, cfg.train.eval_batch_size), R)
@@ -225,6 +231,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
 
   summary = (text_summary_fields(report, text_curves, cfg) if text else
              summary_fields(report, curves, cfg.task.train_length))
+  if path_check:
+    summary.update({f"fp/path/{k}": v for k, v in path_check.items()})
   if not main:
     return summary
   pca_tokens = None

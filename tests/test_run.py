@@ -161,3 +161,18 @@ def test_capture_sends_a_bounded_number_of_attention_rows(trained):
   rows = next(Capture(run.graphdef, run.params, chunk=2, attention_rows=4).run(batch, 2, attention=True))[1]
   assert full.shape[-2:] == (16, 16) and rows.shape[-2:] == (4, 16)
   np.testing.assert_allclose(rows, full[..., [0, 5, 10, 15], :], rtol=1e-6)
+
+
+def test_path_independence_runs_the_same_tokens_from_random_initial_states(trained, tmp_path):
+  from eval.evaluate import evaluate
+  from eval.outputs import latest
+  run = str(tmp_path / "copy")
+  shutil.copytree(trained, run)
+  cfg = load_run_config(run)
+  cfg.eval.path_starts = 2
+  summary = evaluate(cfg, run, iterations=6, batch_size=2, chunk=3, log_wandb=False, progress=False)
+  assert summary["fp/path/starts"] == 2
+  assert -1.0 <= summary["fp/path/min_cosine"] <= summary["fp/path/mean_cosine"] <= 1.0 + 1e-9
+  assert 0.0 <= summary["fp/path/same_point"] <= 1.0
+  assert "path independence: from 2 random initial states" in open(
+      os.path.join(os.path.dirname(latest(run, "fixed_points.json")), "fixed_points.md")).read()

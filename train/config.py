@@ -93,6 +93,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError("eval.iterations", cfg.eval.iterations, allowed="0 (default) or >= 3")
   check_int("eval.batch_size", cfg.eval.batch_size, minimum=1)
   check_int("eval.chunk", cfg.eval.chunk, minimum=1)
+  check_int("eval.path_starts", cfg.eval.path_starts, minimum=0)
   for key in ("halting", "control"):
     if not isinstance(cfg.eval[key], bool):
       raise ConfigError(f"eval.{key}", cfg.eval[key], allowed="True|False")
