@@ -13,6 +13,7 @@ so a model that needed FSDP to train opens on the same devices without room for 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -64,10 +65,15 @@ class Run:
   params: dict
   step: int                  # the checkpoint's step (0 at initialisation)
   mesh: Mesh
-  tokenizer: Any | None      # text runs and imported models: encode_batch / decode / token_text
 
   def model(self):
     return nnx.merge(self.graphdef, self.params)
+
+  @functools.cached_property
+  def tokenizer(self) -> Any | None:
+    """Text runs and imported models: encode_batch / decode / token_text (read when first asked
+    for, so a run opens without it)."""
+    return run_tokenizer(self.workdir, self.cfg)
 
 
 def abstract_params(cfg: Any, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
@@ -128,4 +134,4 @@ def open_run(workdir: str, *, cfg: ml_collections.ConfigDict | None = None, init
     elif step not in steps:
       raise RunDirError(f"{workdir} has no checkpoint at step {step}; it has {steps}")
     params = restore_params(workdir, step, abstract)
-  return Run(workdir, cfg, graphdef, params, step, mesh, run_tokenizer(workdir, cfg))
+  return Run(workdir, cfg, graphdef, params, step, mesh)
