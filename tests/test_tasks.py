@@ -5,7 +5,7 @@ import pytest
 
 from configs.errors import ConfigError
 from train import tasks
-from train.tasks import TASK_NAMES, accuracy, get_task, make_batch
+from train.tasks import SYNTHETIC_TASKS, TASK_NAMES, accuracy, get_task, make_batch
 
 SIZES = {"prefix_or": (1, 5, 16, 33), "prefix_parity": (1, 5, 16, 33), "var_chain": (2, 3, 8, 17, 64),
          "addition": (1, 4, 8, 21)}
@@ -21,7 +21,7 @@ def _same(a, b):
   return all(np.array_equal(a[k], b[k]) for k in ("inputs", "targets", "mask", "lengths"))
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", SYNTHETIC_TASKS)  # text: tests/test_text.py
 def test_task_attributes(name):
   task = get_task(name)
   assert task.name == name
@@ -31,7 +31,7 @@ def test_task_attributes(name):
                                                "var_chain": [6, 12], "addition": [8, 17]}[name]
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", SYNTHETIC_TASKS)  # text: tests/test_text.py
 def test_determinism(name):
   lo = get_task(name).min_length
   base = _batch(name, min_length=lo)
@@ -40,7 +40,7 @@ def test_determinism(name):
     assert not np.array_equal(base["inputs"], _batch(name, min_length=lo, **change)["inputs"]), change
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", SYNTHETIC_TASKS)  # text: tests/test_text.py
 def test_process_slices_concatenate_to_global_batch(name):
   full = _batch(name, batch_size=16, pad_to=60)
   parts = [_batch(name, batch_size=16, pad_to=60, process_index=p, process_count=4) for p in range(4)]
@@ -49,7 +49,7 @@ def test_process_slices_concatenate_to_global_batch(name):
   assert _same(full, joined)
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", SYNTHETIC_TASKS)  # text: tests/test_text.py
 def test_example_matches_brute_force(name):
   task = get_task(name)
   rng = np.random.default_rng(0)
@@ -83,7 +83,7 @@ def test_addition_known_example():
     assert sum(int(v) << i for i, v in enumerate(y[m > 0])) == a + b
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", SYNTHETIC_TASKS)  # text: tests/test_text.py
 def test_padding_and_lengths(name):
   task = get_task(name)
   lo = task.min_length

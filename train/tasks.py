@@ -13,7 +13,8 @@ import numpy as np
 
 from configs.errors import ConfigError
 
-TASK_NAMES = ("prefix_or", "prefix_parity", "var_chain", "addition", "text")
+SYNTHETIC_TASKS = ("prefix_or", "prefix_parity", "var_chain", "addition")  # generated on the fly
+TASK_NAMES = (*SYNTHETIC_TASKS, "text")
 
 Example = tuple[np.ndarray, np.ndarray, np.ndarray]
 
