@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.min_recurrence = 2         # lower end for uniform
   c.train.max_recurrence = 10        # upper end (uniform) and cap (poisson_lognormal)
   c.train.recurrence_sigma = 0.5     # sigma of the log-normal (poisson_lognormal)
+  c.train.init_from = ""             # a run directory whose newest parameters start this run
   c.train.backprop_depth = 0         # gradients through the last b iterations only (0: all)
   c.train.log_every = 20
   c.train.eval_every = 200           # 0: only at the end; -1: never (sweeps: the evaluator measures it)

@@ -81,6 +81,8 @@ def main(argv: list[str]) -> int:
     from sweeps.runner import Runner
 
     path = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not os.path.isfile(path) and ":" in path:  # FILE.py:ARG, the argument of get_config
+      path = path.rsplit(":", 1)[0]
     name = sweep_name(path)
     trials = expand(_CONFIG.value, load_sweep_module(path))
     if export:

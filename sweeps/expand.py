@@ -22,7 +22,8 @@ from train.config import resolve
 NAME_PREFIX = {"model.block_size": "k", "model.injection": "", "model.norm": "", "train.seed": "s",
                "model.norm_type": "", "model.d_model": "d", "model.n_prelude": "p", "model.n_coda": "c",
                "train.mean_recurrence": "r", "task.name": "", "model.state_init": "init-",
-               "model.attention": "", "model.mlp": ""}
+               "model.attention": "", "model.mlp": "", "eval.iterations": "R",
+               "eval.path_starts": "starts"}
 
 
 @dataclasses.dataclass

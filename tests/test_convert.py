@@ -427,3 +427,34 @@ def test_new_options_validated(key, value):
   m[key] = value
   with pytest.raises(ConfigError, match=f"model.{key}="):
     validate_model_config(m)
+
+
+def test_an_imported_model_starts_a_fine_tuning_run_and_an_evaluation_trial(tmp_path):
+  """train.init_from: a run starts from the imported parameters (fresh optimizer), and a trial with
+  train.steps = 0 evaluates the imported model itself (the sweep runner's init-style trials)."""
+  from eval.evaluate import evaluate
+  from train.run import load_run_config, open_run
+  from train.trainer import Trainer
+  from train.workdir import RunDirError
+  rc = raven_cfg()
+  run = str(tmp_path / "run")
+  convert.import_raven(write_raven(str(tmp_path / "hf"), rc, random_tensors(rc)), run)
+  cfg = load_run_config(run)
+  cfg.train.update(init_from=run, steps=2, log_every=1, eval_every=-1, checkpoint_every=0,
+                   eval_batch_size=4, batch_size=4)
+  cfg.wandb.mode = "disabled"
+  trainer = Trainer(cfg, str(tmp_path / "tuned"))
+  start, imported = trainer.init_state()["params"], open_run(run).params
+  for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(imported)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert trainer.run()["status"] == "done"
+  cfg.train.steps = 0
+  trial = evaluate(cfg, str(tmp_path / "trial"), init=True, iterations=4, batch_size=2, chunk=2,
+                   log_wandb=False, progress=False)
+  direct = evaluate(load_run_config(run), run, iterations=4, batch_size=2, chunk=2, log_wandb=False,
+                    progress=False)
+  assert trial["fp/regime"] == direct["fp/regime"]
+  assert trial["fp/degeneracy_min_cosine"] == pytest.approx(direct["fp/degeneracy_min_cosine"], rel=1e-5)
+  cfg.model.d_model = 32
+  with pytest.raises(RunDirError, match="train.init_from=.* holds a model with model.d_model"):
+    Trainer(cfg, str(tmp_path / "other"))

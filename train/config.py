@@ -94,6 +94,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   check_int("eval.batch_size", cfg.eval.batch_size, minimum=1)
   check_int("eval.chunk", cfg.eval.chunk, minimum=1)
   check_int("eval.path_starts", cfg.eval.path_starts, minimum=0)
+  if not isinstance(cfg.train.get("init_from", ""), str):
+    raise ConfigError("train.init_from", cfg.train.init_from, allowed='"" or a run directory')
   for key in ("halting", "control"):
     if not isinstance(cfg.eval[key], bool):
       raise ConfigError(f"eval.{key}", cfg.eval[key], allowed="True|False")

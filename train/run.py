@@ -95,6 +95,30 @@ def restore_params(workdir: str, step: int, abstract: dict) -> dict:
     ckpt.close()
 
 
+def initial_params(cfg: Any, abstract: dict) -> dict:
+  """The newest parameters of the run named by `train.init_from` (an imported checkpoint or any
+  run of the same model shape), placed as `abstract` says: the start of fine-tuning, or of an
+  evaluation trial over that model. RunDirError (one line) when it cannot be used."""
+  source = cfg.train.init_from
+  return restore_params(source, check_init_from(cfg), abstract)
+
+
+def check_init_from(cfg: Any) -> int:
+  """The step `train.init_from` would start from, after checking that it is a run with a checkpoint
+  of this model's shape (one line, before anything is compiled or written)."""
+  from looped_models.config import SHAPE_KEYS
+  source = cfg.train.init_from
+  other = load_run_config(source).model
+  for key in SHAPE_KEYS:
+    if other.get(key) != cfg.model.get(key):
+      raise RunDirError(f"train.init_from={source} holds a model with model.{key}={other.get(key)!r}, "
+                        f"but this run's is {cfg.model.get(key)!r}")
+  steps = saved_steps(source)
+  if not steps:
+    raise RunDirError(f"train.init_from={source} holds no checkpoint")
+  return steps[-1]
+
+
 def run_tokenizer(workdir: str, cfg: Any):
   """The run's own tokenizer.json (an imported model), else its text corpus's tokenizer, else None."""
   from train.data import HFTokenizer, TextData, TOKENIZER_FILE
@@ -121,7 +145,9 @@ def open_run(workdir: str, *, cfg: ml_collections.ConfigDict | None = None, init
   distributed.initialize(cfg.distributed)
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   graphdef, abstract = abstract_params(cfg, mesh)
-  if init:
+  if init and cfg.train.init_from:  # the run's starting point is another run's parameters
+    params, step = initial_params(cfg, abstract), 0
+  elif init:
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     params = jax.jit(lambda: init_model(cfg.model, cfg.train.seed)[1], out_shardings=shardings)()
     step = 0

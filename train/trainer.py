@@ -77,6 +77,9 @@ class Trainer:
     sharding.check_divisible(cfg.model, cfg.train.batch_size, self.mesh)
     sharding.check_divisible(cfg.model, cfg.train.eval_batch_size, self.mesh)
     check_grad_accum(cfg.train, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+    if cfg.train.init_from:
+      from train.run import check_init_from
+      check_init_from(cfg)
     self.is_main = jax.process_index() == 0
     self.old_config = (check_compatible(workdir, cfg.to_dict()) if check_reachable(workdir).exists()
                        else None)
@@ -108,6 +111,12 @@ class Trainer:
 
   def init_state(self) -> TrainState:
     cfg = self.cfg
+    if cfg.train.init_from:  # another run's parameters (e.g. an imported model), a fresh optimizer
+      from train.run import initial_params
+      params = initial_params(cfg, self.abstract_state["params"])
+      start = lambda params: {"params": params, "opt_state": self.tx.init(params),
+                              "step": jnp.zeros((), jnp.int32)}
+      return jax.jit(start, out_shardings=self.state_sharding)(params)
 
     def init(seed):  # the seed traced, so that seeds share one compiled program (a sweep's cache)
       model = LoopedTransformer(cfg.model, rngs=nnx.Rngs(jax.random.key(seed)))
