@@ -17,9 +17,7 @@ from train.tasks import task_of
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A validated copy of `cfg` with the derived values filled in (vocab size from the task,
   the minimum training length, the evaluation iteration counts)."""
-  cfg = ml_collections.ConfigDict(cfg.to_dict())
-  if "path" not in cfg.task:  # runs recorded before the text task existed
-    cfg.task.path = ""
+  cfg = with_defaults(cfg.to_dict())
   task = task_of(cfg)
   t, m = cfg.train, cfg.model
   if not m.vocab_size:
@@ -30,6 +28,23 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not t.eval_recurrences:
     t.eval_recurrences = default_eval_recurrences(cfg)
   validate(cfg)
+  return cfg
+
+
+def with_defaults(values: dict) -> ml_collections.ConfigDict:
+  """`values` (a config as a dict, e.g. a stored config.json) over configs/base.py's defaults: keys
+  added to the framework since the config was written take their defaults."""
+  from configs.base import get_config
+  cfg = get_config()
+
+  def merge(node, values: dict) -> None:
+    for key, value in values.items():
+      if isinstance(value, dict) and key in node:
+        merge(node[key], value)
+      else:
+        node[key] = value
+
+  merge(cfg, values)
   return cfg
 
 

@@ -36,24 +36,13 @@ def config_files(workdir: str) -> list[str]:
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the run last ran with (the newest of config.json, config.1.json, ...), with keys
   added to the framework since then at their defaults."""
-  from configs.base import get_config as base_config
+  from train.config import with_defaults
   if not check_reachable(workdir).is_dir():
     raise RunDirError(f"run directory {workdir} does not exist")
   files = config_files(workdir)
   if not files:
     raise RunDirError(f"{workdir} holds no config.json: not a run directory")
-  stored = read_json(path(workdir) / files[-1])
-  cfg = base_config()
-
-  def merge(node, values: dict) -> None:
-    for key, value in values.items():
-      if isinstance(value, dict) and key in node:
-        merge(node[key], value)
-      else:
-        node[key] = value
-
-  merge(cfg, stored)
-  return cfg
+  return with_defaults(read_json(path(workdir) / files[-1]))
 
 
 @dataclasses.dataclass
