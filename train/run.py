@@ -1,5 +1,5 @@
 """Opening a run: the one function every tool that reads a run directory uses (the evaluator,
-halting, generation, conversion, reports).
+halting, conversion, reports; generation when it comes).
 
   run = open_run("runs/NAME")            # config as finished, model, sharded parameters, tokenizer
   model = run.model()                    # an nnx LoopedTransformer (for eager use); or
