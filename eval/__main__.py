@@ -3,7 +3,10 @@
 `--data DIR` evaluates on held-out windows of a prepared text corpus, `--compare RUN` shows a control
 run's stage metrics beside this one's, `--mesh D,F,T` opens the run on another device mesh;
 `python -m eval halting --workdir runs/NAME [--iterations R] [--slots P] [--repeats N]` sweeps the halting
-criteria of a trained run (eval/halting.py).
+criteria of a trained run (eval/halting.py);
+`python -m eval generate --workdir runs/NAME --prompt TEXT [--max-new N] [--iterations R]
+[--exit CRITERION:THRESHOLD] [--cache exact|latest] [--temperature T --top-k K --top-p P --seed S]
+[--batch FILE] [--slots P] [--out FILE.json]` generates text (eval/generate.py).
 
 Writes WORKDIR/eval/STEP/fixed_points.json, fixed_points.md and plots/*.png (halting: halting.json and
 plots/halting_pareto.png), a new eval/STEP.N/ when that step's files exist (eval/outputs.py), and logs
@@ -37,8 +40,21 @@ _STARTS = flags.DEFINE_integer("starts", None, "Path independence: also run from
 _MESH = flags.DEFINE_string("mesh", None, "DATA,FSDP,TENSOR: the device mesh to open the run on "
                             "(default: the run's own mesh config; -1 takes the remaining devices).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "halting: timed calls per setting (median; 0: no timing).")
-_SLOTS = flags.DEFINE_integer("slots", None, "halting: sequences in flight for per-sequence exit "
-                              "(default: train.eval_batch_size / 8).")
+_SLOTS = flags.DEFINE_integer("slots", None, "halting, generate: sequences in flight (default: "
+                              "halting train.eval_batch_size / 8, generate min(8, prompts)).")
+_PROMPT = flags.DEFINE_string("prompt", None, "generate: the prompt text.")
+_PROMPTS = flags.DEFINE_string("batch", None, "generate: a file of prompts, one per line.")
+_MAX_NEW = flags.DEFINE_integer("max-new", 64, "generate: tokens to generate per prompt.")
+_EXIT = flags.DEFINE_string("exit", None, "generate: per-token exit CRITERION:THRESHOLD (fixed_point, "
+                            "kl, cosine, argmax_stable, entropy), e.g. fixed_point:1e-3; none: fixed R.")
+_CACHE = flags.DEFINE_enum("cache", "exact", ["exact", "latest"], "generate: KV cache of the block, one "
+                           "entry per (iteration, layer) or per layer (memory independent of R).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: sampling temperature (0: greedy).")
+_TOP_K = flags.DEFINE_integer("top-k", 0, "generate: sample among the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top-p", 1.0, "generate: nucleus sampling mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
+_OUT = flags.DEFINE_string("out", None, "generate: the record (JSON; the plot goes beside it; default "
+                           "WORKDIR/eval/STEP/generate.json).")
 
 
 def with_mesh(cfg):
@@ -84,17 +100,44 @@ def halting_main() -> int:
   return 0
 
 
+def generate_main() -> int:
+  """`python -m eval generate --workdir runs/NAME --prompt TEXT`: print and record the generations."""
+  from configs.errors import ConfigError
+  from eval.generate import describe, parse_exit, read_prompts, run_generate
+  from train.data import DataError
+  from train.run import load_run_config
+  from train.recurrence import max_recurrence
+  from train.workdir import RunDirError
+
+  try:
+    prompts = read_prompts(_PROMPT.value, _PROMPTS.value)
+    cfg = with_mesh(load_run_config(_WORKDIR.value))
+    rec, where = run_generate(
+        _WORKDIR.value, prompts, out=_OUT.value, cfg=cfg, max_new=_MAX_NEW.value,
+        iterations=(max_recurrence(cfg.train) if _ITERS.value is None else _ITERS.value), exit=parse_exit(_EXIT.value),
+        cache=_CACHE.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+        seed=_SEED.value, slots=_SLOTS.value)
+  except (ConfigError, RunDirError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(describe(rec))
+  print(f"see {where}")
+  return 0
+
+
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
-  halting = argv[1:2] == ["halting"]
-  if len(argv) > 1 + halting:
-    print(f"error: unexpected arguments {argv[1 + halting:]}", file=sys.stderr)
+  command = argv[1] if argv[1:2] in (["halting"], ["generate"]) else None
+  if len(argv) > 1 + bool(command):
+    print(f"error: unexpected arguments {argv[1 + bool(command):]}", file=sys.stderr)
     return 2
   if not _WORKDIR.value:
     print("error: --workdir is required", file=sys.stderr)
     return 2
-  if halting:
+  if command == "halting":
     return halting_main()
+  if command == "generate":
+    return generate_main()
   from configs.errors import ConfigError
   from eval.evaluate import evaluate, with_text_data
   from train.run import load_run_config

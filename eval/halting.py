@@ -46,6 +46,7 @@ from flax import nnx
 
 from configs.errors import ConfigError
 from looped_models.halting import CRITERIA, DECODING_CRITERIA, LOOP_CRITERIA, halt_loop, validate
+from looped_models.model import layer_flops
 from train.tasks import accuracy_counts, fractions, get_task, make_batch
 
 DEFAULT_GRIDS: dict[str, tuple] = {
@@ -53,6 +54,7 @@ DEFAULT_GRIDS: dict[str, tuple] = {
     "kl": (1e-2, 1e-3, 5e-4, 1e-4, 1e-5),
     "cosine": (1e-2, 1e-3, 1e-4, 1e-5, 1e-6),
     "argmax_stable": (1, 2, 3, 5, 8),
+    "entropy": (1e-1, 1e-2, 1e-3, 1e-4),
 }
 MODES = ("full", "trial")  # what evaluate_halting runs and times (see there)
 MAX_DROP_POINTS = 0.5  # accuracy drop (exact match, percentage points) still counted as "no loss"
@@ -72,12 +74,6 @@ def check_grids(grids: dict | None) -> dict[str, tuple]:
     for v in values:
       validate(criterion, v, 2)
   return {c: tuple(v) for c, v in grids.items()}
-
-
-def layer_flops(m: Any, seq: int) -> float:
-  """Forward FLOPs per token of one transformer layer at sequence length `seq`."""
-  d, f = m.d_model, m.d_ff
-  return 2 * (4 * d * d + (3 if m.mlp == "swiglu" else 2) * d * f) + 4 * seq * d
 
 
 def inference_flops(m: Any, batch: int, seq: int, *, iterations: int, loop_rows: int | None = None,

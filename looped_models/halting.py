@@ -19,13 +19,15 @@ iterations after the last exit are really not computed. Criteria, per token, aft
 - `cosine`: 1 - cos(s_t, s_{t-1}) < threshold between successive block outputs;
 - `argmax_stable`: the argmax prediction unchanged for n = threshold consecutive iterations
   (pred_t = pred_{t-1} = ... = pred_{t-n}); n = 0 disables halting, like a zero threshold;
+- `entropy`: |H(p_t) - H(p_{t-1})| < threshold, the change of the next-token distribution's entropy
+  (nats) between successive iterations;
 - `oracle`: evaluation only (it needs the future), see `eval.halting`.
 
 Comparisons are strict (`<`), so a zero threshold never halts: the result then equals
 `model(tokens, max_iters)`. An exited token's state is frozen (s = where(done, s_old, s_new)) while the
 others go on; later tokens still attend to it. Exit iteration = the iteration whose output was kept;
-tokens that never meet the criterion get exit = max_iters. Only `kl` and `argmax_stable` decode inside
-the loop; `fixed_point` and `cosine` decode once, at the end.
+tokens that never meet the criterion get exit = max_iters. Only `kl`, `argmax_stable` and `entropy` decode
+inside the loop; `fixed_point` and `cosine` decode once, at the end.
 
 Causal order (`causal=True`, the default): a token exits only when it meets the criterion and every
 earlier position has exited. A token still waiting for information from the left looks settled (it is
@@ -50,9 +52,9 @@ import jax.numpy as jnp
 
 from configs.errors import ConfigError
 
-CRITERIA = ("fixed_point", "kl", "cosine", "argmax_stable", "oracle")
-LOOP_CRITERIA = CRITERIA[:4]          # the ones `halt` runs; `oracle` is evaluation-only
-DECODING_CRITERIA = ("kl", "argmax_stable")  # decode (coda + unembedding) every iteration
+CRITERIA = ("fixed_point", "kl", "cosine", "argmax_stable", "entropy", "oracle")
+LOOP_CRITERIA = CRITERIA[:-1]         # the ones `halt` and generation run; `oracle` is evaluation-only
+DECODING_CRITERIA = ("kl", "argmax_stable", "entropy")  # decode (coda + unembedding) every iteration
 _TINY = 1e-30
 
 
@@ -119,7 +121,7 @@ def _one_minus_cos_BS(a_BSD: jax.Array, b_BSD: jax.Array) -> jax.Array:
   return jnp.maximum(1.0 - cos, 0.0)  # rounding can make it negative: a zero threshold never halts
 
 
-def _initial_prev(model: Any, criterion: str, s_PSD: jax.Array) -> dict[str, jax.Array]:
+def initial_prev(model: Any, criterion: str, s_PSD: jax.Array) -> dict[str, jax.Array]:
   """Placeholders for what the criterion keeps of the previous iteration (unused at t = 1)."""
   P, S, D = s_PSD.shape
   if criterion == "fixed_point":
@@ -127,15 +129,19 @@ def _initial_prev(model: Any, criterion: str, s_PSD: jax.Array) -> dict[str, jax
     return {"outs_kPSD": jnp.zeros(shape, s_PSD.dtype), "delta_kPSD": jnp.zeros(shape, jnp.float32)}
   if criterion == "kl":
     return {"logp_PSV": jnp.zeros((P, S, model.spec.vocab_size), jnp.float32)}
+  if criterion == "entropy":
+    return {"entropy_PS": jnp.zeros((P, S), jnp.float32)}
   if criterion == "argmax_stable":
     return {"pred_PS": jnp.zeros((P, S), jnp.int32), "stable_PS": jnp.zeros((P, S), jnp.int32)}
   return {}
 
 
-def _criterion(model: Any, criterion: str, ctx: Any, s_old: jax.Array, s_new: jax.Array,
-               outs_kPSD: jax.Array, prev: dict, first_P: jax.Array, thr: jax.Array,
-               linear_growth: bool) -> tuple[jax.Array, dict]:
-  """(meets [P, S], what to keep for the next iteration); no token meets it at its first iteration."""
+def criterion_step(criterion: str, decode: Any, s_old: jax.Array, s_new: jax.Array,
+                   outs_kPSD: jax.Array, prev: dict, first_P: jax.Array, thr: jax.Array,
+                   linear_growth: bool = True) -> tuple[jax.Array, dict]:
+  """One iteration of a halting criterion over P rows of S tokens: (meets [P, S], what to keep for the
+  next iteration; start from `initial_prev`). `decode(s)` gives the logits [P, S, V] of a state (the
+  coda; generation passes the cached one). No token meets it at its first iteration (first_P)."""
   first_PS, nxt = first_P[:, None], {}
   if criterion == "fixed_point":
     meets, step = fixed_point_meets(outs_kPSD, prev["outs_kPSD"], prev["delta_kPSD"], thr, linear_growth)
@@ -144,8 +150,12 @@ def _criterion(model: Any, criterion: str, ctx: Any, s_old: jax.Array, s_new: ja
   elif criterion == "cosine":
     meets = _one_minus_cos_BS(s_new, s_old) < thr
   else:
-    logits_PSV = model.decode(s_new, ctx)
-    if criterion == "kl":
+    logits_PSV = decode(s_new)
+    if criterion == "entropy":
+      logp_PSV = jax.nn.log_softmax(logits_PSV, axis=-1)
+      h_PS = -(jnp.exp(logp_PSV) * logp_PSV).sum(-1)
+      meets, nxt["entropy_PS"] = jnp.abs(h_PS - prev["entropy_PS"]) < thr, h_PS
+    elif criterion == "kl":
       logp_PSV = jax.nn.log_softmax(logits_PSV, axis=-1)
       kl_PS = jnp.maximum((jnp.exp(prev["logp_PSV"]) * (prev["logp_PSV"] - logp_PSV)).sum(-1), 0.0)
       meets, nxt["logp_PSV"] = kl_PS < thr, logp_PSV
@@ -172,14 +182,14 @@ def halt_loop(model: Any, tokens_BS: jax.Array, *, criterion: str, threshold: An
   carry = {"n": jnp.int32(0), "queue": jnp.int32(P), "seq_P": jnp.arange(P), "t_P": jnp.zeros(P, jnp.int32),
            "s_PSD": s0_NSD[:P], "e_PSD": e_NSD[:P], "done_PS": jnp.zeros((P, S), bool),
            "exit_PS": jnp.full((P, S), max_iters, jnp.int32),
-           "prev": _initial_prev(model, criterion, s0_NSD[:P]),
+           "prev": initial_prev(model, criterion, s0_NSD[:P]),
            "out_s_NSD": jnp.zeros_like(s0_NSD), "out_exit_NS": jnp.full((N, S), max_iters, jnp.int32)}
 
   def body(c):
     s_new, outs_kPSD, _ = model.block_step(c["s_PSD"], c["e_PSD"], ctx, attention=False)
     t_P, done = c["t_P"] + 1, c["done_PS"]
-    meets, prev = _criterion(model, criterion, ctx, c["s_PSD"], s_new, outs_kPSD, c["prev"], t_P == 1,
-                             thr, linear_growth)
+    meets, prev = criterion_step(criterion, lambda s: model.decode(s, ctx), c["s_PSD"], s_new,
+                                 outs_kPSD, c["prev"], t_P == 1, thr, linear_growth)
     if causal:  # a token exits only once every earlier position has exited (or exits now)
       meets = jnp.cumsum(~(meets | done), axis=1) == 0
     newly = meets & ~done

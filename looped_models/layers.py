@@ -40,10 +40,11 @@ def make_norm(m: ModelSpec, rngs: nnx.Rngs, dtype=None) -> nnx.Module:
 
 class Context(NamedTuple):
   """Per-sequence-length constants shared by every layer of one forward pass."""
-  mask_SS: jax.Array                 # bool, True where query i may attend to key j
+  mask_SS: jax.Array                 # bool, True where query i may attend to key j ([B, 1, L, T] cached)
   rope: tuple[jax.Array, jax.Array] | None  # (sin, cos), each [S, Dh/2]
   window: int | None = None          # local attention width w (None: full causal)
   impl: str = "xla"                  # jax.nn.dot_product_attention implementation: xla | cudnn
+  pos_B: jax.Array | None = None     # cached attention: where each row's L new tokens start
 
 
 def attention_impl(m: ModelSpec) -> str:
@@ -63,20 +64,37 @@ def make_context(m: ModelSpec, seq_len: int) -> Context:
   mask = j <= i
   if m.attention == "local":
     mask &= (i - j) < m.window
-  rope = None
-  if m.positions == "rope":
-    half = m.d_model // m.n_heads // 2
-    freq = m.rope_base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_SH = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * freq[None, :]
-    rope = (jnp.sin(angle_SH), jnp.cos(angle_SH))
+  rope = rope_angles(m, jnp.arange(seq_len))
   window = m.window if m.attention == "local" else None
   return Context(mask, rope, window, attention_impl(m))
 
 
+def rope_angles(m: ModelSpec, positions: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+  """(sin, cos) of RoPE at `positions` (any shape; the angles gain a last axis Dh/2)."""
+  if m.positions != "rope":
+    return None
+  half = m.d_model // m.n_heads // 2
+  freq = m.rope_base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions.astype(jnp.float32)[..., None] * freq
+  return jnp.sin(angle), jnp.cos(angle)
+
+
+def make_cached_context(m: ModelSpec, pos_B: jax.Array, length: int, buffer: int) -> Context:
+  """The context of L = `length` new tokens per row at positions pos_B[b] + 0..L-1 that attend to a
+  KV buffer of `buffer` slots (the causal, or local, mask [B, 1, L, T] and the rows' RoPE angles)."""
+  q_BL = pos_B[:, None] + jnp.arange(length)[None, :]
+  j = jnp.arange(buffer)[None, None, :]
+  mask = j <= q_BL[..., None]
+  if m.attention == "local":
+    mask &= (q_BL[..., None] - j) < m.window
+  return Context(mask[:, None], rope_angles(m, q_BL), None, "xla", pos_B)
+
+
 def apply_rope(x_BSHD: jax.Array, rope: tuple[jax.Array, jax.Array], style: str = "half") -> jax.Array:
   """Rotate feature pairs by the angles of `rope`: (i, i + Dh/2) with style `half` (Llama in Hugging
-  Face), adjacent (2i, 2i+1) with style `pairs` (the complex layout of Huginn)."""
-  sin, cos = (r[None, :, None, :].astype(x_BSHD.dtype) for r in rope)
+  Face), adjacent (2i, 2i+1) with style `pairs` (the complex layout of Huginn). The angles are
+  [S, Dh/2], or [B, S, Dh/2] per row."""
+  sin, cos = ((r[None] if r.ndim == 2 else r)[:, :, None, :].astype(x_BSHD.dtype) for r in rope)
   if style == "pairs":
     x1, x2 = x_BSHD[..., 0::2], x_BSHD[..., 1::2]
     return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x_BSHD.shape)
@@ -97,6 +115,12 @@ def attention_weights(q_BSHK: jax.Array, k_BSHK: jax.Array, mask_SS: jax.Array) 
   logits_BHST = logits_BHST / jnp.sqrt(q_BSHK.shape[-1]).astype(jnp.float32)
   logits_BHST = jnp.where(mask_SS, logits_BHST, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(logits_BHST, axis=-1)
+
+
+class KV(NamedTuple):
+  """One attention layer's key and value buffers [B, T, H, Dh] (T: the cache's length)."""
+  k_BTHK: jax.Array
+  v_BTHK: jax.Array
 
 
 class Attention(nnx.Module):
@@ -124,12 +148,22 @@ class Attention(nnx.Module):
       k_BSHK = apply_rope(k_BSHK, ctx.rope, self.rope_style)
     return q_BSHK, k_BSHK
 
-  def __call__(self, x_BSD: jax.Array, ctx: Context, *, weights: bool = False
-               ) -> tuple[jax.Array, jax.Array | None]:
+  def __call__(self, x_BSD: jax.Array, ctx: Context, *, weights: bool = False, kv: KV | None = None
+               ) -> tuple[jax.Array, jax.Array | KV | None]:
+    """The attention output and, with `weights`, the probabilities [B, H, S, S]; with `kv` (buffers
+    [B, T, H, Dh] and a context of `make_cached_context`) the new keys and values are written at the
+    rows' positions and the queries attend to the buffers: then the second output is the new `KV`."""
     B, S, D = x_BSD.shape
     split = lambda y: y.reshape(B, S, self.n_heads, D // self.n_heads)
     q_BSHK, k_BSHK, v_BSHK = (split(dense(lin, x_BSD)) for lin in (self.query, self.key, self.value))
     q_BSHK, k_BSHK = self.position(q_BSHK, k_BSHK, ctx)
+    if kv is not None:
+      write = jax.vmap(lambda buf, new, p: jax.lax.dynamic_update_slice_in_dim(buf, new, p, axis=0))
+      kv = KV(write(kv.k_BTHK, k_BSHK.astype(kv.k_BTHK.dtype), ctx.pos_B),
+              write(kv.v_BTHK, v_BSHK.astype(kv.v_BTHK.dtype), ctx.pos_B))
+      y_BSHK = jax.nn.dot_product_attention(q_BSHK, kv.k_BTHK.astype(q_BSHK.dtype),
+                                            kv.v_BTHK.astype(q_BSHK.dtype), mask=ctx.mask_SS)
+      return dense(self.out, y_BSHK.reshape(B, S, D)), kv
     att_BHST = None
     if weights:
       att_BHST = attention_weights(q_BSHK, k_BSHK, ctx.mask_SS)
@@ -184,13 +218,14 @@ class Layer(nnx.Module):
       return x + norms[1](f(norms[0](x)))
     return x + f(x)
 
-  def __call__(self, x_BSD: jax.Array, ctx: Context, *, weights: bool = False
-               ) -> tuple[jax.Array, jax.Array | None]:
-    """The layer's output and, with `weights`, its attention probabilities [B, H, S, S] (else None)."""
+  def __call__(self, x_BSD: jax.Array, ctx: Context, *, weights: bool = False, kv: KV | None = None
+               ) -> tuple[jax.Array, jax.Array | KV | None]:
+    """The layer's output and, with `weights`, its attention probabilities [B, H, S, S]; with `kv`,
+    its updated key/value buffers (`Attention`); else None."""
     att = []
 
     def attend(h):
-      y, a = self.attn(h, ctx, weights=weights)
+      y, a = self.attn(h, ctx, weights=weights, kv=kv)
       att.append(a)
       return y
 

@@ -27,6 +27,13 @@ def embed_scale(m: ModelSpec) -> float:
   return m.d_model ** 0.5 if m.embed_scale == "sqrt_d" else float(m.embed_scale)
 
 
+def layer_flops(m: ModelSpec, keys: int) -> float:
+  """Forward FLOPs per token of one transformer layer whose queries each see `keys` keys (the
+  sequence length for a full masked S x S attention, the buffer length for cached decoding)."""
+  d, f = m.d_model, m.d_ff
+  return 2 * (4 * d * d + (3 if m.mlp == "swiglu" else 2) * d * f) + 4 * keys * d
+
+
 class LoopOutput(NamedTuple):
   logits_BSV: jax.Array
   states_RkBSD: jax.Array | None = None      # per-iteration, per-block-layer outputs
@@ -82,16 +89,20 @@ class LoopedTransformer(nnx.Module):
     if tokens_BS.shape[1] > self.spec.max_len:
       raise ValueError(f"sequence of {tokens_BS.shape[1]} tokens is longer than model.max_len="
                        f"{self.spec.max_len}")
+    x_BSD = self.embed_tokens(tokens_BS, jnp.arange(tokens_BS.shape[1])[None])
+    for layer in self.prelude:
+      x_BSD, _ = layer(x_BSD, ctx)
+    return x_BSD
+
+  def embed_tokens(self, tokens_BS: jax.Array, positions_BS: jax.Array) -> jax.Array:
+    """Token embeddings (scaled, plus learned position embeddings at `positions`) in the state dtype."""
     x_BSD = self.embed(tokens_BS)
     scale = embed_scale(self.spec)
     if scale:
       x_BSD = x_BSD * jnp.asarray(scale, x_BSD.dtype)
     if self.pos_embed is not None:
-      x_BSD = x_BSD + self.pos_embed(jnp.arange(tokens_BS.shape[1]))[None]
-    x_BSD = x_BSD.astype(state_dtype(self.spec))
-    for layer in self.prelude:
-      x_BSD, _ = layer(x_BSD, ctx)
-    return x_BSD
+      x_BSD = x_BSD + self.pos_embed(positions_BS)
+    return x_BSD.astype(state_dtype(self.spec))
 
   def initial_state(self, e_BSD: jax.Array, key: jax.Array | None = None) -> jax.Array:
     m = self.spec

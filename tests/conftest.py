@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs.base import get_config  # noqa: E402
@@ -30,3 +31,49 @@ def tiny_config(**overrides):
 def _wandb_tmp(tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
   (tmp_path / "wandb").mkdir()
+
+
+# -- a small text corpus and a model trained on it (tests of text, generation) ----------------
+
+WORDS = ("the king is dead long live the queen a horse my kingdom for a horse to be or not to be "
+         "all the world is a stage and all the men and women merely players").split()
+
+
+def write_texts(directory, n_docs=6, words=400, seed=0):
+  """Small deterministic documents (a word salad with some structure), one file each."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for d in range(n_docs):
+    text = "\n".join(" ".join(rng.choice(WORDS, size=8)) + "." for _ in range(words // 8))
+    path = os.path.join(directory, f"doc{d}.txt")
+    with open(path, "w") as f:
+      f.write(f"Document {d}, naïve café.\n" + text)
+    paths.append(path)
+  return paths
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+  from train import data
+  tmp = tmp_path_factory.mktemp("corpus")
+  write_texts(tmp / "texts")
+  data.prepare([str(tmp / "texts" / "*.txt")], str(tmp / "byte"), val_fraction=0.34, progress=False)
+  return str(tmp / "byte"), str(tmp / "texts")
+
+
+def text_config(path, **overrides):
+  c = tiny_config(**overrides)
+  c.task.update(name="text", path=path, train_length=32, test_lengths=())
+  c.model.update(max_len=32, attention="full")
+  c.train.update(eval_batch_size=8, batch_size=8)
+  return c
+
+
+@pytest.fixture(scope="session")
+def trained(corpus, tmp_path_factory):
+  """A tiny model trained on the corpus: 40 steps, held-out loss at 1..16 iterations."""
+  from train.trainer import Trainer
+  run = str(tmp_path_factory.mktemp("run") / "text")
+  result = Trainer(text_config(corpus[0], train__steps=40, train__lr=1e-2), run).run()
+  return run, result

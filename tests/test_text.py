@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import WORDS, text_config, write_texts
 from configs.errors import ConfigError
 from train import data
 from train.config import resolve
@@ -18,40 +18,6 @@ from train.tasks import make_batch, task_of
 from train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ("the king is dead long live the queen a horse my kingdom for a horse to be or not to be "
-         "all the world is a stage and all the men and women merely players").split()
-
-
-def write_texts(directory, n_docs=6, words=400, seed=0):
-  """Small deterministic documents (a word salad with some structure), one file each."""
-  rng = np.random.default_rng(seed)
-  os.makedirs(directory, exist_ok=True)
-  paths = []
-  for d in range(n_docs):
-    text = "\n".join(" ".join(rng.choice(WORDS, size=8)) + "." for _ in range(words // 8))
-    path = os.path.join(directory, f"doc{d}.txt")
-    with open(path, "w") as f:
-      f.write(f"Document {d}, naïve café.\n" + text)
-    paths.append(path)
-  return paths
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("corpus")
-  write_texts(tmp / "texts")
-  data.prepare([str(tmp / "texts" / "*.txt")], str(tmp / "byte"), val_fraction=0.34, progress=False)
-  return str(tmp / "byte"), str(tmp / "texts")
-
-
-def text_config(path, **overrides):
-  c = tiny_config(**overrides)
-  c.task.update(name="text", path=path, train_length=32, test_lengths=())
-  c.model.update(max_len=32, attention="full")
-  c.train.update(eval_batch_size=8, batch_size=8)
-  return c
-
-
 # -- prepare --------------------------------------------------------------------------------------
 
 
@@ -202,14 +168,6 @@ def test_token_id_outside_the_vocabulary_is_refused(corpus, tmp_path):
 
 
 # -- training, resume, two processes, evaluation --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained(corpus, tmp_path_factory):
-  """A tiny model trained on the corpus: 40 steps, held-out loss at 1..16 iterations."""
-  run = str(tmp_path_factory.mktemp("run") / "text")
-  result = Trainer(text_config(corpus[0], train__steps=40, train__lr=1e-2), run).run()
-  return run, result
 
 
 def test_training_on_text_logs_held_out_loss_and_bits_per_byte(trained):

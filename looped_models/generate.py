@@ -1,0 +1,510 @@
+"""Autoregressive generation with a KV cache and per-token adaptive depth (DESIGN §8).
+
+  out = generate(model, [prompt_ids, ...], max_new=64, iterations=16,
+                 exit=("fixed_point", 1e-3), cache="latest", temperature=0.8, top_k=40, seed=0)
+  out.tokens[i], out.iterations[i]   # the generated ids of prompt i and the block iterations of each
+
+The cache holds keys and values in fixed-size buffers of T = longest prompt + max_new slots per
+sequence: prelude and coda layers one entry per token, the block's layers either one per
+(iteration, layer) (`exact`: a token at iteration j reads earlier tokens' iteration-j entries, as the
+full-sequence forward does) or one per layer holding each token's latest iteration (`latest`: memory
+independent of R; a token at iteration j reads earlier tokens at their final iteration). With adaptive
+exit a token that stopped at iteration e is read at e by later tokens at every j > e (`exact` copies
+its entry to the later slots).
+
+Prompts are prefilled at R iterations (the whole prompt but its last token's block and coda, which the
+decode loop runs). Decoding runs P slots (`slots`, default min(8, prompts)) with iteration-level
+scheduling: one compiled step runs one block iteration for every slot, each slot at its own iteration
+of its own current token; a slot whose token exits (criterion of `looped_models.halting`, the same
+detector as the evaluator's, or R reached) decodes it through the coda, samples the next token, embeds
+it and starts it at iteration 1 in the same step. So an exited token costs no further block FLOPs, at
+batch 1 as in a batch; a finished sequence leaves its slot to the next waiting prompt (continuous
+batching). Every function is compiled once per shape (prompt bucket, slots), not per token.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs.errors import ConfigError
+from looped_models.halting import DECODING_CRITERIA, LOOP_CRITERIA, criterion_step, initial_prev, validate
+from looped_models.layers import KV, make_cached_context
+from looped_models.model import layer_flops
+
+CACHES = ("exact", "latest")
+
+
+class Cache(NamedTuple):
+  """Key/value buffers per layer group, each [slots, layers, B, T, H, Dh]: prelude and coda one
+  slot, the block R slots (`exact`) or one (`latest`)."""
+  prelude: KV
+  block: KV
+  coda: KV
+
+
+class GenerateOutput(NamedTuple):
+  tokens: list[np.ndarray]       # per prompt: the generated ids
+  iterations: list[np.ndarray]   # per prompt: the block iterations each generated token used
+  oracle: list[np.ndarray] | None  # per prompt (track_oracle): the first iteration after which the
+                                   # token's prediction no longer changed (within its iterations)
+  logits: list[np.ndarray] | None  # per prompt (return_logits): each generated token's logits [V]
+  stats: dict[str, Any]          # timing, FLOPs executed and needed, steps
+
+
+def empty_cache(m: Any, batch: int, length: int, iterations: int, cache: str, dtype) -> Cache:
+  heads, head_dim = m.n_heads, m.d_model // m.n_heads
+  zeros = lambda slots, layers: KV(*(jnp.zeros((slots, layers, batch, length, heads, head_dim), dtype)
+                                     for _ in range(2)))
+  return Cache(zeros(1, m.n_prelude), zeros(iterations if cache == "exact" else 1, m.block_size),
+               zeros(1, m.n_coda))
+
+
+def cache_bytes(m: Any, batch: int, length: int, iterations: int, cache: str, dtype) -> int:
+  """The bytes of the KV buffers of `batch` sequences of `length` tokens."""
+  slots = m.n_prelude + m.n_coda + m.block_size * (iterations if cache == "exact" else 1)
+  return 2 * slots * batch * length * m.d_model * jnp.dtype(dtype).itemsize
+
+
+# -- layers against the cache ---------------------------------------------------------------------
+
+
+def _layer(layer: Any, x_BLD: jax.Array, ctx: Any, group: KV, l: int, slot_B: jax.Array
+           ) -> tuple[jax.Array, KV]:
+  """Run `layer` (index l of its group) on L new tokens per row, reading and writing row b's buffers
+  at slot slot_B[b]; only the new entries are written back into the group's buffers."""
+  B, L = x_BLD.shape[:2]
+  rows = jnp.arange(B)
+  slab = KV(group.k_BTHK[slot_B, l, rows], group.v_BTHK[slot_B, l, rows])
+  x_BLD, slab = layer(x_BLD, ctx, kv=slab)
+  t_BL = ctx.pos_B[:, None] + jnp.arange(L)[None]
+  b_BL, s_BL = rows[:, None], slot_B[:, None]
+  write = lambda buf, new: buf.at[s_BL, l, b_BL, t_BL].set(new[b_BL, t_BL], mode="drop")
+  return x_BLD, KV(write(group.k_BTHK, slab.k_BTHK), write(group.v_BTHK, slab.v_BTHK))
+
+
+def _layers(layers: Any, x_BLD: jax.Array, ctx: Any, group: KV) -> tuple[jax.Array, KV]:
+  """A prelude or coda stack (one slot per layer)."""
+  slot_B = jnp.zeros(x_BLD.shape[0], jnp.int32)
+  for l, layer in enumerate(layers):
+    x_BLD, group = _layer(layer, x_BLD, ctx, group, l, slot_B)
+  return x_BLD, group
+
+
+def _block_iteration(model: Any, s_BLD: jax.Array, e_BLD: jax.Array, ctx: Any, group: KV,
+                     slot_B: jax.Array) -> tuple[jax.Array, jax.Array, KV]:
+  """`LoopedTransformer.block_step` against the cache: (next state, layer outputs [k, B, L, D], cache)."""
+  x_BLD = model.injection(s_BLD, e_BLD).astype(s_BLD.dtype)
+  outs = []
+  for l, layer in enumerate(model.block):
+    x_BLD, group = _layer(layer, x_BLD, ctx, group, l, slot_B)
+    outs.append(x_BLD)
+  if model.iter_norm is not None:
+    x_BLD = model.iter_norm(x_BLD)
+    outs[-1] = x_BLD
+  return x_BLD, jnp.stack(outs), group
+
+
+def _encode(model: Any, tokens_BL: jax.Array, ctx: Any, group: KV) -> tuple[jax.Array, KV]:
+  pos_BL = ctx.pos_B[:, None] + jnp.arange(tokens_BL.shape[1])[None]
+  return _layers(model.prelude, model.embed_tokens(tokens_BL, pos_BL), ctx, group)
+
+
+def _decode(model: Any, s_BLD: jax.Array, ctx: Any, group: KV) -> tuple[jax.Array, KV]:
+  """`LoopedTransformer.decode` against the cache: logits [B, L, V] float32."""
+  x_BLD, group = _layers(model.coda, model.latent(s_BLD), ctx, group)
+  x_BLD = model.final_norm(x_BLD)
+  logits = model.embed.attend(x_BLD) if model.unembed is None else model.unembed(x_BLD)
+  return logits.astype(jnp.float32), group
+
+
+def _state0(model: Any, e_BLD: jax.Array, key_B: jax.Array) -> jax.Array:
+  """The initial state of each row's tokens (state_init normal|like_init: drawn per row's key)."""
+  return jax.vmap(lambda e, k: model.initial_state(e[None], k)[0])(e_BLD, key_B)
+
+
+def _keys(root: jax.Array, seq_B: jax.Array, pos_B: jax.Array) -> jax.Array:
+  """One key per (sequence, position): sampling and initial states do not depend on the slots."""
+  return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.fold_in(root, s), p))(seq_B, pos_B)
+
+
+# -- sampling -------------------------------------------------------------------------------------
+
+
+def sample(logits_BV: jax.Array, key_B: jax.Array, temperature: jax.Array, top_k: int,
+           top_p: jax.Array) -> jax.Array:
+  """Next token ids [B]: argmax at temperature 0, else drawn from softmax(logits / T) restricted to
+  the k most likely tokens (top_k > 0) and the smallest set whose probability reaches top_p."""
+  greedy = logits_BV.argmax(-1).astype(jnp.int32)
+  logits = logits_BV / jnp.maximum(temperature, 1e-6)
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_BV, axis=-1)
+  keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p      # always keeps the most likely token
+  floor = jnp.min(jnp.where(keep, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+  logits = jnp.where(logits < floor, -jnp.inf, logits)
+  drawn = jax.vmap(jax.random.categorical)(key_B, logits).astype(jnp.int32)
+  return jnp.where(temperature > 0, drawn, greedy)
+
+
+# -- the compiled pieces --------------------------------------------------------------------------
+
+
+class Options(NamedTuple):
+  """What fixes the compiled programs (static)."""
+  iterations: int              # R, the cap
+  cache: str                   # exact | latest
+  criterion: str | None        # None: fixed R
+  top_k: int
+  length: int                  # T, the buffer
+  max_new: int
+  stop_at_eos: bool
+  track_oracle: bool
+  return_logits: bool
+
+
+def _prefill(graphdef, params, tokens_AL, lengths_A, seq_A, root, opts: Options):
+  """Prefill A prompts (padded to L) at R iterations into a fresh cache of A rows; returns the cache
+  and each prompt's last token's prelude output (its block iterations run in the decode loop)."""
+  model = nnx.merge(graphdef, params)
+  m, (A, L) = model.spec, tokens_AL.shape
+  cache = empty_cache(m, A, opts.length, opts.iterations, opts.cache, jnp.dtype(m.dtype))
+  zero_A = jnp.zeros(A, jnp.int32)
+  ctx = make_cached_context(m, zero_A, L, opts.length)
+  e_ALD, prelude = _encode(model, tokens_AL, ctx, cache.prelude)
+  key_A = _keys(jax.random.fold_in(root, 1), seq_A, zero_A)
+  s_ALD = jax.vmap(lambda e, k: model.initial_state(e, k))(e_ALD, key_A)
+
+  def body(t, carry):
+    s, block = carry
+    slot_A = zero_A + (t if opts.cache == "exact" else 0)
+    s, _, block = _block_iteration(model, s, e_ALD, ctx, block, slot_A)
+    return s, block
+
+  s_ALD, block = jax.lax.fori_loop(0, opts.iterations, body, (s_ALD, cache.block))
+  _, coda = _layers(model.coda, model.latent(s_ALD), ctx, cache.coda)
+  last_A = lengths_A - 1
+  return Cache(prelude, block, coda), e_ALD[jnp.arange(A), last_A][:, None]
+
+
+def _carry(m: Any, slots: int, n_seqs: int, opts: Options, cache: Cache) -> dict:
+  P, D = slots, m.d_model
+  state_dtype = jnp.dtype(getattr(m, "state_dtype", "float32"))
+  s = jnp.zeros((P, 1, D), state_dtype)
+  c = {"cache": cache, "cur_P": jnp.zeros(P, jnp.int32), "pos_P": jnp.zeros(P, jnp.int32),
+       "it_P": jnp.zeros(P, jnp.int32), "s_P1D": s, "e_P1D": s, "seq_P": jnp.full(P, -1, jnp.int32),
+       "gen_P": jnp.zeros(P, jnp.int32), "changed_P": jnp.zeros(P, jnp.int32),
+       "pred_P": jnp.zeros(P, jnp.int32),
+       "prev": initial_prev_of(m, opts.criterion, s),
+       "out_tok": jnp.zeros((n_seqs, opts.max_new), jnp.int32),
+       "out_it": jnp.zeros((n_seqs, opts.max_new), jnp.int32),
+       "out_oracle": jnp.zeros((n_seqs, opts.max_new), jnp.int32),
+       "out_len": jnp.zeros(n_seqs, jnp.int32),
+       "steps": jnp.int32(0), "finishes": jnp.int32(0), "busy": jnp.int32(0)}
+  if opts.return_logits:
+    c["out_logits"] = jnp.zeros((n_seqs, opts.max_new, m.vocab_size), jnp.float32)
+  return c
+
+
+class _Spec(NamedTuple):
+  spec: Any
+
+
+def initial_prev_of(m: Any, criterion: str | None, s_P1D: jax.Array) -> dict:
+  """What the criterion keeps of a slot's previous iteration, reset (nothing for fixed R)."""
+  return {} if criterion is None else initial_prev(_Spec(m), criterion, s_P1D)
+
+
+def _where_rows(mask_P: jax.Array, new: dict, old: dict) -> dict:
+  """Per slot, `new` where mask_P else `old`, over a criterion's memory (slots: axis 1 of the
+  per-layer [k, P, 1, D] arrays, else axis 0)."""
+  def pick(name, a, b):
+    axis = 1 if name.endswith("kPSD") else 0
+    shape = [1] * b.ndim
+    shape[axis] = mask_P.shape[0]
+    return jnp.where(mask_P.reshape(shape), a, b)
+  return {name: pick(name, new[name], old[name]) for name in old}
+
+
+def _admit(graphdef, params, c, tokens_AL, lengths_A, seq_A, slot_A, root, opts: Options):
+  """Prefill prompts seq_A into the free slots slot_A (slot P: padding, dropped)."""
+  model = nnx.merge(graphdef, params)
+  new, e_A1D = _prefill(graphdef, params, tokens_AL, lengths_A, seq_A, root, opts)
+  put = lambda buf, rows: buf.at[:, :, slot_A].set(rows, mode="drop")
+  cache = jax.tree.map(put, c["cache"], new)
+  last_A = lengths_A - 1
+  key_A = _keys(jax.random.fold_in(root, 1), seq_A, last_A)
+  s_A1D = _state0(model, e_A1D, key_A)
+  set_ = lambda x, v: x.at[slot_A].set(v.astype(x.dtype), mode="drop")
+  admitted_P = jnp.zeros(c["seq_P"].shape[0], bool).at[slot_A].set(True, mode="drop")
+  prev = _where_rows(admitted_P, initial_prev_of(model.spec, opts.criterion, c["s_P1D"]), c["prev"])
+  return {**c, "cache": cache, "cur_P": set_(c["cur_P"], tokens_AL[jnp.arange(len(seq_A)), last_A]),
+          "pos_P": set_(c["pos_P"], last_A), "it_P": set_(c["it_P"], jnp.zeros_like(last_A)),
+          "s_P1D": set_(c["s_P1D"], s_A1D), "e_P1D": set_(c["e_P1D"], e_A1D),
+          "seq_P": set_(c["seq_P"], seq_A), "gen_P": set_(c["gen_P"], jnp.zeros_like(last_A)),
+          "changed_P": set_(c["changed_P"], jnp.zeros_like(last_A)), "prev": prev}
+
+
+def _step(model, c, thr, temperature, top_p, root, eos_id, opts: Options):
+  """One block iteration for every slot; slots whose token exits finish it (see the module doc)."""
+  m, R = model.spec, opts.iterations
+  P = c["seq_P"].shape[0]
+  rows = jnp.arange(P)
+  ctx = make_cached_context(m, c["pos_P"], 1, opts.length)
+  slot_P = c["it_P"] if opts.cache == "exact" else jnp.zeros(P, jnp.int32)
+  s_new, outs_kP1D, block = _block_iteration(model, c["s_P1D"], c["e_P1D"], ctx, c["cache"].block,
+                                             slot_P)
+  it_P, active_P = c["it_P"] + 1, c["seq_P"] >= 0
+  peek = lambda s: _decode(model, s, ctx, c["cache"].coda)[0]   # the coda's writes are redone on exit
+  meets_P = jnp.zeros(P, bool)
+  prev = c["prev"]
+  if opts.criterion is not None:
+    meets, prev = criterion_step(opts.criterion, peek, c["s_P1D"], s_new, outs_kP1D, prev, it_P == 1, thr)
+    meets_P = meets[:, 0]
+  changed_P, pred_P = c["changed_P"], c["pred_P"]
+  if opts.track_oracle:  # the last iteration at which the argmax prediction changed
+    pred_P = peek(s_new)[:, 0].argmax(-1).astype(jnp.int32)
+    changed_P = jnp.where((it_P == 1) | (pred_P != c["pred_P"]), it_P, changed_P)
+  exit_P = active_P & (meets_P | (it_P >= R))
+  c = {**c, "cache": c["cache"]._replace(block=block), "s_P1D": s_new, "it_P": it_P, "prev": prev,
+       "changed_P": changed_P, "pred_P": pred_P, "steps": c["steps"] + 1,
+       "busy": c["busy"] + active_P.sum()}
+
+  def finish(c):
+    cache = c["cache"]
+    if opts.cache == "exact":  # later iterations of later tokens read this token's exit entry
+      def fill(buf):
+        last = buf[jnp.maximum(it_P - 1, 0), :, rows, c["pos_P"]]              # [P, k, H, Dh]
+        cur = buf[:, :, rows, c["pos_P"]]                                     # [R, k, P, H, Dh]
+        later = (jnp.arange(R)[:, None] >= it_P[None]) & exit_P[None]         # [R, P]
+        new = jnp.where(later[:, None, :, None, None], jnp.moveaxis(last, 0, 1)[None], cur)
+        return buf.at[:, :, rows, c["pos_P"]].set(new)
+      cache = cache._replace(block=KV(fill(cache.block.k_BTHK), fill(cache.block.v_BTHK)))
+    # only the exiting slots write (the others' positions point past the buffer: dropped)
+    fctx = make_cached_context(m, jnp.where(exit_P, c["pos_P"], opts.length), 1, opts.length)
+    logits_P1V, coda = _decode(model, c["s_P1D"], fctx, cache.coda)
+    seq_P, gen_P = c["seq_P"], c["gen_P"]
+    tok_P = sample(logits_P1V[:, 0], _keys(root, seq_P, gen_P), temperature, opts.top_k, top_p)
+    at_seq = jnp.where(exit_P, seq_P, c["out_tok"].shape[0])                  # not exiting: dropped
+    record = lambda out, v: out.at[at_seq, gen_P].set(v, mode="drop")
+    out = {"out_tok": record(c["out_tok"], tok_P), "out_it": record(c["out_it"], it_P),
+           "out_oracle": record(c["out_oracle"], changed_P),
+           "out_len": c["out_len"].at[at_seq].set(gen_P + 1, mode="drop")}
+    if opts.return_logits:
+      out["out_logits"] = record(c["out_logits"], logits_P1V[:, 0])
+    gen_P = gen_P + exit_P
+    done_P = exit_P & ((gen_P >= opts.max_new) | (opts.stop_at_eos & (tok_P == eos_id)))
+    # the next token of every exiting slot: embed it at the next position and start its iterations
+    pos_P = c["pos_P"] + exit_P
+    nctx = make_cached_context(m, jnp.where(exit_P, pos_P, opts.length), 1, opts.length)
+    e_P1D, prelude = _encode(model, tok_P[:, None], nctx, cache.prelude)
+    s0_P1D = _state0(model, e_P1D, _keys(jax.random.fold_in(root, 1), seq_P, pos_P))
+    ex = exit_P[:, None, None]
+    prev = _where_rows(exit_P, initial_prev_of(m, opts.criterion, s0_P1D), c["prev"])
+    return {**c, **out, "cache": Cache(prelude, cache.block, coda), "prev": prev,
+            "cur_P": jnp.where(exit_P, tok_P, c["cur_P"]), "pos_P": pos_P,
+            "it_P": jnp.where(exit_P, 0, c["it_P"]), "gen_P": gen_P,
+            "s_P1D": jnp.where(ex, s0_P1D, c["s_P1D"]), "e_P1D": jnp.where(ex, e_P1D, c["e_P1D"]),
+            "seq_P": jnp.where(done_P, -1, seq_P), "finishes": c["finishes"] + 1}
+
+  return jax.lax.cond(exit_P.any(), finish, lambda c: c, c)
+
+
+def _run(graphdef, params, c, thr, temperature, top_p, root, eos_id, opts: Options):
+  """Steps until a sequence finishes (its slot is then free) or no slot is busy."""
+  model = nnx.merge(graphdef, params)
+
+  def body(state):
+    c, _ = state
+    c = _step(model, c, thr, temperature, top_p, root, eos_id, opts)
+    return c, (c["seq_P"] < 0).sum()
+
+  free0 = (c["seq_P"] < 0).sum()
+  c, _ = jax.lax.while_loop(lambda st: (st[1] == free0) & (st[0]["seq_P"] >= 0).any(), body, (c, free0))
+  return c
+
+
+# -- the public API -------------------------------------------------------------------------------
+
+
+def check(m: Any, prompts: Sequence[Sequence[int]], *, max_new: int, iterations: int,
+          exit: tuple[str, float] | None, cache: str, temperature: float, top_k: int, top_p: float,
+          slots: int | None, max_len: int | None = None) -> int:
+  """One-line ConfigError for arguments that cannot work, before anything is compiled; returns the
+  buffer length T."""
+  if not len(prompts):
+    raise ConfigError("generate.prompts", "[]", reason="give at least one prompt")
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ConfigError("generate.prompt", repr(""), reason=f"prompt {i} is empty")
+    bad = [int(t) for t in p if not 0 <= int(t) < m.vocab_size]
+    if bad:
+      raise ConfigError("generate.prompt", bad[0], reason=f"prompt {i} holds a token outside the "
+                        f"model's vocabulary of {m.vocab_size}: the tokenizer does not match the run")
+  if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+    raise ConfigError("generate.max_new", max_new, allowed="an integer >= 1")
+  if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    raise ConfigError("generate.iterations", iterations, allowed="an integer R >= 1")
+  if cache not in CACHES:
+    raise ConfigError("generate.cache", cache, CACHES)
+  if exit is not None:
+    criterion, threshold = exit
+    if criterion not in LOOP_CRITERIA:
+      raise ConfigError("generate.exit", criterion, LOOP_CRITERIA)
+    threshold = validate(criterion, threshold, iterations)
+    if not threshold > 0:
+      raise ConfigError("generate.exit", threshold, allowed="a threshold > 0 (omit --exit for fixed R)")
+  if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    raise ConfigError("generate.temperature", temperature, allowed="a number >= 0 (0: greedy)")
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= m.vocab_size:
+    raise ConfigError("generate.top_k", top_k, allowed=f"an integer in 0..{m.vocab_size} (0: all)")
+  if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    raise ConfigError("generate.top_p", top_p, allowed="a number in (0, 1]")
+  if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+    raise ConfigError("generate.slots", slots, allowed="an integer >= 1")
+  longest = max(len(p) for p in prompts)
+  context = m.max_len if max_len is None else max_len
+  if longest > context:
+    raise ConfigError("generate.prompt", f"{longest} tokens", reason=f"longer than the model's "
+                      f"context of {context} tokens (model.max_len)")
+  if longest + max_new > context:
+    raise ConfigError("generate.max_new", max_new, reason=f"a prompt of {longest} tokens leaves room "
+                      f"for {context - longest} new tokens in the model's context of {context}")
+  return longest + max_new
+
+
+class Generator:
+  """A model's generation programs, compiled once per (options, shapes) and kept for later calls."""
+
+  def __init__(self, model: Any):
+    self.spec = model.spec
+    self.graphdef, self.params = nnx.split(model)
+    self._programs: dict[Options, _Programs] = {}
+
+  def __call__(self, prompts: Sequence[Sequence[int]], *, max_new: int, iterations: int,
+               exit: tuple[str, float] | None = None, cache: str = "exact", temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, slots: int | None = None,
+               eos_id: int | None = None, track_oracle: bool = False, return_logits: bool = False
+               ) -> GenerateOutput:
+    """See `generate`."""
+    m, params = self.spec, self.params
+    T = check(m, prompts, max_new=max_new, iterations=iterations, exit=exit, cache=cache,
+              temperature=temperature, top_k=top_k, top_p=top_p, slots=slots)
+    criterion, threshold = exit if exit is not None else (None, 0.0)
+    opts = Options(iterations, cache, criterion, top_k, T, max_new, eos_id is not None, track_oracle,
+                   return_logits)
+    N, P = len(prompts), min(slots or 8, len(prompts))
+    L = max(len(p) for p in prompts)
+    root = jax.random.key(seed)
+    scalars = (jnp.float32(threshold), jnp.float32(temperature), jnp.float32(top_p), root,
+               jnp.int32(-1 if eos_id is None else eos_id))
+    if opts not in self._programs:
+      self._programs[opts] = _Programs(self.graphdef, opts)
+    programs = self._programs[opts]
+
+    def admit_args(c, items: list[tuple[int, int]]):
+      """items: (sequence, slot); padded to the next power of two (at most P) with dropped rows."""
+      A = min(P, 1 << (len(items) - 1).bit_length())
+      tokens = np.zeros((A, L), np.int32)
+      lengths, seqs, slot = np.ones(A, np.int32), np.zeros(A, np.int32), np.full(A, P, np.int32)
+      for a, (i, s) in enumerate(items):
+        tokens[a, :len(prompts[i])] = prompts[i]
+        lengths[a], seqs[a], slot[a] = len(prompts[i]), i, s
+      return (params, c, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(seqs), jnp.asarray(slot),
+              root)
+
+    c = jax.jit(functools.partial(_carry, m, P, N, opts))(
+        empty_cache(m, P, T, iterations, cache, jnp.dtype(m.dtype)))
+    queue, free = list(range(N)), list(range(P))
+    compile_s = decode_s = prefill_s = 0.0
+    while True:
+      if queue and free:
+        items = [(queue.pop(0), free.pop(0)) for _ in range(min(len(queue), len(free)))]
+        args = admit_args(c, items)
+        admit, dt = programs.get(("admit", args[2].shape, P, N), programs.admit, args)
+        compile_s += dt
+        t0 = time.perf_counter()
+        c = jax.block_until_ready(admit(*args))
+        prefill_s += time.perf_counter() - t0
+      args = (params, c, *scalars)
+      run, dt = programs.get(("run", P, N), programs.run, args)
+      compile_s += dt
+      t0 = time.perf_counter()
+      c = jax.block_until_ready(run(*args))
+      decode_s += time.perf_counter() - t0
+      seq_P = np.asarray(c["seq_P"])
+      free = [p for p in range(P) if seq_P[p] < 0]
+      if not queue and len(free) == P:
+        break
+
+    lengths = np.asarray(c["out_len"])
+    take = lambda key: [np.asarray(c[key][i, :lengths[i]]) for i in range(N)]
+    its = take("out_it")
+    steps, finishes, busy = int(c["steps"]), int(c["finishes"]), int(c["busy"])
+    flops = _flops(m, T, opts, P, steps, finishes, busy, its, N, L)
+    new_tokens = int(lengths.sum())
+    stats = {"tokens": new_tokens, "prompts": N, "slots": P, "iterations_cap": iterations,
+             "cache": cache, "exit": None if exit is None else f"{criterion}:{threshold}",
+             "mean_iterations": float(np.concatenate(its).mean()), "steps": steps,
+             "finish_steps": finishes, "slot_utilisation": busy / max(steps * P, 1),
+             "decode_s": decode_s, "prefill_s": prefill_s, "compile_s": compile_s,
+             "decode_tokens_per_s": new_tokens / decode_s if decode_s else None,
+             "cache_bytes": cache_bytes(m, P, T, iterations, cache, m.dtype), **flops}
+    return GenerateOutput(take("out_tok"), its, take("out_oracle") if track_oracle else None,
+                          take("out_logits") if return_logits else None, stats)
+
+
+def generate(model: Any, prompts: Sequence[Sequence[int]], **options) -> GenerateOutput:
+  """Generate `max_new` tokens after each prompt (lists of token ids) with R = `iterations` block
+  iterations per token, or fewer where `exit` = (criterion, threshold) fires first; `cache` exact |
+  latest; sampling by `temperature` (0: greedy), `top_k`, `top_p`, `seed`; `slots` sequences in
+  flight; a sequence stops early at `eos_id` when given. `track_oracle` records, per token, the first
+  iteration after which its argmax prediction no longer changed; `return_logits` each token's logits.
+  Compiles on every call: reuse a `Generator(model)` to generate more than once."""
+  return Generator(model)(prompts, **options)
+
+
+def _flops(m: Any, T: int, opts: Options, P: int, steps: int, finishes: int, busy: int,
+           its: list[np.ndarray], N: int, L: int) -> dict[str, float]:
+  """Forward FLOPs of the decode loop as executed (every slot of every step, active or idle, and
+  the finishing branch for every slot whenever one exits) and as needed (each token's own
+  iterations); `flops_prefill` for the prompts."""
+  layer = layer_flops(m, T)
+  inject = 2 * 2 * m.d_model * m.d_model if m.injection in ("concat", "gate") else 0
+  decode = m.n_coda * layer + 2 * m.d_model * m.vocab_size
+  block = m.block_size * layer + inject
+  peeks = (opts.criterion in DECODING_CRITERIA) + opts.track_oracle
+  per_iter = block + peeks * decode
+  needed_iters = float(sum(int(i.sum()) for i in its))
+  executed = steps * P * per_iter + finishes * P * (m.n_prelude * layer + decode)
+  needed = needed_iters * per_iter + sum(len(i) for i in its) * (m.n_prelude * layer + decode)
+  return {"flops_executed": float(executed), "flops_needed": float(needed),
+          "block_flops_executed": float(steps * P * block),
+          "block_flops_needed": needed_iters * block,
+          "flops_prefill": float(N * L * (m.n_prelude * layer + decode + opts.iterations * block))}
+
+
+class _Programs:
+  """The compiled programs of one (graph, options), ahead of time so that timings exclude compiles."""
+
+  def __init__(self, graphdef, opts: Options):
+    self.opts, self.compiled = opts, {}
+    self.admit = jax.jit(functools.partial(_admit, graphdef, opts=opts), donate_argnums=(1,))
+    self.run = jax.jit(functools.partial(_run, graphdef, opts=opts), donate_argnums=(1,))
+
+  def get(self, key, fn, args) -> tuple[Any, float]:
+    """(the compiled program for `args`, seconds spent compiling it now)."""
+    if key in self.compiled:
+      return self.compiled[key], 0.0
+    t0 = time.perf_counter()
+    self.compiled[key] = fn.lower(*args).compile()
+    return self.compiled[key], time.perf_counter() - t0

@@ -1,0 +1,239 @@
+"""Generation: the exact cache reproduces the full forward, the latest cache does not grow with R,
+batching and slots change nothing, exited tokens stop costing block FLOPs, sampling options, bad input
+is one line, and the CLI writes its record and plot without overwriting anything."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tiny_config
+from configs.errors import ConfigError
+from eval.generate import encode, parse_exit
+from looped_models.generate import Generator, cache_bytes, empty_cache, generate
+from train.config import resolve
+from train.step import init_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [[1, 0, 1, 1, 0, 0, 1], [0, 1], [1]]
+
+
+def tiny_model(**overrides):
+  cfg = resolve(tiny_config(**overrides))
+  graphdef, params = init_model(cfg.model, 0)
+  return nnx.merge(graphdef, params)
+
+
+def full_forward_logits(model, prompt, generated, R):
+  """The next-token logits at every generated position from one full-sequence forward pass."""
+  seq = jnp.asarray([list(prompt) + list(generated[:-1])])
+  return np.asarray(model(seq, R).logits_BSV[0, len(prompt) - 1:])
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model__block_size": 2, "model__injection": "concat", "model__norm": "sandwich"},
+    {"model__block_size": 2, "model__injection": "add", "model__norm": "peri", "model__n_coda": 2,
+     "model__attention": "local", "model__window": 5, "model__mlp": "swiglu"},
+])
+def test_exact_cache_reproduces_the_full_forward(overrides):
+  model = tiny_model(**overrides)
+  gen = Generator(model)
+  for R in (1, 5):
+    out = gen(PROMPTS, max_new=6, iterations=R, cache="exact", return_logits=True, slots=2)
+    for prompt, tokens, logits, its in zip(PROMPTS, out.tokens, out.logits, out.iterations):
+      assert len(tokens) == 6 and (its == R).all()
+      np.testing.assert_allclose(logits, full_forward_logits(model, prompt, tokens, R), atol=1e-5)
+      assert (tokens == logits.argmax(-1)).all()  # greedy
+
+
+def test_latest_cache_memory_does_not_grow_with_R_and_equals_exact_at_R_1():
+  model = tiny_model(model__block_size=2)
+  m = model.spec
+  for R in (1, 8, 32):
+    block = empty_cache(m, 2, 16, R, "latest", jnp.float32).block
+    assert block.k_BTHK.shape == (1, 2, 2, 16, m.n_heads, m.d_model // m.n_heads)
+    assert empty_cache(m, 2, 16, R, "exact", jnp.float32).block.k_BTHK.shape[0] == R
+  assert cache_bytes(m, 2, 16, 4, "latest", "float32") == cache_bytes(m, 2, 16, 32, "latest", "float32")
+  assert cache_bytes(m, 2, 16, 32, "exact", "float32") > 8 * cache_bytes(m, 2, 16, 32, "latest", "float32")
+  exact = generate(model, PROMPTS, max_new=5, iterations=1, cache="exact", return_logits=True)
+  latest = generate(model, PROMPTS, max_new=5, iterations=1, cache="latest", return_logits=True)
+  for a, b in zip(exact.logits, latest.logits):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  # at R > 1 a token reads earlier tokens at their final iteration instead of its own: not the same
+  exact = generate(model, PROMPTS, max_new=5, iterations=4, cache="exact", return_logits=True)
+  latest = generate(model, PROMPTS, max_new=5, iterations=4, cache="latest", return_logits=True)
+  assert max(np.abs(a - b).max() for a, b in zip(exact.logits, latest.logits)) > 1e-6
+
+
+@pytest.mark.parametrize("cache", ["exact", "latest"])
+def test_slots_and_batching_change_nothing(cache):
+  """Each sequence's tokens, iterations and logits do not depend on how many are in flight (sampling
+  keys per sequence and position; every slot at its own iteration)."""
+  model = tiny_model(model__block_size=2, model__injection="add")
+  options = dict(max_new=7, iterations=6, cache=cache, exit=("fixed_point", 1e-3), temperature=1.0,
+                 top_k=3, seed=4, return_logits=True)
+  gen = Generator(model)
+  one = gen(PROMPTS, slots=1, **options)
+  for slots in (2, 3):
+    out = gen(PROMPTS, slots=slots, **options)
+    for i in range(len(PROMPTS)):
+      np.testing.assert_array_equal(one.tokens[i], out.tokens[i])
+      np.testing.assert_array_equal(one.iterations[i], out.iterations[i])
+      np.testing.assert_allclose(one.logits[i], out.logits[i], atol=1e-5)
+    assert out.stats["tokens"] == 21 and out.stats["slots"] == slots
+  assert len({int(i) for its in one.iterations for i in its}) > 1  # the exits really differ
+
+
+def identity_model():
+  """A block that adds nothing (attention and MLP outputs zeroed): every token's state is fixed
+  after its first iteration."""
+  model = tiny_model(model__injection="none", model__norm="pre")
+  for layer in model.block:
+    layer.attn.out.kernel[...] = jnp.zeros_like(layer.attn.out.kernel[...])
+    layer.mlp.down.kernel[...] = jnp.zeros_like(layer.mlp.down.kernel[...])
+  return model
+
+
+def test_exited_tokens_stop_costing_block_flops():
+  model = identity_model()
+  gen = Generator(model)
+  fixed = gen(PROMPTS, max_new=5, iterations=8, slots=3)
+  for criterion, threshold in [("fixed_point", 1e-3), ("entropy", 1e-6), ("argmax_stable", 2)]:
+    out = gen(PROMPTS, max_new=5, iterations=8, slots=3, exit=(criterion, threshold))
+    expected = 3 if criterion == "argmax_stable" else 2
+    assert all((its == expected).all() for its in out.iterations), criterion
+    for a, b in zip(out.tokens, fixed.tokens):  # a fixed point: the same predictions as fixed R
+      np.testing.assert_array_equal(a, b)
+    # the loop ran only the iterations the tokens needed (one block iteration of 3 slots per step)
+    assert out.stats["steps"] == 5 * expected, criterion
+    assert out.stats["block_flops_executed"] == out.stats["block_flops_needed"]
+    assert out.stats["block_flops_executed"] == pytest.approx(
+        fixed.stats["block_flops_executed"] * expected / 8), criterion
+  assert fixed.stats["steps"] == 5 * 8
+
+
+def test_idle_slots_are_counted_as_executed_flops():
+  """Prompts of unequal work in 2 slots: the executed block FLOPs cover idle slots too."""
+  model = tiny_model()
+  out = generate(model, [[1, 0], [0]], max_new=3, iterations=4, slots=2, eos_id=None)
+  assert out.stats["block_flops_executed"] == out.stats["block_flops_needed"]  # both always busy
+  out = generate(model, [[1, 0], [0], [1]], max_new=3, iterations=4, slots=2)
+  assert out.stats["steps"] == 2 * 3 * 4  # 3 sequences of 12 iterations in 2 slots
+  # sequences 0 and 1 share the slots for 12 steps, then sequence 2 runs 12 steps beside an idle slot
+  assert out.stats["block_flops_executed"] == pytest.approx(out.stats["block_flops_needed"] * 48 / 36)
+  assert out.stats["slot_utilisation"] == pytest.approx(36 / 48)
+
+
+def test_sampling():
+  model = tiny_model()
+  gen = Generator(model)
+  greedy = gen(PROMPTS, max_new=8, iterations=2)
+  for options in ({"temperature": 1.0, "top_p": 1e-6}, {"temperature": 1.0, "top_k": 1}):
+    out = gen(PROMPTS, max_new=8, iterations=2, **options)
+    for a, b in zip(out.tokens, greedy.tokens):
+      np.testing.assert_array_equal(a, b)
+  a = gen(PROMPTS, max_new=16, iterations=2, temperature=2.0, seed=1)
+  b = gen(PROMPTS, max_new=16, iterations=2, temperature=2.0, seed=1)
+  c = gen(PROMPTS, max_new=16, iterations=2, temperature=2.0, seed=2)
+  assert all((x == y).all() for x, y in zip(a.tokens, b.tokens))
+  assert any((x != y).any() for x, y in zip(a.tokens, c.tokens))
+  top2 = gen(PROMPTS, max_new=16, iterations=2, temperature=5.0, top_k=2, return_logits=True)
+  for tokens, logits in zip(top2.tokens, top2.logits):
+    ranks = (logits > logits[np.arange(len(tokens)), tokens][:, None]).sum(-1)
+    assert (ranks < 2).all()
+
+
+def test_stops_at_eos():
+  model = tiny_model()
+  gen, options = Generator(model), dict(max_new=8, iterations=2, temperature=2.0, seed=1)
+  tokens = gen(PROMPTS, **options).tokens[0].tolist()
+  i = next(i for i in range(1, 8) if tokens[i] not in tokens[:i])  # a token's first appearance
+  stopped = gen(PROMPTS, eos_id=tokens[i], **options)
+  assert stopped.tokens[0].tolist() == tokens[:i + 1]
+  assert all(len(t) <= 8 for t in stopped.tokens)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"prompts": [[1, 0], []]}, "prompt 1 is empty"),
+    ({"prompts": [[1] * 40]}, "longer than the model's context of 32"),
+    ({"max_new": 30}, "leaves room for 25 new tokens"),
+    ({"exit": ("patience", 1e-3)}, "generate.exit"),
+    ({"exit": ("fixed_point", 0.0)}, "a threshold > 0"),
+    ({"exit": ("kl", -1.0)}, "halting.threshold"),
+    ({"iterations": 0}, "an integer R >= 1"),
+    ({"cache": "paged"}, "generate.cache"),
+    ({"prompts": [[1, 99]]}, "tokenizer does not match"),
+    ({"temperature": -1.0}, "generate.temperature"),
+    ({"top_p": 0.0}, "generate.top_p"),
+])
+def test_bad_input_is_one_line_before_any_compile(change, needle):
+  model = tiny_model()
+  kwargs = {"prompts": [[1, 0, 1, 1, 1, 0, 0]], "max_new": 4, "iterations": 2, **change}
+  with pytest.raises(ConfigError) as e:
+    generate(model, kwargs.pop("prompts"), **kwargs)
+  assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_exit_flag_and_tokenizer_checks():
+  assert parse_exit("fixed_point:1e-3") == ("fixed_point", 1e-3)
+  assert parse_exit("argmax_stable:2") == ("argmax_stable", 2)
+  assert parse_exit(None) is None
+  with pytest.raises(ConfigError, match="CRITERION:THRESHOLD"):
+    parse_exit("fixed_point")
+  from train.data import ByteTokenizer
+  with pytest.raises(ConfigError, match="does not match the run"):
+    encode(ByteTokenizer(), tiny_model().spec, ["hi"], bos=True)  # 258 ids, model has 2
+  with pytest.raises(ConfigError, match="needs a text run"):
+    encode(None, tiny_model().spec, ["hi"], bos=True)
+
+
+def cli(*args):
+  return subprocess.run([sys.executable, "-m", "eval", "generate", *args], cwd=ROOT, capture_output=True,
+                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_cli_generates_records_and_refuses_to_overwrite(trained, tmp_path):
+  run, _ = trained
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("the king\n\nall the world\n")
+  out = tmp_path / "gen.json"
+  r = cli("--workdir", run, "--batch", str(prompts), "--prompt", "a horse", "--max-new", "12",
+          "--iterations", "6", "--exit", "fixed_point:1e-2", "--cache", "latest", "--temperature", "0.7",
+          "--top-k", "20", "--slots", "2", "--out", str(out))
+  assert r.returncode == 0, r.stderr
+  rec = json.loads(out.read_text())
+  assert [g["prompt"] for g in rec["generations"]] == ["a horse", "the king", "all the world"]
+  for g in rec["generations"]:
+    assert len(g["tokens"]) == len(g["iterations"]) <= 12
+    assert all(1 <= i <= 6 for i in g["iterations"])
+    assert g["prompt_tokens"][0] == 256  # BOS, as the documents were prepared
+    assert g["text"] in r.stdout
+  assert rec["settings"]["exit"] == "fixed_point:0.01" and rec["decode_tokens_per_s"] > 0
+  assert (tmp_path / "gen_iterations.png").is_file() and (tmp_path / "gen_iterations.svg").is_file()
+  again = cli("--workdir", run, "--prompt", "a", "--out", str(out))
+  assert again.returncode == 2 and "not overwritten" in again.stderr
+  # without --out: under the run's eval/STEP/, a new directory the second time
+  for _ in range(2):
+    r = cli("--workdir", run, "--prompt", "to be", "--max-new", "4")
+    assert r.returncode == 0, r.stderr
+  records = sorted(p for p in os.listdir(os.path.join(run, "eval")) if os.path.isfile(
+      os.path.join(run, "eval", p, "generate.json")))
+  assert len(records) >= 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", ""], "non-empty --prompt"),
+    (["--prompt", "x" * 40], "longer than the model's context"),
+    (["--prompt", "a", "--exit", "entropy:0"], "a threshold > 0"),
+    (["--prompt", "a", "--exit", "sometimes:1"], "generate.exit"),
+    (["--prompt", "a", "--iterations", "0"], "an integer R >= 1"),
+    (["--batch", "/no/such/file"], "does not exist"),
+])
+def test_cli_bad_input_is_one_line(trained, args, needle):
+  r = cli("--workdir", trained[0], *args)
+  assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
