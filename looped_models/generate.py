@@ -209,6 +209,7 @@ def _carry(m: Any, slots: int, n_seqs: int, opts: Options, cache: Cache) -> dict
        "out_it": jnp.zeros((n_seqs, opts.max_new), jnp.int32),
        "out_oracle": jnp.zeros((n_seqs, opts.max_new), jnp.int32),
        "out_len": jnp.zeros(n_seqs, jnp.int32),
+       "forced": jnp.full((n_seqs, opts.max_new), -1, jnp.int32),
        "steps": jnp.int32(0), "finishes": jnp.int32(0), "busy": jnp.int32(0)}
   if opts.return_logits:
     c["out_logits"] = jnp.zeros((n_seqs, opts.max_new, m.vocab_size), jnp.float32)
@@ -294,6 +295,8 @@ def _step(model, c, thr, temperature, top_p, root, eos_id, opts: Options):
     logits_P1V, coda = _decode(model, c["s_P1D"], fctx, cache.coda)
     seq_P, gen_P = c["seq_P"], c["gen_P"]
     tok_P = sample(logits_P1V[:, 0], _keys(root, seq_P, gen_P), temperature, opts.top_k, top_p)
+    forced_P = c["forced"][jnp.maximum(seq_P, 0), jnp.minimum(gen_P, opts.max_new - 1)]
+    tok_P = jnp.where(forced_P >= 0, forced_P, tok_P)
     at_seq = jnp.where(exit_P, seq_P, c["out_tok"].shape[0])                  # not exiting: dropped
     record = lambda out, v: out.at[at_seq, gen_P].set(v, mode="drop")
     out = {"out_tok": record(c["out_tok"], tok_P), "out_it": record(c["out_it"], it_P),
@@ -393,12 +396,19 @@ class Generator:
   def __call__(self, prompts: Sequence[Sequence[int]], *, max_new: int, iterations: int,
                exit: tuple[str, float] | None = None, cache: str = "exact", temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, slots: int | None = None,
-               eos_id: int | None = None, track_oracle: bool = False, return_logits: bool = False
+               eos_id: int | None = None, track_oracle: bool = False, return_logits: bool = False,
+               forced: Sequence[Sequence[int]] | None = None, context: int | None = None
                ) -> GenerateOutput:
     """See `generate`."""
     m, params = self.spec, self.params
+    if context is not None and context > m.max_len and m.positions != "rope":
+      raise ConfigError("generate.context", context, allowed=f"<= model.max_len={m.max_len}",
+                        reason="learned position embeddings end there (RoPE models may go further)")
     T = check(m, prompts, max_new=max_new, iterations=iterations, exit=exit, cache=cache,
-              temperature=temperature, top_k=top_k, top_p=top_p, slots=slots)
+              temperature=temperature, top_k=top_k, top_p=top_p, slots=slots, max_len=context)
+    if forced is not None and (len(forced) != len(prompts) or any(len(f) > max_new for f in forced)):
+      raise ConfigError("generate.forced", f"{len(forced)} sequences", reason=f"give one sequence of "
+                        f"at most max_new={max_new} tokens per prompt")
     criterion, threshold = exit if exit is not None else (None, 0.0)
     opts = Options(iterations, cache, criterion, top_k, T, max_new, eos_id is not None, track_oracle,
                    return_logits)
@@ -424,6 +434,11 @@ class Generator:
 
     c = jax.jit(functools.partial(_carry, m, P, N, opts))(
         empty_cache(m, P, T, iterations, cache, jnp.dtype(m.dtype)))
+    if forced is not None:
+      table = np.full((N, max_new), -1, np.int32)
+      for i, f in enumerate(forced):
+        table[i, :len(f)] = f
+      c["forced"] = jnp.asarray(table)
     queue, free = list(range(N)), list(range(P))
     compile_s = decode_s = prefill_s = 0.0
     while True:
@@ -469,6 +484,9 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], **options) -> Generat
   latest; sampling by `temperature` (0: greedy), `top_k`, `top_p`, `seed`; `slots` sequences in
   flight; a sequence stops early at `eos_id` when given. `track_oracle` records, per token, the first
   iteration after which its argmax prediction no longer changed; `return_logits` each token's logits.
+  `forced` (teacher forcing): per prompt, tokens fed in place of the sampled ones, so that the logits
+  score a given text as decoding computes it. `context`: the longest sequence, prompt and new tokens
+  (default model.max_len; beyond it only with RoPE positions).
   Compiles on every call: reuse a `Generator(model)` to generate more than once."""
   return Generator(model)(prompts, **options)
 

@@ -1,0 +1,174 @@
+"""Generation on a trained text run: quality of per-token exit against fixed R, and decode speed.
+
+  python -m bench.generate --workdir runs/shakespeare [--windows 8] [--new 240]
+
+Quality (held-out text, teacher-forced: every position decoded as generation computes it, with the
+KV cache, each token exiting by the criterion):
+- windows of the run's validation split, its first half for calibration, its second for reporting;
+- fixed R = 1..R_cap by the full forward (which the exact cache reproduces): R_best, the lowest loss,
+  and R_small, the smallest R within 1% of it, both chosen on the calibration half;
+- per criterion, the largest threshold whose calibration loss is within 1% of R_small's (cap R_cap),
+  then its held-out loss, mean iterations per token and the oracle's (the first iteration after which
+  the greedy prediction no longer changes, from a fixed-R_cap decode);
+- agreement of greedy generations with fixed R_small (share of identical tokens, 4 prompts x 64);
+- the `latest` cache against `exact` at fixed R (held-out loss).
+Speed: decode tokens/s at batch 1 and 8 for R in {4, 16, 32}: fixed R with each cache, adaptive exit
+(the chosen fixed_point threshold, cap R), and recompute (no cache: one full forward of the whole
+buffer per token, compiled once), generating `--new` tokens after a 16-token prompt. Writes its
+section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CRITERIA_GRIDS = {"fixed_point": (3e-2, 1e-2, 3e-3, 1e-3), "kl": (1e-2, 1e-3, 1e-4),
+                  "entropy": (1e-1, 1e-2, 1e-3)}
+
+
+def windows(data, n: int, length: int, half: int, seed: int = 0) -> np.ndarray:
+  """n windows of length + 1 tokens from one half (0: calibration, 1: held out) of the val split."""
+  ids = np.concatenate([np.asarray(a) for a in data.maps["val"]]).astype(np.int32)
+  part = ids[:len(ids) // 2] if half == 0 else ids[len(ids) // 2:]
+  starts = np.random.default_rng(seed).integers(0, len(part) - length - 1, n)
+  return np.stack([part[s:s + length + 1] for s in starts])
+
+
+def nll(logits: np.ndarray, targets: np.ndarray) -> float:
+  logp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+  return float(-jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], -1).mean())
+
+
+def forced_loss(gen, win: np.ndarray, **options) -> tuple[float, float, Any]:
+  """Teacher-forced loss of the windows decoded token by token: (nats/token, mean iterations, out)."""
+  prompts, targets = [[int(w[0])] for w in win], win[:, 1:]
+  out = gen(prompts, max_new=targets.shape[1], forced=[t.tolist() for t in targets],
+            return_logits=True, slots=len(win), **options)
+  return nll(np.stack(out.logits), targets), out.stats["mean_iterations"], out
+
+
+def recompute_tokens_per_s(model, prompt: list[int], R: int, batch: int, length: int, n: int) -> float:
+  """Greedy decoding without a cache: each token one full forward over a fixed `length` buffer."""
+  from flax import nnx
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def step(params, buf_BT, pos):
+    logits = nnx.merge(graphdef, params)(buf_BT, R).logits_BSV
+    tok = logits[:, pos - 1].argmax(-1).astype(jnp.int32)
+    return buf_BT.at[:, pos].set(tok)
+
+  buf = jnp.zeros((batch, length), jnp.int32).at[:, :len(prompt)].set(jnp.asarray(prompt))
+  jax.block_until_ready(step(params, buf, len(prompt)))  # compile
+  t0 = time.perf_counter()
+  for i in range(n):
+    buf = step(params, buf, len(prompt) + i)
+  jax.block_until_ready(buf)
+  return batch * n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="runs/shakespeare")
+  parser.add_argument("--windows", type=int, default=8)
+  parser.add_argument("--cap", type=int, default=16, help="R_cap of the quality study")
+  parser.add_argument("--new", type=int, default=240)
+  parser.add_argument("--recompute-tokens", type=int, default=8)
+  args = parser.parse_args()
+  from bench.results import machine, write_section
+  from looped_models.generate import Generator, cache_bytes
+  from train.data import TextData
+  from train.run import open_run
+
+  run = open_run(args.workdir)
+  model, m = run.model(), run.cfg.model
+  data = TextData(run.cfg.task.path)
+  L = min(m.max_len, run.cfg.task.train_length)
+  calib, held = windows(data, args.windows, L, 0), windows(data, args.windows, L, 1)
+  gen = Generator(model)
+
+  fixed = {}
+  for R in range(1, args.cap + 1):
+    fixed[R] = [nll(np.asarray(model(jnp.asarray(w[:, :-1]), R).logits_BSV), w[:, 1:]) for w in (calib, held)]
+  best = min(fixed, key=lambda r: fixed[r][0])
+  small = min(r for r in fixed if fixed[r][0] <= 1.01 * fixed[best][0])
+  lines = [f"Run `{args.workdir}` (step {run.step}), machine: {machine()}.", "",
+           f"Teacher-forced next-token loss (nats/token) on {args.windows} windows of {L} tokens from "
+           "each half of the validation split (calibration | held out).", "",
+           "| fixed R | calibration | held out |", "|---|---|---|"]
+  lines += [f"| {r} | {fixed[r][0]:.4f} | {fixed[r][1]:.4f} |" for r in fixed]
+  lines += ["", f"R_best = {best} (calibration), R_small = {small}: the smallest R within 1% of it.", ""]
+
+  _, _, oracle_run = forced_loss(gen, held, iterations=args.cap, track_oracle=True)
+  oracle_mean = float(np.concatenate(oracle_run.oracle).mean())
+  target = 1.01 * fixed[small][0]
+  lines += [f"Per-token exit, cap R = {args.cap}, exact cache; threshold: the largest whose calibration "
+            f"loss is within 1% of fixed R_small's ({target:.4f}).", "",
+            "| criterion | threshold | calibration loss | held-out loss | held out vs R_small | mean "
+            "iterations (held out) |", "|---|---|---|---|---|---|"]
+  chosen = {}
+  for criterion, grid in CRITERIA_GRIDS.items():
+    for thr in grid:  # largest first
+      loss, _, _ = forced_loss(gen, calib, iterations=args.cap, exit=(criterion, thr))
+      if loss <= target:
+        chosen[criterion] = thr
+        h_loss, h_it, _ = forced_loss(gen, held, iterations=args.cap, exit=(criterion, thr))
+        lines.append(f"| {criterion} | {thr:g} | {loss:.4f} | {h_loss:.4f} | "
+                     f"{h_loss / fixed[small][1] - 1:+.2%} | {h_it:.2f} |")
+        break
+    else:
+      lines.append(f"| {criterion} | none in {grid} | | | | |")
+  lines += ["", f"Oracle (decoding setting, fixed R = {args.cap}): mean {oracle_mean:.2f} iterations per "
+            "token (first iteration after which the greedy prediction no longer changes).", ""]
+
+  lines += ["| cache | R | held-out loss |", "|---|---|---|"]
+  for R in (2, 4, args.cap):
+    for cache in ("exact", "latest"):
+      loss, _, _ = forced_loss(gen, held, iterations=R, cache=cache)
+      lines.append(f"| {cache} | {R} | {loss:.4f} |")
+
+  prompts = [[int(t) for t in w[:16]] for w in held[:4]]
+  ref = gen(prompts, max_new=64, iterations=small)
+  thr = chosen.get("fixed_point")
+  if thr is not None:
+    ada = gen(prompts, max_new=64, iterations=args.cap, exit=("fixed_point", thr))
+    same = np.mean(np.concatenate([a == b for a, b in zip(ada.tokens, ref.tokens)]))
+    lines += ["", f"Greedy agreement, fixed_point {thr:g} (cap {args.cap}) vs fixed R_small = {small}: "
+              f"{same:.1%} of 256 generated tokens identical; mean iterations {ada.stats['mean_iterations']:.2f}."]
+
+  lines += ["", f"Decode speed: {args.new} greedy tokens after a 16-token prompt (context "
+            f"{16 + args.new}), tokens/s of the decode loop (compile and prefill excluded). Recompute: "
+            f"one full forward of the {16 + args.new}-token buffer per token (measured over "
+            f"{args.recompute_tokens} tokens). Adaptive: fixed_point {thr} with cap R.", "",
+            "| batch | R | exact | latest | adaptive | recompute | exact cache MiB | latest cache MiB | "
+            "adaptive mean iterations | adaptive block FLOPs executed / fixed |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+  context = 16 + args.new
+  for batch in (1, 8):
+    ps = [[int(t) for t in w[:16]] for w in (held[np.arange(batch) % len(held)])]
+    for R in (4, 16, 32):
+      opts = dict(max_new=args.new, iterations=R, slots=batch, context=context)
+      ex, la = gen(ps, cache="exact", **opts), gen(ps, cache="latest", **opts)
+      ad = gen(ps, cache="latest", exit=("fixed_point", thr), **opts) if thr is not None else None
+      rc = recompute_tokens_per_s(model, ps[0], R, batch, context, args.recompute_tokens)
+      mib = lambda c: cache_bytes(m, batch, context, R, c, m.dtype) / 2 ** 20
+      lines.append(
+          f"| {batch} | {R} | {ex.stats['decode_tokens_per_s']:.0f} | {la.stats['decode_tokens_per_s']:.0f}"
+          f" | {ad.stats['decode_tokens_per_s'] if ad else float('nan'):.0f} | {rc:.1f} | {mib('exact'):.1f}"
+          f" | {mib('latest'):.1f} | {ad.stats['mean_iterations'] if ad else float('nan'):.2f} | "
+          f"{ad.stats['block_flops_executed'] / la.stats['block_flops_executed'] if ad else float('nan'):.2f} |")
+      print(lines[-1], flush=True)
+  body = "\n".join(lines)
+  print(body)
+  write_section("generate", "## Generation: per-token exit and decode speed (`python -m bench.generate`)\n\n"
+                + body)
+
+
+if __name__ == "__main__":
+  main()
