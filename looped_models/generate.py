@@ -4,7 +4,7 @@
                  exit=("fixed_point", 1e-3), cache="latest", temperature=0.8, top_k=40, seed=0)
   out.tokens[i], out.iterations[i]   # the generated ids of prompt i and the block iterations of each
 
-The cache holds keys and values in fixed-size buffers of T = longest prompt + max_new slots per
+The cache holds keys and values in fixed-size buffers of T = longest prompt + max_new - 1 slots per
 sequence: prelude and coda layers one entry per token, the block's layers either one per
 (iteration, layer) (`exact`: a token at iteration j reads earlier tokens' iteration-j entries, as the
 full-sequence forward does) or one per layer holding each token's latest iteration (`latest`: memory
@@ -343,7 +343,7 @@ def check(m: Any, prompts: Sequence[Sequence[int]], *, max_new: int, iterations:
           exit: tuple[str, float] | None, cache: str, temperature: float, top_k: int, top_p: float,
           slots: int | None, max_len: int | None = None) -> int:
   """One-line ConfigError for arguments that cannot work, before anything is compiled; returns the
-  buffer length T."""
+  buffer length T (every prompt token and every new token but the last is fed to the model)."""
   if not len(prompts):
     raise ConfigError("generate.prompts", "[]", reason="give at least one prompt")
   for i, p in enumerate(prompts):
@@ -379,10 +379,10 @@ def check(m: Any, prompts: Sequence[Sequence[int]], *, max_new: int, iterations:
   if longest > context:
     raise ConfigError("generate.prompt", f"{longest} tokens", reason=f"longer than the model's "
                       f"context of {context} tokens (model.max_len)")
-  if longest + max_new > context:
+  if longest + max_new - 1 > context:  # the last new token is sampled, never fed back
     raise ConfigError("generate.max_new", max_new, reason=f"a prompt of {longest} tokens leaves room "
-                      f"for {context - longest} new tokens in the model's context of {context}")
-  return longest + max_new
+                      f"for {context - longest + 1} new tokens in the model's context of {context}")
+  return longest + max_new - 1
 
 
 class Generator:

@@ -161,7 +161,7 @@ def test_stops_at_eos():
 @pytest.mark.parametrize("change,needle", [
     ({"prompts": [[1, 0], []]}, "prompt 1 is empty"),
     ({"prompts": [[1] * 40]}, "longer than the model's context of 32"),
-    ({"max_new": 30}, "leaves room for 25 new tokens"),
+    ({"max_new": 30}, "leaves room for 26 new tokens"),
     ({"exit": ("patience", 1e-3)}, "generate.exit"),
     ({"exit": ("fixed_point", 0.0)}, "a threshold > 0"),
     ({"exit": ("kl", -1.0)}, "halting.threshold"),
