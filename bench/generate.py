@@ -88,6 +88,14 @@ def main() -> None:
 
   run = open_run(args.workdir)
   model, m = run.model(), run.cfg.model
+  context = 16 + args.new
+  if context > m.max_len:  # a RoPE model's parameters do not depend on max_len
+    from flax import nnx
+    from train.step import abstract_model
+    longer = run.cfg.model.copy_and_resolve_references()
+    longer.max_len = context
+    model = nnx.merge(abstract_model(longer, 0)[0], nnx.state(model))
+    m = model.spec
   data = TextData(run.cfg.task.path)
   L = min(m.max_len, run.cfg.task.train_length)
   calib, held = windows(data, args.windows, L, 0), windows(data, args.windows, L, 1)
@@ -124,6 +132,7 @@ def main() -> None:
         break
     else:
       lines.append(f"| {criterion} | none in {grid} | | | | |")
+  print("\n".join(lines), flush=True)
   lines += ["", f"Oracle (decoding setting, fixed R = {args.cap}): mean {oracle_mean:.2f} iterations per "
             "token (first iteration after which the greedy prediction no longer changes).", ""]
 
@@ -149,7 +158,6 @@ def main() -> None:
             "| batch | R | exact | latest | adaptive | recompute | exact cache MiB | latest cache MiB | "
             "adaptive mean iterations | adaptive block FLOPs executed / fixed |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-  context = 16 + args.new
   for batch in (1, 8):
     ps = [[int(t) for t in w[:16]] for w in (held[np.arange(batch) % len(held)])]
     for R in (4, 16, 32):

@@ -49,6 +49,11 @@ def test_exact_cache_reproduces_the_full_forward(overrides):
       assert len(tokens) == 6 and (its == R).all()
       np.testing.assert_allclose(logits, full_forward_logits(model, prompt, tokens, R), atol=1e-5)
       assert (tokens == logits.argmax(-1)).all()  # greedy
+  # teacher forcing: the logits of a given text, decoded token by token, equal the full forward's
+  text = [1, 0, 0, 1, 1, 1, 0, 1, 0, 0]
+  out = gen([text[:1]], max_new=9, iterations=3, forced=[text[1:]], return_logits=True)
+  assert out.tokens[0].tolist() == text[1:]
+  np.testing.assert_allclose(out.logits[0], full_forward_logits(model, text[:1], text[1:], 3), atol=1e-5)
 
 
 def test_latest_cache_memory_does_not_grow_with_R_and_equals_exact_at_R_1():
