@@ -5,8 +5,13 @@ and plots/halting_pareto.png, log them to the run's W&B run.
 Definitions (all on the mix of all lengths: the training length and every test length, one batch of
 `train.eval_batch_size` sequences each, counts aggregated over lengths):
 - R, the halting cap: `eval.iterations` or max(128, 4 x the training maximum);
-- R_fixed: the smallest r <= R whose exact match on the longest test length equals the best over 1..R
-  (what a user without halting must run for every input); the baseline is fixed inference at R_fixed;
+- calibration and held out: the first half of each eval batch's sequences chooses (R_fixed, and each
+  criterion's threshold in the summary), the second half is what the summary reports (accuracy, mean
+  iterations), so no threshold is scored on the data that chose it; wall times and FLOPs are of the
+  whole batch (`rows` also keep whole-batch accuracy, for the Pareto plot);
+- R_fixed: the smallest r <= R whose exact match on the longest test length (calibration half) equals
+  the best over 1..R (what a user without halting must run for every input); the baseline is fixed
+  inference at R_fixed;
 - mean / max iterations: of the per-token exit iterations over the scored (masked) positions;
   `mean_iterations_all` averages over every position;
 - oracle (evaluation only): from an unfrozen run of R iterations, a token exits at the first iteration
@@ -198,6 +203,31 @@ def _row(criterion: str, threshold: Any, per_len: dict[int, dict], batches: dict
   return {**row, "lengths": lengths}
 
 
+HALVES = ("calibration", "held_out")
+
+
+def _cut(a: np.ndarray, which: str, axis: int = 0) -> np.ndarray:
+  """The first (calibration) or second (held out) half of `a` along its sequence axis."""
+  B = a.shape[axis]
+  rows = slice(0, B // 2) if which == "calibration" else slice(B // 2, None)
+  return a[(slice(None),) * axis + (rows,)]
+
+
+def half(tree: dict[int, dict], which: str) -> dict[int, dict]:
+  """Per length, one half of every per-sequence array ([B, ...]) of the batch (see `_cut`);
+  whole-batch figures (wall time, FLOPs) are left out."""
+  return {n: {k: _cut(v, which) for k, v in d.items() if isinstance(v, np.ndarray) and v.ndim >= 1}
+          for n, d in tree.items()}
+
+
+def with_halves(row: dict, per_len: dict[int, dict], batches: dict[int, dict]) -> dict:
+  """`row` plus its accuracy and iterations on each half (row["calibration"], row["held_out"])."""
+  for which in HALVES:
+    h = _row(row["criterion"], row["threshold"], half(per_len, which), half(batches, which))
+    row[which] = {k: h[k] for k in ("exact_match", "per_position", "mean_iterations", "max_iterations")}
+  return row
+
+
 def _eval_batches(cfg: Any) -> dict[int, dict]:
   """One eval batch per length (the training length and every test length), as the evaluator's."""
   task = get_task(cfg.task.name)
@@ -213,17 +243,19 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _figures(row: dict | None, fixed: dict, oracle: dict, R_fixed: int) -> dict:
-  """The summary figures of one halting row against the fixed baseline (None when no row)."""
+  """The summary figures of one halting row against the fixed baseline (None when no row): accuracy
+  and iterations on the held-out half, wall time and FLOPs of the whole batch."""
+  held, fixed_held = (None if row is None else row["held_out"]), fixed["held_out"]
   if row is None:
-    return {k: None for k in FIGURE_KEYS} | {"oracle_mean_iterations": oracle["mean_iterations"]}
+    return {k: None for k in FIGURE_KEYS} | {"oracle_mean_iterations": oracle["held_out"]["mean_iterations"]}
   return {"threshold": row["threshold"],
-          "iterations_saved_fraction": 1.0 - row["mean_iterations"] / R_fixed,
-          "accuracy_drop_points": 100.0 * (fixed["exact_match"] - row["exact_match"]),
-          "oracle_mean_iterations": oracle["mean_iterations"],
-          "mean_iterations": row["mean_iterations"],
+          "iterations_saved_fraction": 1.0 - held["mean_iterations"] / R_fixed,
+          "accuracy_drop_points": 100.0 * (fixed_held["exact_match"] - held["exact_match"]),
+          "oracle_mean_iterations": oracle["held_out"]["mean_iterations"],
+          "mean_iterations": held["mean_iterations"],
           "wall_speedup": ratio(fixed["wall_s"], row.get("wall_s")),
           "wall_speedup_batch": ratio(fixed["wall_s"], row.get("batch_wall_s")),
-          "max_iterations": row["max_iterations"], "exact_match": row["exact_match"],
+          "max_iterations": held["max_iterations"], "exact_match": held["exact_match"],
           "flops_saved_fraction": 1.0 - row["flops"] / fixed["flops"],
           "flops_saved_fraction_batch": (1.0 - row["batch_flops"] / fixed["flops"]
                                          if row.get("batch_flops") is not None else None)}
@@ -232,10 +264,12 @@ def _figures(row: dict | None, fixed: dict, oracle: dict, R_fixed: int) -> dict:
 def best_within(rows: list[dict], criterion: str, fixed: dict, max_drop: float = MAX_DROP_POINTS
                 ) -> dict | None:
   """The row of `criterion` with the fewest mean iterations whose exact match on the mix is within
-  `max_drop` points of the fixed baseline (ties: the lower accuracy drop), or None."""
+  `max_drop` points of the fixed baseline (ties: the lower accuracy drop), or None; judged on the
+  calibration half."""
+  cal = lambda r: r["calibration"]
   ok = [r for r in rows if r["criterion"] == criterion
-        and 100.0 * (fixed["exact_match"] - r["exact_match"]) <= max_drop + 1e-9]
-  return min(ok, key=lambda r: (r["mean_iterations"], -r["exact_match"])) if ok else None
+        and 100.0 * (cal(fixed)["exact_match"] - cal(r)["exact_match"]) <= max_drop + 1e-9]
+  return min(ok, key=lambda r: (cal(r)["mean_iterations"], -cal(r)["exact_match"])) if ok else None
 
 
 def summarize(rows: list[dict], fixed: dict, oracle: dict, R: int, R_fixed: int, slots: int) -> dict:
@@ -243,9 +277,10 @@ def summarize(rows: list[dict], fixed: dict, oracle: dict, R: int, R_fixed: int,
   fp = best_within(rows, "fixed_point", fixed)
   kl = best_within(rows, "kl", fixed)
   return {"criterion": "fixed_point", "R": R, "R_fixed": R_fixed, "max_drop_points": MAX_DROP_POINTS,
-          "slots": slots, "fixed_exact_match": fixed["exact_match"], "fixed_wall_s": fixed["wall_s"],
-          "oracle_causal_mean_iterations": oracle["causal_mean_iterations"],
-          "oracle_floor_mean_iterations": oracle["floor_mean_iterations"],
+          "slots": slots, "chosen_on": "calibration", "reported_on": "held_out",
+          "fixed_exact_match": fixed["held_out"]["exact_match"], "fixed_wall_s": fixed["wall_s"],
+          "oracle_causal_mean_iterations": oracle["held_out"]["causal_mean_iterations"],
+          "oracle_floor_mean_iterations": oracle["held_out"]["floor_mean_iterations"],
           **_figures(fp, fixed, oracle, R_fixed), "kl_best": _figures(kl, fixed, oracle, R_fixed)}
 
 
@@ -306,14 +341,17 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
                        f"{(R, *b['inputs'].shape)} (R iterations of the eval batch)")
     bar.update()
   longest = max(cfg.task.test_lengths or (cfg.task.train_length,))
-  b = batches[longest]
-  em_R = np.array([fractions(accuracy_counts(p, b["targets"], b["mask"]))["exact_match"]
-                   for p in trajectories[longest]])
+  b = half(batches, "calibration")[longest]
+  em_R = np.array([fractions(accuracy_counts(_cut(p, "calibration"), b["targets"], b["mask"]))[
+      "exact_match"] for p in trajectories[longest]])
   R_fixed = int(np.argmax(em_R)) + 1
   curve = [_row("fixed", r, {n: {"preds": trajectories[n][r - 1], "exit": np.full(bb["inputs"].shape, r)}
                              for n, bb in batches.items()}, batches)["exact_match"]
            for r in range(1, R + 1)]
   oracle = oracle_row(trajectories, batches)
+  for which in HALVES:
+    oracle[which] = oracle_row({n: _cut(t, which, axis=1) for n, t in trajectories.items()},
+                               half(batches, which))
 
   # Fixed inference at R_fixed, the whole batch at once (and, in full mode, `slots` rows per call):
   # compiled and warmed up here, timed below.
@@ -359,7 +397,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
                           "exit_agreement": float((per_len[n]["exit"] == np.asarray(whole.exit_BS)).mean())}
           calls[n]["batch_wall_s"] = whole_call
         bar.update()
-      row = _row(criterion, thr, per_len, batches)
+      row = with_halves(_row(criterion, thr, per_len, batches), per_len, batches)
       if full:
         batch = _row(criterion, thr, batch_len, batches)
         row["batch"] = {k: batch[k] for k in ("exact_match", "per_position", "mean_iterations",
@@ -370,7 +408,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
 
   # Wall times. Full mode times the fixed baseline before and after the halting settings (the faster
   # kept: a shared machine's load drifts, and the baseline gets the benefit of the doubt).
-  fixed = _row("fixed", R_fixed, fixed_len, batches)
+  fixed = with_halves(_row("fixed", R_fixed, fixed_len, batches), fixed_len, batches)
   chosen = rows if full else [r for r in (best_within(rows, c, fixed) for c in ("fixed_point", "kl")) if r]
   timed = [s for s in settings if any(s[0] is r for r in chosen)]
   bar.total += len(batches) * (1 + full + len(timed))
@@ -395,7 +433,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
     row.update({k: again[k] for k in (*SUMMED, "lengths") if k in again})
   if full:
     time_fixed()
-  fixed = _row("fixed", R_fixed, fixed_len, batches)
+  fixed = with_halves(_row("fixed", R_fixed, fixed_len, batches), fixed_len, batches)
   bar.close()
 
   summary = summarize(rows, fixed, oracle, R, R_fixed, slots)

@@ -186,7 +186,19 @@ def test_evaluate_halting_end_to_end(tmp_path):
   oracle = saved["oracle"]
   assert oracle["exact_match"] == pytest.approx(curve[-1])
   assert 1 <= oracle["mean_iterations"] <= oracle["causal_mean_iterations"] <= 12
-  assert summary["oracle_causal_mean_iterations"] == oracle["causal_mean_iterations"]
+  assert summary["oracle_causal_mean_iterations"] == oracle["held_out"]["causal_mean_iterations"]
+  # the threshold is chosen on the calibration half and reported on the held-out half
+  for row in saved["rows"] + [saved["fixed"]]:
+    assert (row["calibration"]["exact_match"] + row["held_out"]["exact_match"]) / 2 == pytest.approx(
+        row["exact_match"])  # one length, 4 + 4 sequences
+  if summary["threshold"] is not None:
+    chosen = next(r for r in saved["rows"] if r["threshold"] == summary["threshold"])
+    assert summary["mean_iterations"] == chosen["held_out"]["mean_iterations"]
+    assert summary["exact_match"] == chosen["held_out"]["exact_match"]
+    assert summary["accuracy_drop_points"] == pytest.approx(
+        100 * (saved["fixed"]["held_out"]["exact_match"] - chosen["held_out"]["exact_match"]))
+    assert 100 * (saved["fixed"]["calibration"]["exact_match"]
+                  - chosen["calibration"]["exact_match"]) <= 0.5 + 1e-9
   assert max(2, oracle["mean_iterations"]) <= oracle["floor_mean_iterations"] <= oracle["mean_iterations"] + 1
   assert oracle["floor_mean_iterations"] == pytest.approx(  # the oracle's exits, none before 2
       oracle["mean_iterations"] + oracle["share_exit_at_1"])
@@ -196,8 +208,6 @@ def test_evaluate_halting_end_to_end(tmp_path):
   assert fixed["mean_iterations"] == summary["R_fixed"]
   assert fixed["exact_match"] == pytest.approx(
       saved["fixed_curve_exact_match"][summary["R_fixed"] - 1])
-  if summary["threshold"] is not None:
-    assert summary["accuracy_drop_points"] <= 0.5 + 1e-9
   assert result["summary"] == summary or json.loads(json.dumps(result["summary"])) == summary
   assert os.path.getsize(os.path.join(workdir, "eval", "60", "plots", "halting_pareto.png")) > 1000
   run = offline_run(str(tmp_path / "wandb"), read_status(workdir)["wandb_run_id"])
