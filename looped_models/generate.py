@@ -76,35 +76,54 @@ def cache_bytes(m: Any, batch: int, length: int, iterations: int, cache: str, dt
 # -- layers against the cache ---------------------------------------------------------------------
 
 
-def _layer(layer: Any, x_BLD: jax.Array, ctx: Any, group: KV, l: int, slot_B: jax.Array
-           ) -> tuple[jax.Array, KV]:
-  """Run `layer` (index l of its group) on L new tokens per row, reading and writing row b's buffers
-  at slot slot_B[b]; only the new entries are written back into the group's buffers."""
+def _layer(layer: Any, x_BLD: jax.Array, ctx: Any, group: KV, l: int, slot_B: jax.Array | None,
+           last_BT: jax.Array | None = None) -> tuple[jax.Array, KV]:
+  """Run `layer` (index l of its group) on L new tokens per row: write their keys and values into
+  row b's buffers at slot slot_B[b] (None: the group's only slot) and positions pos_B[b] + 0..L-1,
+  then attend over the row's buffer at that slot. With `last_BT` (the exact cache) position t is read
+  at slot min(slot_B[b], last_BT[b, t]): a token that exited is read at its last iteration. The
+  writes are in place (a dynamic update per row; XLA copies the buffers for a scatter here)."""
   B, L = x_BLD.shape[:2]
-  rows = jnp.arange(B)
-  slab = KV(group.k_BTHK[slot_B, l, rows], group.v_BTHK[slot_B, l, rows])
-  x_BLD, slab = layer(x_BLD, ctx, kv=slab)
-  t_BL = ctx.pos_B[:, None] + jnp.arange(L)[None]
-  b_BL, s_BL = rows[:, None], slot_B[:, None]
-  write = lambda buf, new: buf.at[s_BL, l, b_BL, t_BL].set(new[b_BL, t_BL], mode="drop")
-  return x_BLD, KV(write(group.k_BTHK, slab.k_BTHK), write(group.v_BTHK, slab.v_BTHK))
+  start_B = jnp.minimum(ctx.pos_B, group.k_BTHK.shape[3] - L)  # past the end (idle slot): clamped
+  slots_B = jnp.zeros(B, jnp.int32) if slot_B is None else slot_B
+
+  def write(buf, new_BLHK):
+    for b in range(B):
+      buf = jax.lax.dynamic_update_slice(buf, new_BLHK[b][None, None, None].astype(buf.dtype),
+                                         (slots_B[b], l, b, start_B[b], 0, 0))
+    return buf
+
+  def read(buf):
+    if slot_B is None:
+      return buf[0, l]
+    rows = jnp.arange(B)
+    if last_BT is None:
+      return buf[slot_B, l, rows]
+    read_BT = jnp.minimum(slot_B[:, None], last_BT)
+    return buf[read_BT, l, rows[:, None], jnp.arange(last_BT.shape[1])[None]]
+
+  def cache(k_BLHK, v_BLHK):
+    new = KV(write(group.k_BTHK, k_BLHK), write(group.v_BTHK, v_BLHK))
+    return KV(read(new.k_BTHK), read(new.v_BTHK)), new
+
+  return layer(x_BLD, ctx, kv=cache)
 
 
 def _layers(layers: Any, x_BLD: jax.Array, ctx: Any, group: KV) -> tuple[jax.Array, KV]:
   """A prelude or coda stack (one slot per layer)."""
-  slot_B = jnp.zeros(x_BLD.shape[0], jnp.int32)
   for l, layer in enumerate(layers):
-    x_BLD, group = _layer(layer, x_BLD, ctx, group, l, slot_B)
+    x_BLD, group = _layer(layer, x_BLD, ctx, group, l, None)
   return x_BLD, group
 
 
 def _block_iteration(model: Any, s_BLD: jax.Array, e_BLD: jax.Array, ctx: Any, group: KV,
-                     slot_B: jax.Array) -> tuple[jax.Array, jax.Array, KV]:
+                     slot_B: jax.Array, last_BT: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array, KV]:
   """`LoopedTransformer.block_step` against the cache: (next state, layer outputs [k, B, L, D], cache)."""
   x_BLD = model.injection(s_BLD, e_BLD).astype(s_BLD.dtype)
   outs = []
   for l, layer in enumerate(model.block):
-    x_BLD, group = _layer(layer, x_BLD, ctx, group, l, slot_B)
+    x_BLD, group = _layer(layer, x_BLD, ctx, group, l, slot_B, last_BT)
     outs.append(x_BLD)
   if model.iter_norm is not None:
     x_BLD = model.iter_norm(x_BLD)
@@ -186,7 +205,7 @@ def _prefill(graphdef, params, tokens_AL, lengths_A, seq_A, root, opts: Options)
 
   def body(t, carry):
     s, block = carry
-    slot_A = zero_A + (t if opts.cache == "exact" else 0)
+    slot_A = zero_A + t if opts.cache == "exact" else None
     s, _, block = _block_iteration(model, s, e_ALD, ctx, block, slot_A)
     return s, block
 
@@ -210,6 +229,7 @@ def _carry(m: Any, slots: int, n_seqs: int, opts: Options, cache: Cache) -> dict
        "out_oracle": jnp.zeros((n_seqs, opts.max_new), jnp.int32),
        "out_len": jnp.zeros(n_seqs, jnp.int32),
        "forced": jnp.full((n_seqs, opts.max_new), -1, jnp.int32),
+       "last_BT": jnp.full((P, opts.length), opts.iterations - 1, jnp.int32),
        "steps": jnp.int32(0), "finishes": jnp.int32(0), "busy": jnp.int32(0)}
   if opts.return_logits:
     c["out_logits"] = jnp.zeros((n_seqs, opts.max_new, m.vocab_size), jnp.float32)
@@ -248,7 +268,8 @@ def _admit(graphdef, params, c, tokens_AL, lengths_A, seq_A, slot_A, root, opts:
   set_ = lambda x, v: x.at[slot_A].set(v.astype(x.dtype), mode="drop")
   admitted_P = jnp.zeros(c["seq_P"].shape[0], bool).at[slot_A].set(True, mode="drop")
   prev = _where_rows(admitted_P, initial_prev_of(model.spec, opts.criterion, c["s_P1D"]), c["prev"])
-  return {**c, "cache": cache, "cur_P": set_(c["cur_P"], tokens_AL[jnp.arange(len(seq_A)), last_A]),
+  return {**c, "cache": cache, "last_BT": c["last_BT"].at[slot_A].set(opts.iterations - 1, mode="drop"),
+          "cur_P": set_(c["cur_P"], tokens_AL[jnp.arange(len(seq_A)), last_A]),
           "pos_P": set_(c["pos_P"], last_A), "it_P": set_(c["it_P"], jnp.zeros_like(last_A)),
           "s_P1D": set_(c["s_P1D"], s_A1D), "e_P1D": set_(c["e_P1D"], e_A1D),
           "seq_P": set_(c["seq_P"], seq_A), "gen_P": set_(c["gen_P"], jnp.zeros_like(last_A)),
@@ -261,9 +282,10 @@ def _step(model, c, thr, temperature, top_p, root, eos_id, opts: Options):
   P = c["seq_P"].shape[0]
   rows = jnp.arange(P)
   ctx = make_cached_context(m, c["pos_P"], 1, opts.length)
-  slot_P = c["it_P"] if opts.cache == "exact" else jnp.zeros(P, jnp.int32)
+  exact = opts.cache == "exact"
+  slot_P = c["it_P"] if exact else None
   s_new, outs_kP1D, block = _block_iteration(model, c["s_P1D"], c["e_P1D"], ctx, c["cache"].block,
-                                             slot_P)
+                                             slot_P, c["last_BT"] if exact else None)
   it_P, active_P = c["it_P"] + 1, c["seq_P"] >= 0
   peek = lambda s: _decode(model, s, ctx, c["cache"].coda)[0]   # the coda's writes are redone on exit
   meets_P = jnp.zeros(P, bool)
@@ -276,23 +298,18 @@ def _step(model, c, thr, temperature, top_p, root, eos_id, opts: Options):
     pred_P = peek(s_new)[:, 0].argmax(-1).astype(jnp.int32)
     changed_P = jnp.where((it_P == 1) | (pred_P != c["pred_P"]), it_P, changed_P)
   exit_P = active_P & (meets_P | (it_P >= R))
-  c = {**c, "cache": c["cache"]._replace(block=block), "s_P1D": s_new, "it_P": it_P, "prev": prev,
-       "changed_P": changed_P, "pred_P": pred_P, "steps": c["steps"] + 1,
+  # an exiting token is read at its last iteration from now on (exact); the others, and every position
+  # not yet decoded, at the newest slot (R - 1) until they exit
+  last_BT = c["last_BT"].at[rows, c["pos_P"]].set(jnp.where(exit_P, it_P - 1, R - 1))
+  cache = c.pop("cache")
+  c = {**c, "last_BT": last_BT, "prelude": cache.prelude, "coda": cache.coda, "s_P1D": s_new, "it_P": it_P,
+       "prev": prev, "changed_P": changed_P, "pred_P": pred_P, "steps": c["steps"] + 1,
        "busy": c["busy"] + active_P.sum()}
 
   def finish(c):
-    cache = c["cache"]
-    if opts.cache == "exact":  # later iterations of later tokens read this token's exit entry
-      def fill(buf):
-        last = buf[jnp.maximum(it_P - 1, 0), :, rows, c["pos_P"]]              # [P, k, H, Dh]
-        cur = buf[:, :, rows, c["pos_P"]]                                     # [R, k, P, H, Dh]
-        later = (jnp.arange(R)[:, None] >= it_P[None]) & exit_P[None]         # [R, P]
-        new = jnp.where(later[:, None, :, None, None], jnp.moveaxis(last, 0, 1)[None], cur)
-        return buf.at[:, :, rows, c["pos_P"]].set(new)
-      cache = cache._replace(block=KV(fill(cache.block.k_BTHK), fill(cache.block.v_BTHK)))
     # only the exiting slots write (the others' positions point past the buffer: dropped)
     fctx = make_cached_context(m, jnp.where(exit_P, c["pos_P"], opts.length), 1, opts.length)
-    logits_P1V, coda = _decode(model, c["s_P1D"], fctx, cache.coda)
+    logits_P1V, coda = _decode(model, c["s_P1D"], fctx, c["coda"])
     seq_P, gen_P = c["seq_P"], c["gen_P"]
     tok_P = sample(logits_P1V[:, 0], _keys(root, seq_P, gen_P), temperature, opts.top_k, top_p)
     forced_P = c["forced"][jnp.maximum(seq_P, 0), jnp.minimum(gen_P, opts.max_new - 1)]
@@ -309,17 +326,19 @@ def _step(model, c, thr, temperature, top_p, root, eos_id, opts: Options):
     # the next token of every exiting slot: embed it at the next position and start its iterations
     pos_P = c["pos_P"] + exit_P
     nctx = make_cached_context(m, jnp.where(exit_P, pos_P, opts.length), 1, opts.length)
-    e_P1D, prelude = _encode(model, tok_P[:, None], nctx, cache.prelude)
+    e_P1D, prelude = _encode(model, tok_P[:, None], nctx, c["prelude"])
     s0_P1D = _state0(model, e_P1D, _keys(jax.random.fold_in(root, 1), seq_P, pos_P))
     ex = exit_P[:, None, None]
     prev = _where_rows(exit_P, initial_prev_of(m, opts.criterion, s0_P1D), c["prev"])
-    return {**c, **out, "cache": Cache(prelude, cache.block, coda), "prev": prev,
+    return {**c, **out, "prelude": prelude, "coda": coda, "prev": prev,
             "cur_P": jnp.where(exit_P, tok_P, c["cur_P"]), "pos_P": pos_P,
             "it_P": jnp.where(exit_P, 0, c["it_P"]), "gen_P": gen_P,
             "s_P1D": jnp.where(ex, s0_P1D, c["s_P1D"]), "e_P1D": jnp.where(ex, e_P1D, c["e_P1D"]),
             "seq_P": jnp.where(done_P, -1, seq_P), "finishes": c["finishes"] + 1}
 
-  return jax.lax.cond(exit_P.any(), finish, lambda c: c, c)
+  c = jax.lax.cond(exit_P.any(), finish, lambda c: c, c)  # without the block's buffers
+  cache = Cache(c.pop("prelude"), block, c.pop("coda"))
+  return {**c, "cache": cache}
 
 
 def _run(graphdef, params, c, thr, temperature, top_p, root, eos_id, opts: Options):

@@ -3,7 +3,7 @@ that wraps both sublayers in one of the norm schemes of DESIGN §3."""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,22 +148,21 @@ class Attention(nnx.Module):
       k_BSHK = apply_rope(k_BSHK, ctx.rope, self.rope_style)
     return q_BSHK, k_BSHK
 
-  def __call__(self, x_BSD: jax.Array, ctx: Context, *, weights: bool = False, kv: KV | None = None
-               ) -> tuple[jax.Array, jax.Array | KV | None]:
-    """The attention output and, with `weights`, the probabilities [B, H, S, S]; with `kv` (buffers
-    [B, T, H, Dh] and a context of `make_cached_context`) the new keys and values are written at the
-    rows' positions and the queries attend to the buffers: then the second output is the new `KV`."""
+  def __call__(self, x_BSD: jax.Array, ctx: Context, *, weights: bool = False,
+               kv: Callable | None = None) -> tuple[jax.Array, Any]:
+    """The attention output and, with `weights`, the probabilities [B, H, S, S]. With `kv`, a cache
+    (`looped_models.generate`): kv(k_BSHK, v_BSHK) stores the new keys and values and returns (the
+    `KV` buffers [B, T, H, Dh] to attend over, its new state); the queries attend to the buffers with
+    the mask of a `make_cached_context`, and the second output is the cache's new state."""
     B, S, D = x_BSD.shape
     split = lambda y: y.reshape(B, S, self.n_heads, D // self.n_heads)
     q_BSHK, k_BSHK, v_BSHK = (split(dense(lin, x_BSD)) for lin in (self.query, self.key, self.value))
     q_BSHK, k_BSHK = self.position(q_BSHK, k_BSHK, ctx)
     if kv is not None:
-      write = jax.vmap(lambda buf, new, p: jax.lax.dynamic_update_slice_in_dim(buf, new, p, axis=0))
-      kv = KV(write(kv.k_BTHK, k_BSHK.astype(kv.k_BTHK.dtype), ctx.pos_B),
-              write(kv.v_BTHK, v_BSHK.astype(kv.v_BTHK.dtype), ctx.pos_B))
-      y_BSHK = jax.nn.dot_product_attention(q_BSHK, kv.k_BTHK.astype(q_BSHK.dtype),
-                                            kv.v_BTHK.astype(q_BSHK.dtype), mask=ctx.mask_SS)
-      return dense(self.out, y_BSHK.reshape(B, S, D)), kv
+      buffers, state = kv(k_BSHK, v_BSHK)
+      y_BSHK = jax.nn.dot_product_attention(q_BSHK, buffers.k_BTHK.astype(q_BSHK.dtype),
+                                            buffers.v_BTHK.astype(q_BSHK.dtype), mask=ctx.mask_SS)
+      return dense(self.out, y_BSHK.reshape(B, S, D)), state
     att_BHST = None
     if weights:
       att_BHST = attention_weights(q_BSHK, k_BSHK, ctx.mask_SS)
@@ -218,10 +217,10 @@ class Layer(nnx.Module):
       return x + norms[1](f(norms[0](x)))
     return x + f(x)
 
-  def __call__(self, x_BSD: jax.Array, ctx: Context, *, weights: bool = False, kv: KV | None = None
-               ) -> tuple[jax.Array, jax.Array | KV | None]:
+  def __call__(self, x_BSD: jax.Array, ctx: Context, *, weights: bool = False,
+               kv: Callable | None = None) -> tuple[jax.Array, Any]:
     """The layer's output and, with `weights`, its attention probabilities [B, H, S, S]; with `kv`,
-    its updated key/value buffers (`Attention`); else None."""
+    the cache's new state (`Attention`); else None."""
     att = []
 
     def attend(h):
