@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CRITERIA_GRIDS = {"fixed_point": (3e-2, 1e-2, 3e-3, 1e-3), "kl": (1e-2, 1e-3, 1e-4),
-                  "entropy": (1e-1, 1e-2, 1e-3)}
+CRITERIA_GRIDS = {"fixed_point": (3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3), "kl": (1e-1, 3e-2, 1e-2, 1e-3, 1e-4),
+                  "entropy": (1.0, 3e-1, 1e-1, 1e-2, 1e-3)}
 
 
 def windows(data, n: int, length: int, half: int, seed: int = 0) -> np.ndarray:
