@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.n_coda = 1                 # c
   c.model.injection = "add"          # none | add | concat | gate
   c.model.norm = "pre"               # pre | post | sandwich | peri | none
+  c.model.peri_norm = "state"        # peri's norm per iteration: state (the block's output, before
+                                     # the next injection) | input (the injected input, before the block)
   c.model.norm_type = "rms"          # rms | layer
   c.model.mlp = "gelu"               # gelu | swiglu
   c.model.state_init = "embed"       # embed | zeros | normal | like_init

@@ -26,7 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Trial config (needed 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _INIT = flags.DEFINE_bool("init", False, "Evaluate the model at initialisation (random-init control).")
 _ITERS = flags.DEFINE_integer("iterations", None, "R (default: config eval.iterations, else "
-                               "max(128, 4 x the training maximum)).")
+                               "max(128, 4 x the training maximum); generate: the training maximum).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Sequences analysed (default: eval.batch_size).")
 _CHUNK = flags.DEFINE_integer("chunk", None, "Iterations per device call (default: eval.chunk, 4).")
 _TAU = flags.DEFINE_float("tau", 0.05, "Token-class cosine threshold.")

@@ -8,6 +8,7 @@ from configs.errors import ConfigError, check_choice, check_int
 
 INJECTIONS = ("none", "add", "concat", "gate")
 NORMS = ("pre", "post", "sandwich", "peri", "none")
+PERI_NORMS = ("state", "input")
 NORM_TYPES = ("rms", "layer")
 STATE_INITS = ("embed", "zeros", "normal", "like_init")
 ATTENTIONS = ("full", "local")
@@ -45,6 +46,7 @@ def validate_model_config(m: ModelSpec, prefix: str = "model") -> None:
                       reason="rope needs an even head dimension d_model/n_heads")
   if m.attention == "local":
     check_int(f"{prefix}.window", m.window, minimum=1)
+  check_choice(f"{prefix}.peri_norm", getattr(m, "peri_norm", "state"), PERI_NORMS)
   check_attention_impl(m, prefix)
   for key in ("init_std", "embed_std", "state_std"):
     value = getattr(m, key)
@@ -74,6 +76,10 @@ def check_meaningful(m: ModelSpec, prefix: str = "model") -> None:
   if m.attention == "local" and m.window > m.max_len:
     raise ConfigError(f"{prefix}.window", m.window, allowed=f"<= {prefix}.max_len={m.max_len}",
                       reason=f"a window wider than the longest sequence is {prefix}.attention='full'")
+  if getattr(m, "peri_norm", "state") != "state" and m.norm != "peri":
+    raise ConfigError(f"{prefix}.peri_norm", m.peri_norm, allowed="state",
+                      reason=f"it places the per-iteration norm of {prefix}.norm='peri', not "
+                      f"{prefix}.norm={m.norm!r}")
   if m.state_init == "normal" and not m.state_std > 0:
     raise ConfigError(f"{prefix}.state_std", m.state_std, allowed="> 0",
                       reason=f"with {prefix}.state_init='normal'; use state_init='zeros' for s0 = 0")

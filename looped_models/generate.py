@@ -81,16 +81,22 @@ def _layer(layer: Any, x_BLD: jax.Array, ctx: Any, group: KV, l: int, slot_B: ja
   """Run `layer` (index l of its group) on L new tokens per row: write their keys and values into
   row b's buffers at slot slot_B[b] (None: the group's only slot) and positions pos_B[b] + 0..L-1,
   then attend over the row's buffer at that slot. With `last_BT` (the exact cache) position t is read
-  at slot min(slot_B[b], last_BT[b, t]): a token that exited is read at its last iteration. The
-  writes are in place (a dynamic update per row; XLA copies the buffers for a scatter here)."""
+  at slot min(slot_B[b], last_BT[b, t]): a token that exited is read at its last iteration. A row
+  whose position is past the buffer (a slot that is idle, or not finishing a token) writes nothing.
+  The writes are in place: a dynamic update per row (with a scatter, or a read of the buffer before
+  the write, XLA copies the whole buffer every step)."""
   B, L = x_BLD.shape[:2]
-  start_B = jnp.minimum(ctx.pos_B, group.k_BTHK.shape[3] - L)  # past the end (idle slot): clamped
+  T = group.k_BTHK.shape[3]
+  start_B = jnp.minimum(ctx.pos_B, T - L)
+  inside_B = ctx.pos_B + L <= T  # a row whose position points past the buffer writes nothing
   slots_B = jnp.zeros(B, jnp.int32) if slot_B is None else slot_B
 
   def write(buf, new_BLHK):
     for b in range(B):
-      buf = jax.lax.dynamic_update_slice(buf, new_BLHK[b][None, None, None].astype(buf.dtype),
-                                         (slots_B[b], l, b, start_B[b], 0, 0))
+      at = (slots_B[b], l, b, start_B[b], 0, 0)
+      old = jax.lax.dynamic_slice(buf, at, (1, 1, 1, *new_BLHK.shape[1:]))
+      new = jnp.where(inside_B[b], new_BLHK[b][None, None, None].astype(buf.dtype), old)
+      buf = jax.lax.dynamic_update_slice(buf, new, at)
     return buf
 
   def read(buf):
@@ -120,14 +126,12 @@ def _block_iteration(model: Any, s_BLD: jax.Array, e_BLD: jax.Array, ctx: Any, g
                      slot_B: jax.Array, last_BT: jax.Array | None = None
                      ) -> tuple[jax.Array, jax.Array, KV]:
   """`LoopedTransformer.block_step` against the cache: (next state, layer outputs [k, B, L, D], cache)."""
-  x_BLD = model.injection(s_BLD, e_BLD).astype(s_BLD.dtype)
+  x_BLD = model.inject(s_BLD, e_BLD)
   outs = []
   for l, layer in enumerate(model.block):
     x_BLD, group = _layer(layer, x_BLD, ctx, group, l, slot_B, last_BT)
     outs.append(x_BLD)
-  if model.iter_norm is not None:
-    x_BLD = model.iter_norm(x_BLD)
-    outs[-1] = x_BLD
+  x_BLD = outs[-1] = model.close_iteration(x_BLD)
   return x_BLD, jnp.stack(outs), group
 
 

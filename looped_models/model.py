@@ -121,17 +121,29 @@ class LoopedTransformer(nnx.Module):
                  ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """One iteration: inject, run the k block layers. Returns (next state, layer outputs [k, B, S, D],
     attention [k, B, H, S, S], or None with `attention=False`, which takes the fused attention path).
-    With norm=peri the state is normalised after the iteration."""
-    x_BSD = self.injection(s_BSD, e_BSD).astype(s_BSD.dtype)
+    With norm=peri the state is normalised once per iteration: after the block (`model.peri_norm`
+    state, the default), or the injected input before it (input)."""
+    x_BSD = self.inject(s_BSD, e_BSD)
     outs, atts = [], []
     for layer in self.block:
       x_BSD, att_BHSS = layer(x_BSD, ctx, weights=attention)
       outs.append(x_BSD)
       atts.append(att_BHSS)
-    if self.iter_norm is not None:
-      x_BSD = self.iter_norm(x_BSD)
-      outs[-1] = x_BSD
+    x_BSD = outs[-1] = self.close_iteration(x_BSD)
     return x_BSD, jnp.stack(outs), jnp.stack(atts) if attention else None
+
+  def inject(self, s_BSD: jax.Array, e_BSD: jax.Array) -> jax.Array:
+    """The block's input: the injection of e into the state (normed with norm=peri, peri_norm=input)."""
+    x_BSD = self.injection(s_BSD, e_BSD).astype(s_BSD.dtype)
+    if self.iter_norm is not None and getattr(self.spec, "peri_norm", "state") == "input":
+      x_BSD = self.iter_norm(x_BSD)
+    return x_BSD
+
+  def close_iteration(self, x_BSD: jax.Array) -> jax.Array:
+    """The state an iteration leaves: the block's output (normed with norm=peri, peri_norm=state)."""
+    if self.iter_norm is not None and getattr(self.spec, "peri_norm", "state") == "state":
+      return self.iter_norm(x_BSD)
+    return x_BSD
 
   def iterate(self, s_BSD: jax.Array, e_BSD: jax.Array, ctx: Context, n_iters: int | jax.Array,
               max_iters: int, *, backprop_depth: int = 0, return_states: bool = False,
@@ -228,3 +240,9 @@ class LoopedTransformer(nnx.Module):
     stops when all have (or at `max_iters`). `looped_models.halting.halt`; options: key, slots,
     causal, linear_growth."""
     return halt(self, tokens_BS, criterion=criterion, threshold=threshold, max_iters=max_iters, **options)
+
+  def generate(self, prompts: list, **options):
+    """Autoregressive generation with a KV cache and per-token exit: `looped_models.generate.generate`
+    (options: max_new, iterations, exit, cache, temperature, top_k, top_p, seed, slots, eos_id, ...)."""
+    from looped_models.generate import generate  # it builds on this module
+    return generate(self, prompts, **options)

@@ -23,6 +23,7 @@ import numpy as np
 
 from eval import outputs
 from eval.plots import LINESTYLES, colors, plt, save
+from sweeps.phase import phase_data, plot_phase
 from train.workdir import RunDirError, path, read_json
 
 # Okabe-Ito colours for the regimes (colour-blind safe); dark cells get white text.
@@ -355,6 +356,9 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   grids = regime_grids(rows)
   out = lambda name: str(path(sweep_dir) / name)
   images = {"regimes": _plot_grids(grids, out("report_regimes.png"))}
+  phase = phase_data(rows)
+  if phase is not None:  # a sweep over init scale: the regime against it, per injection x norm
+    images["phase"] = plot_phase(phase, out("report_phase.png"))
   text = any((r["fp"] or {}).get("loss_curves") for r in rows)
   for kind, fn, label, title, log in (
       ("convergence", _last_layer_change, "successive change, last block layer (relative, log)",

@@ -51,7 +51,7 @@ def test_exact_cache_reproduces_the_full_forward(overrides):
       assert (tokens == logits.argmax(-1)).all()  # greedy
   # teacher forcing: the logits of a given text, decoded token by token, equal the full forward's
   text = [1, 0, 0, 1, 1, 1, 0, 1, 0, 0]
-  out = gen([text[:1]], max_new=9, iterations=3, forced=[text[1:]], return_logits=True)
+  out = model.generate([text[:1]], max_new=9, iterations=3, forced=[text[1:]], return_logits=True)
   assert out.tokens[0].tolist() == text[1:]
   np.testing.assert_allclose(out.logits[0], full_forward_logits(model, text[:1], text[1:], 3), atol=1e-5)
 
@@ -125,7 +125,7 @@ def test_exited_tokens_stop_costing_block_flops():
 def test_idle_slots_are_counted_as_executed_flops():
   """Prompts of unequal work in 2 slots: the executed block FLOPs cover idle slots too."""
   model = tiny_model()
-  out = generate(model, [[1, 0], [0]], max_new=3, iterations=4, slots=2, eos_id=None)
+  out = generate(model, [[1, 0], [0]], max_new=3, iterations=4, slots=2)
   assert out.stats["block_flops_executed"] == out.stats["block_flops_needed"]  # both always busy
   out = generate(model, [[1, 0], [0], [1]], max_new=3, iterations=4, slots=2)
   assert out.stats["steps"] == 2 * 3 * 4  # 3 sequences of 12 iterations in 2 slots

@@ -258,6 +258,26 @@ def test_scan_equals_unrolled(injection, norm):
   assert_close(model(x, r).logits_BSV, model.decode(s_ref, ctx))
 
 
+def test_peri_norm_on_the_input_is_the_same_map_seen_one_norm_later():
+  """peri_norm=state iterates s <- N(B(s)); peri_norm=input iterates u <- B(N(u)). With no injection
+  N(u_t) follows the first recursion from N(u_0): the two places differ only in where the norm sits
+  when the loop starts (and stops). Outside norm=peri the option is refused."""
+  state = build(injection="none", norm="peri")
+  inputs = build(injection="none", norm="peri", peri_norm="input")
+  x = tokens()
+  ctx, e, _ = pieces(state, x)
+  s, u = state.iter_norm(e), e
+  for _ in range(4):
+    s = state.block_step(s, e, ctx)[0]
+    u = inputs.block_step(u, e, ctx)[0]
+    assert_close(inputs.iter_norm(u), s, tol=1e-4)
+  assert rel_err(u, s) > 1e-3  # the states themselves differ (u is not normed)
+  with pytest.raises(ConfigError, match="model.peri_norm='input'"):
+    build(norm="pre", peri_norm="input")
+  with pytest.raises(ConfigError, match="model.peri_norm"):
+    build(norm="peri", peri_norm="both")
+
+
 def test_one_iteration_is_one_block_step():
   model, x = build(), tokens()
   ctx, e, s0 = pieces(model, x)

@@ -190,3 +190,47 @@ def test_reevaluation_leaves_the_first_outputs_untouched(tmp_path):
   finished["train"]["steps"] = 77
   write_json_atomic(os.path.join(workdir, "config.1.json"), finished)
   assert load_run_config(workdir).train.steps == 77
+
+
+def test_phase_diagram_of_known_regimes():
+  """Fake trials over injection x init_std x embed_std x 3 seeds with known regimes: the majority
+  regime, its agreement, the column order (1/sqrt(fan_in) first) and the drawn colours and counts."""
+  from matplotlib.colors import to_hex
+
+  from sweeps.phase import phase_data, plot_phase
+
+  def regime(inj, std, emb, seed):
+    if inj == "none":
+      return "degenerate"
+    if std == 0.2:
+      return "divergent"
+    return "cyclic" if seed < 2 or emb == 1.0 else "unconverged"  # 2/3 cyclic at embed 0.02
+
+  rows = []
+  for inj in ("none", "concat"):
+    for std in (0.2, 0.0, 0.02):
+      for emb in (0.02, 1.0):
+        for seed in (0, 1, 2):
+          rows.append({"overrides": {"model.injection": inj, "model.norm": "peri", "model.init_std": std,
+                                     "model.embed_std": emb, "train.seed": seed},
+                       "config": {}, "trial": {"status": "done"},
+                       "summary": {"fp/regime": regime(inj, std, emb, seed)}})
+  data = phase_data(rows)
+  assert data["x"] == [0.0, 0.02, 0.2] and data["y"] == [(0.02,), (1.0,)]
+  assert data["y_keys"] == ["model.embed_std"]
+  concat = data["panels"][("concat", "peri")]
+  assert concat["majority"] == [["cyclic", "cyclic", "divergent"], ["cyclic", "cyclic", "divergent"]]
+  assert concat["agree"] == [[(2, 3), (2, 3), (3, 3)], [(3, 3), (3, 3), (3, 3)]]
+  assert data["panels"][("none", "peri")]["agree"] == [[(3, 3)] * 3] * 2
+  assert phase_data([{**r, "overrides": {k: v for k, v in r["overrides"].items()
+                                         if k != "model.init_std"}} for r in rows]) is None
+  fig = plot_phase(data, None, reference={("concat", "peri"): "unconverged"})
+  ax_none, ax_concat = fig.axes[0], fig.axes[1]
+  assert ax_concat.get_title() == "concat + peri (paper: unconverged)" and ax_none.get_title() == "none + peri"
+  boxes = [p for p in ax_concat.patches]
+  assert [to_hex(p.get_facecolor()) for p in boxes] == [report.REGIME_COLORS[r].lower() for r in
+                                                        ("cyclic", "cyclic", "divergent") * 2]
+  assert [t.get_text() for t in ax_concat.texts] == ["2/3", "2/3", "3/3", "3/3", "3/3", "3/3"]
+  assert boxes[0].get_alpha() < boxes[3].get_alpha() == 1.0  # disagreement drawn lighter
+  assert [t.get_text() for t in ax_concat.get_xticklabels()] == ["1/√fan_in", "0.02", "0.2"]
+  plots.plt.close(fig)
