@@ -37,8 +37,10 @@ plt.rcParams.update(STYLE)
 
 def save(fig, path: str | None) -> Any:
   """Write `path` (PNG) and the same figure as SVG beside it (if in FORMATS), close the figure and
-  return `path`; with `path=None`, return the figure itself (to inspect it)."""
-  fig.tight_layout()
+  return `path`; with `path=None`, return the figure itself (to inspect it). A figure made with a
+  layout engine (e.g. layout="constrained") keeps it; the others get tight_layout."""
+  if fig.get_layout_engine() is None:
+    fig.tight_layout()
   if path is None:
     return fig
   for fmt in FORMATS:  # through etils.epath: a local folder or gs://

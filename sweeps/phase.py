@@ -64,9 +64,9 @@ def plot_phase(data: dict, path: str | None, reference: Mapping[tuple, str] | No
   injections = list(dict.fromkeys(p[0] for p in panels))
   norms = list(dict.fromkeys(p[1] for p in panels))
   xs, ys = data["x"], data["y"]
-  w, h = 0.55 * len(xs) + 1.6, 0.4 * len(ys) + 1.4
-  fig, axes = plt.subplots(len(injections), len(norms), figsize=(w * len(norms), h * len(injections) + 0.8),
-                           squeeze=False)
+  w, h = 0.55 * len(xs) + 1.8, 0.4 * len(ys) + 1.6
+  fig, axes = plt.subplots(len(injections), len(norms), squeeze=False, layout="constrained",
+                           figsize=(max(w * len(norms), 6.5), h * len(injections) + 1.4))
   seen = set()
   for a, inj in enumerate(injections):
     for b, norm in enumerate(norms):
@@ -98,8 +98,8 @@ def plot_phase(data: dict, path: str | None, reference: Mapping[tuple, str] | No
   seen.discard(None)
   order = [r for r in REGIME_COLORS if r in seen]
   handles = [plt.Rectangle((0, 0), 1, 1, facecolor=REGIME_COLORS[r], edgecolor="0.6") for r in order]
-  fig.legend(handles, order, loc="lower center", ncol=max(len(order), 1), frameon=False,
-             title="majority regime across seeds (lighter: seeds disagree; n/N agree)")
+  fig.legend(handles, order, loc="outside lower center", ncol=max(len(order), 1), frameon=False,
+             fontsize=8, title="majority regime of the seeds (n/N agree; lighter: they disagree)",
+             title_fontsize=8)
   fig.suptitle("Regime against init scale, per injection × norm")
-  fig.tight_layout(rect=(0, 0.08, 1, 0.97))
   return save(fig, path)
