@@ -14,7 +14,7 @@ $(STAMP): requirements.txt
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m sweeps --config configs/sweeps/default.py --workdir runs
+	$(BIN)/python -m sweeps --config configs/sweeps/default.py --workdir runs --parallel 2
 
 # The tests run on every core (pytest-xdist), each test file in one worker (its fixtures built once).
 test: $(STAMP)

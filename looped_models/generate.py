@@ -223,7 +223,7 @@ def _carry(m: Any, slots: int, n_seqs: int, opts: Options, cache: Cache) -> dict
   P, D = slots, m.d_model
   state_dtype = jnp.dtype(getattr(m, "state_dtype", "float32"))
   s = jnp.zeros((P, 1, D), state_dtype)
-  c = {"cache": cache, "cur_P": jnp.zeros(P, jnp.int32), "pos_P": jnp.zeros(P, jnp.int32),
+  c = {"cache": cache, "pos_P": jnp.zeros(P, jnp.int32),
        "it_P": jnp.zeros(P, jnp.int32), "s_P1D": s, "e_P1D": s, "seq_P": jnp.full(P, -1, jnp.int32),
        "gen_P": jnp.zeros(P, jnp.int32), "changed_P": jnp.zeros(P, jnp.int32),
        "pred_P": jnp.zeros(P, jnp.int32),
@@ -273,7 +273,6 @@ def _admit(graphdef, params, c, tokens_AL, lengths_A, seq_A, slot_A, root, opts:
   admitted_P = jnp.zeros(c["seq_P"].shape[0], bool).at[slot_A].set(True, mode="drop")
   prev = _where_rows(admitted_P, initial_prev_of(model.spec, opts.criterion, c["s_P1D"]), c["prev"])
   return {**c, "cache": cache, "last_BT": c["last_BT"].at[slot_A].set(opts.iterations - 1, mode="drop"),
-          "cur_P": set_(c["cur_P"], tokens_AL[jnp.arange(len(seq_A)), last_A]),
           "pos_P": set_(c["pos_P"], last_A), "it_P": set_(c["it_P"], jnp.zeros_like(last_A)),
           "s_P1D": set_(c["s_P1D"], s_A1D), "e_P1D": set_(c["e_P1D"], e_A1D),
           "seq_P": set_(c["seq_P"], seq_A), "gen_P": set_(c["gen_P"], jnp.zeros_like(last_A)),
@@ -304,7 +303,7 @@ def _step(model, c, thr, temperature, top_p, root, eos_id, opts: Options):
   exit_P = active_P & (meets_P | (it_P >= R))
   # an exiting token is read at its last iteration from now on (exact); the others, and every position
   # not yet decoded, at the newest slot (R - 1) until they exit
-  last_BT = c["last_BT"].at[rows, c["pos_P"]].set(jnp.where(exit_P, it_P - 1, R - 1))
+  last_BT = c["last_BT"].at[rows, c["pos_P"]].set(jnp.where(exit_P, it_P - 1, R - 1), mode="drop")
   cache = c.pop("cache")
   c = {**c, "last_BT": last_BT, "prelude": cache.prelude, "coda": cache.coda, "s_P1D": s_new, "it_P": it_P,
        "prev": prev, "changed_P": changed_P, "pred_P": pred_P, "steps": c["steps"] + 1,
@@ -335,7 +334,7 @@ def _step(model, c, thr, temperature, top_p, root, eos_id, opts: Options):
     ex = exit_P[:, None, None]
     prev = _where_rows(exit_P, initial_prev_of(m, opts.criterion, s0_P1D), c["prev"])
     return {**c, **out, "prelude": prelude, "coda": coda, "prev": prev,
-            "cur_P": jnp.where(exit_P, tok_P, c["cur_P"]), "pos_P": pos_P,
+            "pos_P": pos_P,
             "it_P": jnp.where(exit_P, 0, c["it_P"]), "gen_P": gen_P,
             "s_P1D": jnp.where(ex, s0_P1D, c["s_P1D"]), "e_P1D": jnp.where(ex, e_P1D, c["e_P1D"]),
             "seq_P": jnp.where(done_P, -1, seq_P), "finishes": c["finishes"] + 1}

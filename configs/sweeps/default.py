@@ -1,5 +1,6 @@
 """The main job: recurrent block size x injection x norm on prefix_or, 2 seeds per cell, small enough
-for 2 CPU cores (`make run`, about 15 minutes; see bench/RESULTS.md).
+for 2 CPU cores (`make run`, two trials at a time: 21 minutes on a 2-core VM, measured 2026-12-02;
+see bench/RESULTS.md).
 
   python -m sweeps --config configs/sweeps/default.py
 
