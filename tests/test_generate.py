@@ -242,3 +242,28 @@ def test_cli_generates_records_and_refuses_to_overwrite(trained, tmp_path):
 def test_cli_bad_input_is_one_line(trained, args, needle):
   r = cli("--workdir", trained[0], *args)
   assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_an_imported_raven_checkpoint_generates_with_its_own_tokenizer(tmp_path):
+  """An imported Huginn-layout checkpoint (concat, sandwich, qk bias, RoPE pairs, like-init state)
+  with its own tokenizer.json generates through the CLI's path, with per-token exit."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  from eval.generate import run_generate
+  from looped_models import convert
+  from test_convert import random_tensors, raven_cfg, write_raven
+  words = ["<eos>", "<bos>"] + [f"w{i}" for i in range(27)]  # 29 ids, the model's vocabulary
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  rc = raven_cfg()
+  hf = write_raven(str(tmp_path / "hf"), rc, random_tensors(rc))
+  tok.save(os.path.join(hf, "tokenizer.json"))
+  run = str(tmp_path / "run")
+  convert.import_raven(hf, run)
+  rec, where = run_generate(run, ["w3 w4 w5", "w7"], out=None, max_new=5, iterations=6,
+                            exit=("kl", 1e-3), cache="latest", slots=2)
+  assert where == os.path.join(run, "eval", "0", "generate.json") and os.path.isfile(where)
+  for row, prompt in zip(rec["generations"], (["w3", "w4", "w5"], ["w7"])):
+    assert row["prompt_tokens"] == [1] + [words.index(w) for w in prompt]  # after its <bos>
+    assert 1 <= len(row["tokens"]) <= 5 and all(0 <= t < 29 for t in row["tokens"])
+    assert all(2 <= i <= 6 for i in row["iterations"])  # no exit before iteration 2
