@@ -116,7 +116,7 @@ def run_generate(workdir: str, prompts: Sequence[str], *, out: str | None, mesh:
   return rec, target
 
 
-def describe(rec: dict, tokenizer_text: Any = None) -> str:
+def describe(rec: dict) -> str:
   """What the CLI prints: each prompt and its continuation, the iterations of every token, speed."""
   lines = []
   for row in rec["generations"]:

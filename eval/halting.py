@@ -51,7 +51,7 @@ from flax import nnx
 
 from configs.errors import ConfigError
 from looped_models.halting import CRITERIA, DECODING_CRITERIA, LOOP_CRITERIA, halt_loop, validate
-from looped_models.model import layer_flops
+from looped_models.model import pass_flops
 from train.tasks import accuracy_counts, fractions, get_task, make_batch
 
 DEFAULT_GRIDS: dict[str, tuple] = {
@@ -85,12 +85,10 @@ def inference_flops(m: Any, batch: int, seq: int, *, iterations: int, loop_rows:
                     decode_each: bool = False) -> float:
   """Forward FLOPs of one batch: prelude and final decode of `batch` sequences, and `iterations` block
   iterations over `loop_rows` rows (default: the batch), each with a decode when `decode_each`."""
-  layer = layer_flops(m, seq)
-  inject = 2 * 2 * m.d_model * m.d_model if m.injection in ("concat", "gate") else 0
-  decode = m.n_coda * layer + 2 * m.d_model * m.vocab_size
+  f = pass_flops(m, seq)
   loop_rows = batch if loop_rows is None else loop_rows
-  per_iter = m.block_size * layer + inject + (decode if decode_each else 0)
-  return float(batch * seq * (m.n_prelude * layer + decode) + iterations * loop_rows * seq * per_iter)
+  per_iter = f.iteration + (f.decode if decode_each else 0)
+  return float(batch * seq * (f.prelude + f.decode) + iterations * loop_rows * seq * per_iter)
 
 
 def oracle_exits(preds_RBS: np.ndarray) -> np.ndarray:
@@ -245,9 +243,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def _figures(row: dict | None, fixed: dict, oracle: dict, R_fixed: int) -> dict:
   """The summary figures of one halting row against the fixed baseline (None when no row): accuracy
   and iterations on the held-out half, wall time and FLOPs of the whole batch."""
-  held, fixed_held = (None if row is None else row["held_out"]), fixed["held_out"]
   if row is None:
     return {k: None for k in FIGURE_KEYS} | {"oracle_mean_iterations": oracle["held_out"]["mean_iterations"]}
+  held, fixed_held = row["held_out"], fixed["held_out"]
   return {"threshold": row["threshold"],
           "iterations_saved_fraction": 1.0 - held["mean_iterations"] / R_fixed,
           "accuracy_drop_points": 100.0 * (fixed_held["exact_match"] - held["exact_match"]),

@@ -9,8 +9,8 @@ sequence: prelude and coda layers one entry per token, the block's layers either
 (iteration, layer) (`exact`: a token at iteration j reads earlier tokens' iteration-j entries, as the
 full-sequence forward does) or one per layer holding each token's latest iteration (`latest`: memory
 independent of R; a token at iteration j reads earlier tokens at their final iteration). With adaptive
-exit a token that stopped at iteration e is read at e by later tokens at every j > e (`exact` copies
-its entry to the later slots).
+exit a token that stopped at iteration e is read at e by later tokens at every j > e (`exact` reads
+each position at slot min(j, its last iteration)).
 
 Prompts are prefilled at R iterations (the whole prompt but its last token's block and coda, which the
 decode loop runs). Decoding runs P slots (`slots`, default min(8, prompts)) with iteration-level
@@ -37,7 +37,7 @@ from flax import nnx
 from configs.errors import ConfigError
 from looped_models.halting import DECODING_CRITERIA, LOOP_CRITERIA, criterion_step, initial_prev, validate
 from looped_models.layers import KV, make_cached_context
-from looped_models.model import layer_flops
+from looped_models.model import pass_flops
 
 CACHES = ("exact", "latest")
 
@@ -205,7 +205,7 @@ def _prefill(graphdef, params, tokens_AL, lengths_A, seq_A, root, opts: Options)
   ctx = make_cached_context(m, zero_A, L, opts.length)
   e_ALD, prelude = _encode(model, tokens_AL, ctx, cache.prelude)
   key_A = _keys(jax.random.fold_in(root, 1), seq_A, zero_A)
-  s_ALD = jax.vmap(lambda e, k: model.initial_state(e, k))(e_ALD, key_A)
+  s_ALD = _state0(model, e_ALD, key_A)
 
   def body(t, carry):
     s, block = carry
@@ -240,13 +240,9 @@ def _carry(m: Any, slots: int, n_seqs: int, opts: Options, cache: Cache) -> dict
   return c
 
 
-class _Spec(NamedTuple):
-  spec: Any
-
-
 def initial_prev_of(m: Any, criterion: str | None, s_P1D: jax.Array) -> dict:
   """What the criterion keeps of a slot's previous iteration, reset (nothing for fixed R)."""
-  return {} if criterion is None else initial_prev(_Spec(m), criterion, s_P1D)
+  return {} if criterion is None else initial_prev(m, criterion, s_P1D)
 
 
 def _where_rows(mask_P: jax.Array, new: dict, old: dict) -> dict:
@@ -303,7 +299,8 @@ def _step(model, c, thr, temperature, top_p, root, eos_id, opts: Options):
   exit_P = active_P & (meets_P | (it_P >= R))
   # an exiting token is read at its last iteration from now on (exact); the others, and every position
   # not yet decoded, at the newest slot (R - 1) until they exit
-  last_BT = c["last_BT"].at[rows, c["pos_P"]].set(jnp.where(exit_P, it_P - 1, R - 1), mode="drop")
+  last_BT = (c["last_BT"].at[rows, c["pos_P"]].set(jnp.where(exit_P, it_P - 1, R - 1), mode="drop")
+             if exact else c["last_BT"])
   cache = c.pop("cache")
   c = {**c, "last_BT": last_BT, "prelude": cache.prelude, "coda": cache.coda, "s_P1D": s_new, "it_P": it_P,
        "prev": prev, "changed_P": changed_P, "pred_P": pred_P, "steps": c["steps"] + 1,
@@ -487,7 +484,7 @@ class Generator:
     take = lambda key: [np.asarray(c[key][i, :lengths[i]]) for i in range(N)]
     its = take("out_it")
     steps, finishes, busy = int(c["steps"]), int(c["finishes"]), int(c["busy"])
-    flops = _flops(m, T, opts, P, steps, finishes, busy, its, N, L)
+    flops = _flops(m, T, opts, P, steps, finishes, its, N, L)
     new_tokens = int(lengths.sum())
     stats = {"tokens": new_tokens, "prompts": N, "slots": P, "iterations_cap": iterations,
              "cache": cache, "exit": None if exit is None else f"{criterion}:{threshold}",
@@ -513,24 +510,21 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], **options) -> Generat
   return Generator(model)(prompts, **options)
 
 
-def _flops(m: Any, T: int, opts: Options, P: int, steps: int, finishes: int, busy: int,
+def _flops(m: Any, T: int, opts: Options, P: int, steps: int, finishes: int,
            its: list[np.ndarray], N: int, L: int) -> dict[str, float]:
   """Forward FLOPs of the decode loop as executed (every slot of every step, active or idle, and
   the finishing branch for every slot whenever one exits) and as needed (each token's own
   iterations); `flops_prefill` for the prompts."""
-  layer = layer_flops(m, T)
-  inject = 2 * 2 * m.d_model * m.d_model if m.injection in ("concat", "gate") else 0
-  decode = m.n_coda * layer + 2 * m.d_model * m.vocab_size
-  block = m.block_size * layer + inject
+  f = pass_flops(m, T)
   peeks = (opts.criterion in DECODING_CRITERIA) + opts.track_oracle
-  per_iter = block + peeks * decode
+  per_iter = f.iteration + peeks * f.decode
   needed_iters = float(sum(int(i.sum()) for i in its))
-  executed = steps * P * per_iter + finishes * P * (m.n_prelude * layer + decode)
-  needed = needed_iters * per_iter + sum(len(i) for i in its) * (m.n_prelude * layer + decode)
+  executed = steps * P * per_iter + finishes * P * (f.prelude + f.decode)
+  needed = needed_iters * per_iter + sum(len(i) for i in its) * (f.prelude + f.decode)
   return {"flops_executed": float(executed), "flops_needed": float(needed),
-          "block_flops_executed": float(steps * P * block),
-          "block_flops_needed": needed_iters * block,
-          "flops_prefill": float(N * L * (m.n_prelude * layer + decode + opts.iterations * block))}
+          "block_flops_executed": float(steps * P * f.iteration),
+          "block_flops_needed": needed_iters * f.iteration,
+          "flops_prefill": float(N * L * (f.prelude + f.decode + opts.iterations * f.iteration))}
 
 
 class _Programs:

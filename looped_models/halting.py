@@ -121,14 +121,14 @@ def _one_minus_cos_BS(a_BSD: jax.Array, b_BSD: jax.Array) -> jax.Array:
   return jnp.maximum(1.0 - cos, 0.0)  # rounding can make it negative: a zero threshold never halts
 
 
-def initial_prev(model: Any, criterion: str, s_PSD: jax.Array) -> dict[str, jax.Array]:
+def initial_prev(m: Any, criterion: str, s_PSD: jax.Array) -> dict[str, jax.Array]:
   """Placeholders for what the criterion keeps of the previous iteration (unused at t = 1)."""
   P, S, D = s_PSD.shape
   if criterion == "fixed_point":
-    shape = (model.spec.block_size, P, S, D)
+    shape = (m.block_size, P, S, D)
     return {"outs_kPSD": jnp.zeros(shape, s_PSD.dtype), "delta_kPSD": jnp.zeros(shape, jnp.float32)}
   if criterion == "kl":
-    return {"logp_PSV": jnp.zeros((P, S, model.spec.vocab_size), jnp.float32)}
+    return {"logp_PSV": jnp.zeros((P, S, m.vocab_size), jnp.float32)}
   if criterion == "entropy":
     return {"entropy_PS": jnp.zeros((P, S), jnp.float32)}
   if criterion == "argmax_stable":
@@ -182,7 +182,7 @@ def halt_loop(model: Any, tokens_BS: jax.Array, *, criterion: str, threshold: An
   carry = {"n": jnp.int32(0), "queue": jnp.int32(P), "seq_P": jnp.arange(P), "t_P": jnp.zeros(P, jnp.int32),
            "s_PSD": s0_NSD[:P], "e_PSD": e_NSD[:P], "done_PS": jnp.zeros((P, S), bool),
            "exit_PS": jnp.full((P, S), max_iters, jnp.int32),
-           "prev": initial_prev(model, criterion, s0_NSD[:P]),
+           "prev": initial_prev(model.spec, criterion, s0_NSD[:P]),
            "out_s_NSD": jnp.zeros_like(s0_NSD), "out_exit_NS": jnp.full((N, S), max_iters, jnp.int32)}
 
   def body(c):

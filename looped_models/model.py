@@ -34,6 +34,20 @@ def layer_flops(m: ModelSpec, keys: int) -> float:
   return 2 * (4 * d * d + (3 if m.mlp == "swiglu" else 2) * d * f) + 4 * keys * d
 
 
+class PassFlops(NamedTuple):
+  """Forward FLOPs per token of the pieces of a pass (`layer_flops` with `keys` keys per query)."""
+  prelude: float    # embedding excluded: the prelude layers
+  iteration: float  # one block iteration: its k layers and the injection's projection
+  decode: float     # the coda layers and the unembedding
+
+
+def pass_flops(m: ModelSpec, keys: int) -> PassFlops:
+  layer = layer_flops(m, keys)
+  inject = 2 * 2 * m.d_model * m.d_model if m.injection in ("concat", "gate") else 0
+  return PassFlops(m.n_prelude * layer, m.block_size * layer + inject,
+                   m.n_coda * layer + 2 * m.d_model * m.vocab_size)
+
+
 class LoopOutput(NamedTuple):
   logits_BSV: jax.Array
   states_RkBSD: jax.Array | None = None      # per-iteration, per-block-layer outputs
