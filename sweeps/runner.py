@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from configs.errors import ConfigError
 from sweeps.expand import Trial
+from sweeps.report import SEED
 from sweeps.trial import PARENT_ENV
 from train.workdir import RunDirError, path, read_json, write_json_atomic
 
@@ -74,6 +75,21 @@ def config_diff(old: dict, new: dict) -> list[str]:
   old, new = flatten(json.loads(json.dumps(old))), flatten(json.loads(json.dumps(new)))
   return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def program_key(trial: Trial) -> tuple:
+  """Trials that differ only in their seed compile the same programs."""
+  return tuple(sorted((k, json.dumps(v)) for k, v in trial.overrides.items() if k != SEED))
+
+
+def next_trial(queue: list[Trial], running: list[Trial], warm: set[tuple]) -> int:
+  """The index in `queue` of the trial to start next: the first one whose programs are not being
+  compiled right now by a running sibling (same cell, another seed) with none of them in the
+  persistent cache yet. Starting it after that sibling finishes lets it load them from the cache (a
+  default trial: about 27 s cold, 11 s warm), so two seeds of a cell do not compile the same programs
+  side by side; when every queued trial waits on a sibling, the first one starts anyway."""
+  compiling = {program_key(t) for t in running} - warm
+  return next((i for i, t in enumerate(queue) if program_key(t) not in compiling), 0)
 
 
 class Runner:
@@ -162,6 +178,8 @@ class Runner:
   def _run_subprocesses(self, todo: list[Trial], bar) -> None:
     running: dict[str, tuple[Trial, subprocess.Popen, float, Any]] = {}
     queue = list(todo)
+    # Programs already compiled into the sweep's persistent cache, by a done trial of the same cell.
+    warm = {program_key(t) for t in self.trials if trial_record(self.trial_dir(t))["status"] in SKIP}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
          PARENT_ENV: str(os.getpid())}
     while (queue or running):
@@ -171,7 +189,7 @@ class Runner:
             proc.send_signal(signal.SIGTERM)
         queue = []
       while queue and len(running) < self.parallel and self.stop_signal is None:
-        trial = queue.pop(0)
+        trial = queue.pop(next_trial(queue, [r[0] for r in running.values()], warm))
         tdir = self.trial_dir(trial)
         path(tdir).mkdir(parents=True, exist_ok=True)
         if trial.invalid:  # rejected before anything is compiled; the others go on
@@ -196,6 +214,7 @@ class Runner:
         self.keep_log(trial)
         del running[name]
         self._record(trial, proc.returncode, time.perf_counter() - start)
+        warm.add(program_key(trial))
         bar.update(1)
       time.sleep(0.1)
 
