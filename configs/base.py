@@ -88,6 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.halting = True              # sweep trials also measure adaptive halting (halting.json)
   c.eval.control = False             # a control trial (e.g. feedforward) the sweep report compares with
   c.eval.path_starts = 0             # random initial states for the path-independence check (0: off)
+  c.eval.vmap_trials = False         # sweeps: random-init controls differing only in seed and init
+                                     # scales run together, vmapped, lighter (see eval/group.py)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # -1: all devices not used by the other axes

@@ -7,6 +7,7 @@ never all R. The trajectory is deterministic, so `analyze_stream` can replay it 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator
 
 import jax
@@ -31,7 +32,7 @@ def to_host(x: jax.Array) -> np.ndarray:
 class Capture:
   """Jitted pieces of one model for trajectory capture; `params` is the pure-dict parameter tree."""
 
-  def __init__(self, graphdef: nnx.GraphDef, params: dict, *, chunk: int = 4, seed: int = 0,
+  def __init__(self, graphdef: nnx.GraphDef, params: dict, *, chunk: int = 4, seed: int | list[int] = 0,
                token_bytes: np.ndarray | None = None, mesh: Mesh | None = None,
                attention_rows: int = 128):
     """`token_bytes` ([V] UTF-8 bytes per token id; text) adds the summed loss ("nats") and the
@@ -39,11 +40,17 @@ class Capture:
     train.run.open_run), batches are split over its data axes where they divide, and every process
     gets the whole result back. Attention maps leave the device with at most `attention_rows` evenly
     spaced query rows ([n, k, B, H, rows, S]: all rows up to that length), so what reaches the host
-    grows with S, not S^2."""
-    self.graphdef, self.params, self.chunk, self.mesh = graphdef, params, chunk, mesh
-    key = jax.random.key(seed)
+    grows with S, not S^2.
 
-    def start(params, tokens_BS, start_key):
+    Several models of one shape at once (e.g. random-init controls that differ only in their seed
+    and init scales): `params` with a leading axis of G models, `seed` a list of their G seeds, and
+    every batch given to `run` with a leading axis of G too (each model its own tokens). `run` then
+    yields every array with that leading axis, computed under `jax.vmap`."""
+    self.graphdef, self.params, self.chunk, self.mesh = graphdef, params, chunk, mesh
+    stacked = isinstance(seed, (list, tuple))
+    self.keys = (jnp.stack([jax.random.key(s) for s in seed]) if stacked else jax.random.key(seed))
+
+    def start(params, key, tokens_BS, start_key):
       """The injected input e and the initial state: the model's own (start_key None), or a random
       one (truncated normal of the per-token scale of e: a path-independence start)."""
       model = nnx.merge(graphdef, params)
@@ -78,6 +85,13 @@ class Capture:
         att = att[..., np.linspace(0, S - 1, attention_rows).round().astype(int), :]
       return trace.state_BSD, trace.states_RkBSD, att, counts, preds_nBS
 
+    if stacked:
+      one_start, one_advance = start, advance
+      start = jax.vmap(one_start, in_axes=(0, 0, 0, None))
+
+      def advance(params, s_BSD, e_BSD, targets_BS, mask_BS, *, n: int, attention: bool):
+        step = functools.partial(one_advance, n=n, attention=attention)
+        return jax.vmap(step)(params, s_BSD, e_BSD, targets_BS, mask_BS)
     self._start = jax.jit(start)
     self._advance = jax.jit(advance, static_argnames=("n", "attention"))
 
@@ -88,7 +102,7 @@ class Capture:
     attention [n,k,B,H,S,S] or None, accuracy counts per iteration {name: [n]}, predictions [n,B,S])
     as numpy. `start_key`: start from a random state instead of the model's own."""
     batch = self.place(batch)
-    s_BSD, e_BSD = self._start(self.params, batch["inputs"], start_key)
+    s_BSD, e_BSD = self._start(self.params, self.keys, batch["inputs"], start_key)
     done = 0
     while done < R:
       n = min(self.chunk, R - done)

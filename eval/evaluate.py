@@ -113,7 +113,8 @@ def compare_stage_metrics(workdir: str) -> dict:
   return out
 
 
-def markdown(summary: dict, report: FixedPointReport, cfg: Any, step: int, init: bool) -> str:
+def markdown(summary: dict, report: FixedPointReport, cfg: Any, step: int, init: bool,
+             plots: bool = True) -> str:
   m = cfg.model
   lines = [f"# Fixed points: **{report.regime}**", "",
            f"{'Random-init control' if init else f'Trained model at step {step}'}: "
@@ -132,9 +133,10 @@ def markdown(summary: dict, report: FixedPointReport, cfg: Any, step: int, init:
     rate = "—" if l.contraction_rate is None else f"{l.contraction_rate:.3f}"
     lines.append(f"| {l.layer + 1} | {'yes' if l.converged else 'no'} | {l.converged_at} | "
                  f"{l.final_change:.2e} | {rate} |")
+  sizes = sorted(k for k in summary if k.startswith("acc/len") and k.endswith("/final"))
   lines += ["", "| size | exact match at R | best | best iterations | stops changing after |",
-            "| --- | --- | --- | --- | --- |"]
-  for key in sorted(k for k in summary if k.startswith("acc/len") and k.endswith("/final")):
+            "| --- | --- | --- | --- | --- |"] if sizes or is_text(cfg) else []
+  for key in sizes:
     n = key.split("/")[1]
     lines.append(f"| {n[3:]} | {summary[key]:.3f} | {summary[f'acc/{n}/best']:.3f} | "
                  f"{summary[f'acc/{n}/best_iters']} | {summary[f'acc/{n}/plateau_iters']} |")
@@ -149,10 +151,11 @@ def markdown(summary: dict, report: FixedPointReport, cfg: Any, step: int, init:
       lines.append(f"| {r} | {summary[key]:.4f} | {summary[f'val/iters{r}/bits_per_byte']:.4f} |")
     lines.append(f"| best ({summary['val/best_iters']}) | {summary['val/best_loss']:.4f} | "
                  f"{summary['val/best_bits_per_byte']:.4f} |")
-  lines += ["", "Thresholds: " + ", ".join(f"{k}={v}" for k, v in report.thresholds.items()), "",
-            "Plots: " + ", ".join(f"[{p}](plots/{p}.png)" for p in (
-                "convergence", "distance", "attention_similarity", "trajectory_pca", "stage_metrics",
-                "accuracy"))]
+  lines += ["", "Thresholds: " + ", ".join(f"{k}={v}" for k, v in report.thresholds.items())]
+  if plots:
+    lines += ["", "Plots: " + ", ".join(f"[{p}](plots/{p}.png)" for p in (
+        "convergence", "distance", "attention_similarity", "trajectory_pca", "stage_metrics",
+        "accuracy"))]
   return "\n".join(lines) + "\n"
 
 

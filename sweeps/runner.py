@@ -82,14 +82,35 @@ def program_key(trial: Trial) -> tuple:
   return tuple(sorted((k, json.dumps(v)) for k, v in trial.overrides.items() if k != SEED))
 
 
-def next_trial(queue: list[Trial], running: list[Trial], warm: set[tuple]) -> int:
-  """The index in `queue` of the trial to start next: the first one whose programs are not being
-  compiled right now by a running sibling (same cell, another seed) with none of them in the
-  persistent cache yet. Starting it after that sibling finishes lets it load them from the cache (a
-  default trial: about 27 s cold, 11 s warm), so two seeds of a cell do not compile the same programs
-  side by side; when every queued trial waits on a sibling, the first one starts anyway."""
-  compiling = {program_key(t) for t in running} - warm
-  return next((i for i, t in enumerate(queue) if program_key(t) not in compiling), 0)
+def next_trial(queue: list[list[Trial]], running: list[list[Trial]], warm: set[tuple]) -> int:
+  """The index in `queue` (of units: a trial, or a group run in one process) of the unit to start
+  next: the first one whose programs are not being compiled right now by a running sibling (same
+  cell, another seed) with none of them in the persistent cache yet. Starting it after that sibling
+  finishes lets it load them from the cache (a default trial: about 27 s cold, 11 s warm), so two
+  seeds of a cell do not compile the same programs side by side; when every queued unit waits on a
+  sibling, the first one starts anyway."""
+  compiling = {program_key(u[0]) for u in running} - warm
+  return next((i for i, u in enumerate(queue) if program_key(u[0]) not in compiling), 0)
+
+
+def units(trials: list[Trial], sweep: str, max_group: int = 64) -> list[list[Trial]]:
+  """The trials in the order they run, as units: one trial each, except random-init controls with
+  `eval.vmap_trials` that share one program (`eval.group.shape_key`), which run as groups of up to
+  `max_group` in one process."""
+  from eval.group import groupable, shape_key
+  groups: dict[str, list[Trial]] = {}
+  out: list[list[Trial]] = []
+  for t in trials:
+    cfg = trial_config(t, sweep)
+    if t.invalid or not (cfg["eval"].get("vmap_trials") and groupable(cfg)):
+      out.append([t])
+      continue
+    key = shape_key(cfg)
+    if key not in groups or len(groups[key]) >= max_group:
+      groups[key] = []
+      out.append(groups[key])
+    groups[key].append(t)
+  return out
 
 
 class Runner:
@@ -176,8 +197,8 @@ class Runner:
     return {t.name: local.get(t.name) or trial_record(self.trial_dir(t))["status"] for t in self.selected}
 
   def _run_subprocesses(self, todo: list[Trial], bar) -> None:
-    running: dict[str, tuple[Trial, subprocess.Popen, float, Any]] = {}
-    queue = list(todo)
+    running: dict[str, tuple[list[Trial], subprocess.Popen, float, Any]] = {}
+    queue = units(todo, self.sweep)
     # Programs already compiled into the sweep's persistent cache, by a done trial of the same cell.
     warm = {program_key(t) for t in self.trials if trial_record(self.trial_dir(t))["status"] in SKIP}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
@@ -189,33 +210,40 @@ class Runner:
             proc.send_signal(signal.SIGTERM)
         queue = []
       while queue and len(running) < self.parallel and self.stop_signal is None:
-        trial = queue.pop(next_trial(queue, [r[0] for r in running.values()], warm))
-        tdir = self.trial_dir(trial)
-        path(tdir).mkdir(parents=True, exist_ok=True)
-        if trial.invalid:  # rejected before anything is compiled; the others go on
-          set_trial(tdir, status="failed", overrides=trial.overrides, error=trial.invalid, wall_s=0.0)
+        unit = queue.pop(next_trial(queue, [r[0] for r in running.values()], warm))
+        dirs = [self.trial_dir(t) for t in unit]
+        for tdir in dirs:
+          path(tdir).mkdir(parents=True, exist_ok=True)
+        if unit[0].invalid:  # rejected before anything is compiled; the others go on
+          set_trial(dirs[0], status="failed", overrides=unit[0].overrides, error=unit[0].invalid,
+                    wall_s=0.0)
           bar.update(1)
           continue
-        log = open(self.log_file(tdir), "a")
+        log = open(self.log_file(dirs[0]), "a")
+        configs = [trial_config(t, self.sweep) for t in unit]
         # No Python code runs between fork and exec (no preexec_fn), so nothing of JAX's threads is
         # duplicated; its own session keeps a Ctrl-C for the runner, which stops the trials in order.
-        proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", tdir], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", *dirs], stdin=subprocess.PIPE,
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True,
                                 start_new_session=True)
-        proc.stdin.write(json.dumps(trial_config(trial, self.sweep)))
+        proc.stdin.write(json.dumps(configs if len(unit) > 1 else configs[0]))
         proc.stdin.close()
-        set_trial(tdir, status="running", overrides=trial.overrides, error=None, pid=proc.pid,
-                  config=trial_config(trial, self.sweep))
-        running[trial.name] = (trial, proc, time.perf_counter(), log)
-      for name, (trial, proc, start, log) in list(running.items()):
+        for t, tdir, cfg in zip(unit, dirs, configs):
+          set_trial(tdir, status="running", overrides=t.overrides, error=None, pid=proc.pid, config=cfg)
+        running[unit[0].name] = (unit, proc, time.perf_counter(), log)
+      for name, (unit, proc, start, log) in list(running.items()):
         if proc.poll() is None:
           continue
         log.close()
-        self.keep_log(trial)
         del running[name]
-        self._record(trial, proc.returncode, time.perf_counter() - start)
-        warm.add(program_key(trial))
-        bar.update(1)
+        wall = time.perf_counter() - start
+        for t in unit:
+          self.keep_log(t, unit[0])
+          if len(unit) == 1 or trial_record(self.trial_dir(t))["status"] != "done":
+            self._record(t, proc.returncode, wall / len(unit), log_of=unit[0])
+          # else: the group process marked it done as it wrote it (before the group stopped)
+        warm.add(program_key(unit[0]))
+        bar.update(len(unit))
       time.sleep(0.1)
 
   def log_file(self, tdir: str) -> str:
@@ -227,23 +255,26 @@ class Runner:
     os.makedirs(local, exist_ok=True)
     return os.path.join(local, f"{path(tdir).name}.log")
 
-  def keep_log(self, trial: Trial) -> None:
-    tdir = self.trial_dir(trial)
-    if "://" in str(path(tdir)):
-      (path(tdir) / "trial.log").write_bytes(open(self.log_file(tdir), "rb").read())
+  def keep_log(self, trial: Trial, writer: Trial | None = None) -> None:
+    """Into the trial's directory: the log of the process that ran it (`writer`, the first trial of
+    its group; default the trial itself), when that log was written elsewhere."""
+    tdir, src = self.trial_dir(trial), self.log_file(self.trial_dir(writer or trial))
+    if "://" in str(path(tdir)) or src != self.log_file(tdir):
+      (path(tdir) / "trial.log").write_bytes(open(src, "rb").read())
 
-  def _record(self, trial: Trial, code: int, wall_s: float) -> None:
+  def _record(self, trial: Trial, code: int, wall_s: float, log_of: Trial | None = None) -> None:
     tdir = self.trial_dir(trial)
+    log = self.log_file(self.trial_dir(log_of or trial))
     prev = trial_record(tdir).get("wall_s", 0.0) or 0.0
     wall = round(prev + wall_s, 2)
     if code == 0:
       set_trial(tdir, status="done", wall_s=wall, error=None)
     elif code == 3:
-      set_trial(tdir, status="diverged", wall_s=wall, error=_error_text(self.log_file(tdir)))
+      set_trial(tdir, status="diverged", wall_s=wall, error=_error_text(log))
     elif code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT):
       set_trial(tdir, status="pending", wall_s=wall, error="interrupted; rerun the sweep to resume")
     else:
-      set_trial(tdir, status="failed", wall_s=wall, error=_error_text(self.log_file(tdir)))
+      set_trial(tdir, status="failed", wall_s=wall, error=_error_text(log))
 
   def _run_in_process(self, todo: list[Trial], bar) -> dict[str, str]:
     """Multi-host: all processes run each trial together over the whole mesh."""

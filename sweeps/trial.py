@@ -4,6 +4,10 @@
 Run by the sweep runner as `python -m sweeps.trial WORKDIR` with the trial's config as JSON on stdin,
 so that a crash, an out-of-memory kill or a NaN stays inside the trial. Exit status: 0 done, 2 bad
 input, 3 diverged, 128+signal interrupted (checkpoint saved), anything else a crash.
+
+`python -m sweeps.trial WORKDIR WORKDIR ...` with a JSON list of configs runs a group of random-init
+controls that share one program (`eval.vmap_trials`, see eval/group.py) and marks each trial done in
+its trial.json as soon as it is written, so that a group stopped halfway keeps what it finished.
 """
 
 from __future__ import annotations
@@ -74,6 +78,18 @@ def run_trial(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
   return 0, summary
 
 
+def run_group(cfgs: list[ml_collections.ConfigDict], workdirs: list[str]) -> int:
+  from eval.group import evaluate_group
+  from sweeps.runner import set_trial
+
+  def done(i: int, wall_s: float) -> None:
+    set_trial(workdirs[i], status="done", wall_s=round(wall_s, 2), error=None)
+    print(f"eval: {workdirs[i]} done ({i + 1}/{len(workdirs)})", flush=True)
+
+  evaluate_group(cfgs, workdirs, on_done=done)
+  return 0
+
+
 def main() -> int:
   from absl import logging
 
@@ -85,12 +101,14 @@ def main() -> int:
   from eval import plots
   plots.FORMATS = ("png",)  # the report's figures come as SVG too; `python -m eval` writes a trial's
   logging.set_verbosity(logging.WARNING)
-  workdir = sys.argv[1]
+  workdirs = sys.argv[1:]
   from train.workdir import path
-  use_compilation_cache(str(path(workdir).parent))
+  use_compilation_cache(str(path(workdirs[0]).parent))
   try:
-    cfg = ml_collections.ConfigDict(json.load(sys.stdin))
-    code, result = run_trial(cfg, workdir, progress=False)
+    config = json.load(sys.stdin)
+    if isinstance(config, list):
+      return run_group([ml_collections.ConfigDict(c) for c in config], workdirs)
+    code, result = run_trial(ml_collections.ConfigDict(config), workdirs[0], progress=False)
   except (ConfigError, RunDirError, TrajectoryError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

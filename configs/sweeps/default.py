@@ -1,13 +1,14 @@
 """The main job: recurrent block size x injection x norm on prefix_or, 2 seeds per cell, small enough
-for 2 CPU cores (`make run`, two trials at a time: 21 minutes on a 2-core VM, measured 2026-12-02;
-see bench/RESULTS.md).
+for 2 CPU cores (`make run`, two trials at a time: 13 minutes on a 2-core VM, measured 2026-12-02;
+see bench/RESULTS.md, section sweep_walltime_default_p2).
 
   python -m sweeps --config configs/sweeps/default.py
 
 27 cells x 2 seeds = 54 trials; each trains a (1, k⊗r, 1) model, d=32, on prefix_or of size 8 with a
 local window, then evaluates its fixed points over 48 iterations, its accuracy at sizes 8 and 32 and
 what adaptive halting saves. The seeds of a cell compile the same programs, which the trials share
-through JAX's persistent compilation cache in runs/default/.jax_cache.
+through JAX's persistent compilation cache in runs/default/.jax_cache: the runner starts a cell's second
+seed after its first (sweeps/runner.py:next_trial), not beside it.
 """
 
 from configs.base import get_config as base_config
