@@ -281,9 +281,13 @@ def _cell_label(key: tuple, axes: list[str]) -> str:
   return "-".join(_fmt(v, "g") for v, a in zip(key, axes) if a != axes[0]) or "all"
 
 
+MAX_TRIAL_LINES = 64  # beyond this a figure with one line per trial is not drawn (nor readable)
+
+
 def _plot_trials(rows: list[dict], series, ylabel: str, title: str, log: bool, path: str) -> str | None:
   """One line per trial, one panel per value of the first swept axis: a colour per cell, a line
-  style per seed, and a legend naming every trial."""
+  style per seed, and a legend naming every trial. None when no trial has the series, or more than
+  MAX_TRIAL_LINES do (e.g. the regime map: its phase diagram is the figure to read)."""
   axes = cell_axes(rows)
   seeds = list(dict.fromkeys(value_of(r, SEED) for r in rows))
   panels: dict[Any, dict[tuple, list]] = {}
@@ -293,7 +297,7 @@ def _plot_trials(rows: list[dict], series, ylabel: str, title: str, log: bool, p
       if y is not None:
         panels.setdefault(key[0] if axes else None, {}).setdefault(key, []).append(
             (value_of(r, SEED), np.asarray(y, float)))
-  if not panels:
+  if not panels or sum(len(ys) for p in panels.values() for ys in p.values()) > MAX_TRIAL_LINES:
     return None
   n = len(panels)
   fig, grid = plt.subplots(1, n, figsize=(4.8 * n, 4.4), squeeze=False, sharey=True)

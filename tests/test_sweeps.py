@@ -17,7 +17,7 @@ from looped_models.config import validate_model_config
 from sweeps import hyper
 from sweeps.expand import apply_overrides, expand, load_sweep_module, trial_name
 from sweeps.report import load, regime_grids
-from sweeps.runner import next_trial, program_key, trial_record
+from sweeps.runner import next_trial, program_key, trial_record, units
 from train.workdir import RunDirError, read_status
 from wandb_records import offline_run
 
@@ -60,15 +60,25 @@ def test_default_sweep_has_the_three_axes_and_two_seeds():
 
 def test_seeds_of_a_cell_do_not_compile_side_by_side():
   module = load_sweep_module(os.path.join(ROOT, "configs/sweeps/default.py"))
-  a0, a1, b0, b1, c0, c1 = expand(module.get_config(), module)[:6]
+  trials = expand(module.get_config(), module)
+  assert units(trials, "default") == [[t] for t in trials]  # trained trials: one process each
+  a0, a1, b0, b1, c0, c1 = [[t] for t in trials[:6]]
   assert next_trial([a0, a1, b0, b1], [], set()) == 0
   # a0 compiles the cell's programs: its sibling waits, the next cell starts.
   assert next_trial([a1, b0, b1], [a0], set()) == 1
   # a0 is done (its programs are in the cache): a1 goes first again, b1 waits on b0.
-  assert next_trial([a1, b1, c0, c1], [b0], {program_key(a0)}) == 0
-  assert next_trial([b1, c0, c1], [a1, b0], {program_key(a0)}) == 1
+  assert next_trial([a1, b1, c0, c1], [b0], {program_key(a0[0])}) == 0
+  assert next_trial([b1, c0, c1], [a1, b0], {program_key(a0[0])}) == 1
   # Every queued trial waits on a running sibling: the first starts anyway (no core left idle).
   assert next_trial([b1], [b0], set()) == 0
+
+
+def test_the_regime_map_runs_one_vmapped_group_per_cell():
+  module = load_sweep_module(os.path.join(ROOT, "configs/sweeps/regime_map.py"))
+  groups = units(expand(module.get_config(), module), "regime_map")
+  assert len(groups) == 4 * 3 * 2 and all(len(g) == 7 * 2 * 3 for g in groups)
+  for g in groups:  # injection x norm x width per group; seeds and init scales within
+    assert len({(t.config.model.injection, t.config.model.norm, t.config.model.d_model) for t in g}) == 1
 
 
 def test_unknown_override_key_is_a_config_error():
