@@ -29,6 +29,19 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def place(batch: dict, mesh: Mesh | None) -> dict:
+  """The batch ({name: [B, ...] numpy}) as global arrays on the mesh: rows split over data x fsdp
+  when they divide, replicated otherwise (every process holds the same deterministic batch); as
+  given without a mesh."""
+  if mesh is None:
+    return batch
+  B = next(iter(batch.values())).shape[0]
+  ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  sharding = NamedSharding(mesh, P(BATCH_AXES) if B % ways == 0 else P())
+  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+          for k, v in batch.items()}
+
+
 class Capture:
   """Jitted pieces of one model for trajectory capture; `params` is the pure-dict parameter tree."""
 
@@ -113,16 +126,7 @@ class Capture:
              jax.tree.map(to_host, counts), to_host(preds))
 
   def place(self, batch: dict) -> dict:
-    """The batch as global arrays on the mesh: rows split over data x fsdp when they divide,
-    replicated otherwise (every process holds the same deterministic batch)."""
-    if self.mesh is None:
-      return batch
-    B = next(iter(batch.values())).shape[0]
-    ways = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
-    spec = P(BATCH_AXES) if B % ways == 0 else P()
-    sharding = NamedSharding(self.mesh, spec)
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-            for k, v in batch.items()}
+    return place(batch, self.mesh)
 
   def path_independence(self, batch: dict, R: int, starts: int, seed: int = 0) -> dict:
     """Run the same tokens for R iterations from the model's own initial state and from `starts`

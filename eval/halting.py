@@ -48,8 +48,10 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from configs.errors import ConfigError
+from eval.capture import place, to_host
 from looped_models.halting import CRITERIA, DECODING_CRITERIA, LOOP_CRITERIA, halt_loop, validate
 from looped_models.model import pass_flops
 from train.tasks import accuracy_counts, fractions, get_task, make_batch
@@ -118,10 +120,12 @@ def oracle_row(trajectories: dict[int, np.ndarray], batches: dict[int, dict]) ->
 
 
 class Runner:
-  """Jitted inference of one model: the full trajectory's predictions, fixed r, and halting."""
+  """Jitted inference of one model: the full trajectory's predictions, fixed r, and halting. With
+  `mesh` (the parameters' mesh, `train.run.open_run`), token batches are split over its data axes
+  where they divide (`eval.capture.place`); `host` brings any result back whole to every process."""
 
-  def __init__(self, graphdef: nnx.GraphDef, params: dict, R: int, seed: int):
-    self.params, key = params, jax.random.key(seed)
+  def __init__(self, graphdef: nnx.GraphDef, params: dict, R: int, seed: int, mesh: Mesh | None = None):
+    self.params, self.mesh, key = params, mesh, jax.random.key(seed)
 
     def trajectory(params, tokens_BS):
       model = nnx.merge(graphdef, params)
@@ -145,22 +149,32 @@ class Runner:
     self._fixed = jax.jit(fixed, static_argnames=("r",))
     self._halting = jax.jit(halting, static_argnames=("criterion", "slots"))
 
+  def place(self, tokens_BS: np.ndarray) -> jax.Array:
+    return place({"tokens": tokens_BS}, self.mesh)["tokens"] if self.mesh else jax.device_put(tokens_BS)
+
+  @staticmethod
+  def host(tree: Any) -> Any:
+    """A result (array or tuple of arrays) as numpy, whole, on every process."""
+    return jax.tree.map(to_host, tree)
+
   def trajectory(self, tokens_BS: np.ndarray) -> np.ndarray:
     """Predictions after each of the R iterations, [R, B, S] (unfrozen, for curves and the oracle)."""
-    return np.asarray(self._trajectory(self.params, tokens_BS))
+    return to_host(self._trajectory(self.params, self.place(tokens_BS)))
 
   def fixed(self, tokens_BS: np.ndarray, r: int, rows: int | None = None) -> Callable[[], Any]:
     """Fixed inference at r iterations, the whole batch at once or `rows` sequences per call."""
     if rows is None or rows >= len(tokens_BS):
-      return lambda: self._fixed(self.params, tokens_BS, r=r)
-    parts = [jax.device_put(tokens_BS[i:i + rows]) for i in range(0, len(tokens_BS), rows)]
+      whole = self.place(tokens_BS)
+      return lambda: self._fixed(self.params, whole, r=r)
+    parts = [self.place(tokens_BS[i:i + rows]) for i in range(0, len(tokens_BS), rows)]
     return lambda: [self._fixed(self.params, p, r=r) for p in parts]
 
   def halting(self, tokens_BS: np.ndarray, criterion: str, threshold: float,
               slots: int | None = None) -> Callable[[], Any]:
     thr = np.float32(threshold)
     slots = None if slots is not None and slots >= len(tokens_BS) else slots  # the same loop: one compile
-    return lambda: self._halting(self.params, tokens_BS, thr, criterion=criterion, slots=slots)
+    tokens = self.place(tokens_BS)
+    return lambda: self._halting(self.params, tokens, thr, criterion=criterion, slots=slots)
 
 
 def median_time(call: Callable[[], Any], repeats: int) -> float | None:
@@ -307,7 +321,8 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   `eval.evaluate.evaluate(predictions=...)` collects them, instead of running them again."""
   from tqdm import tqdm
 
-  from eval.evaluate import default_iterations, load_params
+  from eval.evaluate import default_iterations
+  from train.run import open_run
   from train import distributed
   from train.config import resolve
   from train.workdir import path as store_path, write_json_atomic
@@ -325,9 +340,9 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
     raise ConfigError("halting.iterations", R, allowed="an integer >= 2")
   slots = min(slots or max(1, cfg.train.eval_batch_size // 8), cfg.train.eval_batch_size)
   distributed.initialize(cfg.distributed)
-  graphdef, params, step = load_params(cfg, workdir, False)
-  m, batches = cfg.model, _eval_batches(cfg)
-  runner = Runner(graphdef, params, R, cfg.train.seed)
+  run = open_run(workdir, cfg=cfg)  # sharded onto the run's mesh; each process computes its rows
+  step, m, batches = run.step, cfg.model, _eval_batches(cfg)
+  runner = Runner(run.graphdef, run.params, R, cfg.train.seed, mesh=run.mesh)
   bar = tqdm(total=len(batches) * (2 + sum(len(v) for v in grids.values())), desc="halting", unit="run",
              disable=not progress, dynamic_ncols=True)
 
@@ -356,8 +371,8 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   fixed_len, fixed_calls = {}, {}
   for n, b in batches.items():
     whole = runner.fixed(b["inputs"], R_fixed)
-    logits = jax.block_until_ready(whole())
-    fixed_len[n] = {"preds": np.asarray(logits).argmax(-1), "loop_iterations": R_fixed,
+    logits = runner.host(jax.block_until_ready(whole()))
+    fixed_len[n] = {"preds": logits.argmax(-1), "loop_iterations": R_fixed,
                     "exit": np.full(b["inputs"].shape, R_fixed),
                     "flops": inference_flops(m, *b["inputs"].shape, iterations=R_fixed),
                     "wall_s": None, "batch_wall_s": None}
@@ -377,7 +392,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
       for n, b in batches.items():
         B, S = b["inputs"].shape
         per_seq = runner.halting(b["inputs"], criterion, thr, slots)
-        out = jax.block_until_ready(per_seq())
+        out = runner.host(jax.block_until_ready(per_seq()))
         loop = int(out.iterations)
         per_len[n] = {"preds": np.asarray(out.logits_BSV).argmax(-1), "exit": np.asarray(out.exit_BS),
                       "loop_iterations": loop, "wall_s": None,
@@ -386,7 +401,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
         calls[n] = {"wall_s": per_seq}
         if full:  # one loop over the whole batch (the same call when slots >= B)
           whole_call = per_seq if slots >= B else runner.halting(b["inputs"], criterion, thr)
-          whole = out if slots >= B else jax.block_until_ready(whole_call())
+          whole = out if slots >= B else runner.host(jax.block_until_ready(whole_call()))
           per_len[n].update(batch_loop_iterations=int(whole.iterations), batch_wall_s=None,
                             batch_flops=inference_flops(m, B, S, iterations=int(whole.iterations),
                                                         decode_each=each))

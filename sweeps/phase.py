@@ -17,6 +17,17 @@ import numpy as np
 
 X_KEY = "model.init_std"
 PANEL_KEYS = ("model.injection", "model.norm")
+# Blayney et al. 2026's random-init table (12-layer block), the cells of it recorded here; "not
+# converged" stands for any regime but cyclic and degenerate. The report marks them on its diagram.
+PAPER_RANDOM_INIT = {("concat", "pre"): "cyclic", ("concat", "peri"): "not converged"}
+
+
+def agrees(regime: str | None, reference: str) -> bool:
+  """Whether a measured regime matches a reference table's entry ("not converged": anything that
+  did not converge, trials that did not finish excepted)."""
+  if reference == "not converged":
+    return regime in ("orbit", "slider", "divergent", "unconverged")
+  return regime == reference
 
 
 def _label(value: Any) -> str:

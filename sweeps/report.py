@@ -23,7 +23,7 @@ import numpy as np
 
 from eval import outputs
 from eval.plots import LINESTYLES, colors, plt, save
-from sweeps.phase import phase_data, plot_phase
+from sweeps.phase import PAPER_RANDOM_INIT, phase_data, plot_phase
 from train.workdir import RunDirError, path, read_json
 
 # Okabe-Ito colours for the regimes (colour-blind safe); dark cells get white text.
@@ -362,7 +362,7 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   images = {"regimes": _plot_grids(grids, out("report_regimes.png"))}
   phase = phase_data(rows)
   if phase is not None:  # a sweep over init scale: the regime against it, per injection x norm
-    images["phase"] = plot_phase(phase, out("report_phase.png"))
+    images["phase"] = plot_phase(phase, out("report_phase.png"), reference=PAPER_RANDOM_INIT)
   text = any((r["fp"] or {}).get("loss_curves") for r in rows)
   for kind, fn, label, title, log in (
       ("convergence", _last_layer_change, "successive change, last block layer (relative, log)",

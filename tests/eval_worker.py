@@ -1,6 +1,6 @@
-"""Evaluates a trained run as one of several jax.distributed processes (or alone), on a given mesh;
-writes what it saw (process count, the parameters' shardings) to --out as JSON. Used by
-tests/test_run.py in subprocesses with fake CPU devices."""
+"""Evaluates a trained run (fixed points, then adaptive halting) as one of several jax.distributed
+processes (or alone), on a given mesh; writes what it saw (process count, the parameters' shardings,
+the halting rows) to --out as JSON. Used by tests/test_run.py in subprocesses with fake CPU devices."""
 
 import argparse
 import json
@@ -22,6 +22,7 @@ def main():
   a = p.parse_args()
   import jax
   from eval.evaluate import evaluate
+  from eval.halting import evaluate_halting
   from train.run import load_run_config, open_run
 
   cfg = load_run_config(a.workdir)
@@ -32,8 +33,13 @@ def main():
   specs = {jax.tree_util.keystr(path): str(leaf.sharding.spec)
            for path, leaf in jax.tree_util.tree_leaves_with_path(run.params)}
   summary = evaluate(cfg, a.workdir, iterations=8, batch_size=4, progress=False)
+  halting = evaluate_halting(cfg, a.workdir, grids={"fixed_point": (1e-2, 1e-1), "kl": (1e-2,)},
+                             iterations=8, repeats=1, mode="trial", log_wandb=False, progress=False)
+  rows = [{k: r[k] for k in ("criterion", "threshold", "exact_match", "mean_iterations")}
+          for r in halting["rows"]]
   json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
-             "devices": jax.device_count(), "specs": specs, "summary": summary}, open(a.out, "w"))
+             "devices": jax.device_count(), "specs": specs, "summary": summary, "halting_rows": rows,
+             "R_fixed": halting["R_fixed"]}, open(a.out, "w"))
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def test_phase_diagram_of_known_regimes():
   regime, its agreement, the column order (1/sqrt(fan_in) first) and the drawn colours and counts."""
   from matplotlib.colors import to_hex
 
-  from sweeps.phase import phase_data, plot_phase
+  from sweeps.phase import PAPER_RANDOM_INIT, agrees, phase_data, plot_phase
 
   def regime(inj, std, emb, seed):
     if inj == "none":
@@ -234,3 +234,7 @@ def test_phase_diagram_of_known_regimes():
   assert boxes[0].get_alpha() < boxes[3].get_alpha() == 1.0  # disagreement drawn lighter
   assert [t.get_text() for t in ax_concat.get_xticklabels()] == ["1/√fan_in", "0.02", "0.2"]
   plots.plt.close(fig)
+  # the paper's "not converged" matches any regime that did not converge, and nothing else
+  assert agrees("orbit", "not converged") and agrees("divergent", "not converged")
+  assert not agrees("cyclic", "not converged") and not agrees("failed", "not converged")
+  assert agrees("cyclic", PAPER_RANDOM_INIT[("concat", "pre")]) and not agrees("degenerate", "cyclic")

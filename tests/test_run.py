@@ -56,7 +56,7 @@ def test_open_run_errors_are_one_line(trained, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_two_process_evaluation_on_an_fsdp_mesh_equals_one_process(trained, tmp_path):
+def test_two_process_evaluation_and_halting_on_an_fsdp_mesh_equal_one_process(trained, tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   shutil.copytree(trained, one)
   shutil.copytree(trained, two)
@@ -93,6 +93,14 @@ def test_two_process_evaluation_on_an_fsdp_mesh_equals_one_process(trained, tmp_
   np.testing.assert_allclose(np.array(have["report"]["series"]["successive_change"], float),
                              np.array(want["report"]["series"]["successive_change"], float),
                              rtol=1e-4, atol=1e-7)
+  # adaptive halting over the same mesh: every process runs its rows, the figures are the same
+  assert got[0]["halting_rows"] == got[1]["halting_rows"] and got[0]["R_fixed"] == ref["R_fixed"]
+  for a, b in zip(got[0]["halting_rows"], ref["halting_rows"]):
+    assert (a["criterion"], a["threshold"]) == (b["criterion"], b["threshold"])
+    assert a["exact_match"] == pytest.approx(b["exact_match"], abs=1e-9)
+    assert a["mean_iterations"] == pytest.approx(b["mean_iterations"], rel=1e-6)
+  written = [os.path.join(d, f) for d, _, files in os.walk(two) for f in files if f == "halting.json"]
+  assert len(written) == 1  # by process 0 alone
 
 
 def test_cloud_workdir_is_never_made_local_and_an_unreachable_one_is_one_line(tmp_path):
