@@ -59,9 +59,9 @@ class Capture:
     and init scales): `params` with a leading axis of G models, `seed` a list of their G seeds, and
     every batch given to `run` with a leading axis of G too (each model its own tokens). `run` then
     yields every array with that leading axis, computed under `jax.vmap`."""
-    self.graphdef, self.params, self.chunk, self.mesh = graphdef, params, chunk, mesh
+    self.graphdef, self.chunk, self.mesh = graphdef, chunk, mesh
     stacked = isinstance(seed, (list, tuple))
-    self.keys = (jnp.stack([jax.random.key(s) for s in seed]) if stacked else jax.random.key(seed))
+    self.load(params, seed)
 
     def start(params, key, tokens_BS, start_key):
       """The injected input e and the initial state: the model's own (start_key None), or a random
@@ -107,6 +107,12 @@ class Capture:
         return jax.vmap(step)(params, s_BSD, e_BSD, targets_BS, mask_BS)
     self._start = jax.jit(start)
     self._advance = jax.jit(advance, static_argnames=("n", "attention"))
+
+  def load(self, params: dict, seed: int | list[int]) -> None:
+    """Other parameters (and seeds) of the same shapes: the compiled programs are reused."""
+    self.params = params
+    self.keys = (jnp.stack([jax.random.key(s) for s in seed]) if isinstance(seed, (list, tuple))
+                 else jax.random.key(seed))
 
   def run(self, batch: dict, R: int, *, states: bool = True, attention: bool = False,
           start_key: jax.Array | None = None

@@ -5,6 +5,8 @@ the regime map, configs/sweeps/regime_map.py: 42 trials per injection x norm x w
 same program on different parameters. `evaluate_group` compiles it once and runs G of them at a time
 under `jax.vmap` (G as many as `memory_bytes` of host trajectory allow); each trial's trajectory is
 computed once, kept on the host and analysed by the one fixed-point detector (`eval.fixed_points`).
+A model whose trajectory alone exceeds `memory_bytes` is run alone and its trajectory streamed twice,
+as `eval.evaluate` does.
 
 Each trial gets what `python -m eval --init` writes, lighter: config.json and eval/0/fixed_points.json
 and .md with the same analysis and summary (`fp/*`), but no plots, no attention metrics (the regime
@@ -27,7 +29,7 @@ from configs.errors import ConfigError
 from eval import outputs
 from eval.capture import Capture
 from eval.evaluate import default_iterations, markdown, summary_fields
-from eval.fixed_points import analyze_trajectory
+from eval.fixed_points import analyze_stream, analyze_trajectory
 from train.checkpoint import saved_steps
 from train.config import resolve
 from train.step import abstract_model, init_model
@@ -87,32 +89,40 @@ def evaluate_group(cfgs: list[ml_collections.ConfigDict], workdirs: list[str], *
   graphdef, _ = abstract_model(m, 0)
   task = task_of(cfg0)
   per_trial = 4 * R * m.block_size * B * S * m.d_model
-  G = int(max(1, min(len(cfgs), memory_bytes // per_trial)))
+  stream = per_trial > memory_bytes  # one model at a time, its trajectory replayed (as `evaluate`)
+  G = 1 if stream else int(min(len(cfgs), memory_bytes // per_trial))
+  capture: Capture | None = None
   summaries: list[dict] = []
   for lo in range(0, len(cfgs), G):
     part = cfgs[lo:lo + G]
     start = time.perf_counter()
     params = [init_model(c.model, c.train.seed)[1] for c in part]
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *params)
+    seeds = [c.train.seed for c in part]
     batches = [make_batch(task, seed=c.train.seed, step=0, batch_size=B, min_length=S, max_length=S,
                           stream=1) for c in part]
     batch = {k: np.stack([b[k] for b in batches]) for k in ("inputs", "targets", "mask")}
-    capture = Capture(graphdef, stacked, chunk=cfg0.eval.chunk, seed=[c.train.seed for c in part])
-    states = np.empty((len(part), R, m.block_size, B, S, m.d_model), np.float32)
-    done = 0
-    for st, _, _, _ in capture.run(batch, R):
-      states[:, done:done + st.shape[1]] = st
-      done += st.shape[1]
+    if capture is None:
+      capture = Capture(graphdef, stacked, chunk=cfg0.eval.chunk, seed=seeds)
+    else:  # the same compiled programs (a last, smaller part compiles once more)
+      capture.load(stacked, seeds)
+    if stream:
+      reports = [analyze_stream(lambda: ((st[0], None) for st, _, _, _ in capture.run(batch, R)))]
+    else:
+      states = np.empty((len(part), R, m.block_size, B, S, m.d_model), np.float32)
+      done = 0
+      for st, _, _, _ in capture.run(batch, R):
+        states[:, done:done + st.shape[1]] = st
+        done += st.shape[1]
+      reports = [analyze_trajectory(states[g]) for g in range(len(part))]
+      del states
     share = (time.perf_counter() - start) / len(part)
-    for g, (cfg, wd) in enumerate(zip(part, workdirs[lo:lo + G])):
-      start = time.perf_counter()
-      report = analyze_trajectory(states[g])
+    for g, (cfg, wd, report) in enumerate(zip(part, workdirs[lo:lo + G], reports)):
       summary = summary_fields(report, {}, S)
-      wall = share + time.perf_counter() - start
-      _write(cfg, wd, summary, report, R, B, len(cfgs), wall)
+      _write(cfg, wd, summary, report, R, B, len(cfgs), share)
       summaries.append(summary)
       if on_done is not None:
-        on_done(lo + g, wall)
+        on_done(lo + g, share)
   return summaries
 
 
