@@ -37,7 +37,7 @@ def test_a_group_gives_each_trial_its_own_evaluation(tmp_path):
   dirs = [str(tmp_path / f"g{i}") for i in range(3)]
   seen = []
   summaries = evaluate_group(cfgs, dirs, memory_bytes=1, on_done=lambda i, wall: seen.append(i))
-  assert seen == [0, 1, 2]  # memory_bytes=1: one model at a time, still every trial in order
+  assert seen == [0, 1, 2]  # memory_bytes=1: one model at a time, its trajectory streamed twice
   summaries_2 = evaluate_group(cfgs, [str(tmp_path / f"h{i}") for i in range(3)])  # all three at once
   for i, (cfg, wd) in enumerate(zip(cfgs, dirs)):
     alone = str(tmp_path / f"alone{i}")
