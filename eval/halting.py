@@ -9,7 +9,10 @@ Definitions (all on the mix of all lengths: the training length and every test l
   criterion's threshold in the summary), the second half is what the summary reports (accuracy, mean
   iterations), so no threshold is scored on the data that chose it; wall times and FLOPs are of the
   whole batch (`rows` also keep whole-batch accuracy, for the Pareto plot);
-- R_fixed: the smallest r <= R whose exact match on the longest test length (calibration half) equals
+- accuracy: exact match on the synthetic tasks; on text (`task.name=text`), where a whole window is
+  never exactly right, next-token accuracy (`per_position`); `summary.metric` names it, and the
+  summary's accuracy figures (`fixed_accuracy`, `accuracy`, `accuracy_drop_points`) are in it;
+- R_fixed: the smallest r <= R whose accuracy on the longest test length (calibration half) equals
   the best over 1..R (what a user without halting must run for every input); the baseline is fixed
   inference at R_fixed;
 - mean / max iterations: of the per-token exit iterations over the scored (masked) positions;
@@ -54,7 +57,8 @@ from configs.errors import ConfigError
 from eval.capture import place, to_host
 from looped_models.halting import CRITERIA, DECODING_CRITERIA, LOOP_CRITERIA, halt_loop, validate
 from looped_models.model import pass_flops
-from train.tasks import accuracy_counts, fractions, get_task, make_batch
+from train.config import is_text
+from train.tasks import accuracy_counts, fractions, make_batch, task_of
 
 DEFAULT_GRIDS: dict[str, tuple] = {
     "fixed_point": (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4),
@@ -64,11 +68,11 @@ DEFAULT_GRIDS: dict[str, tuple] = {
     "entropy": (1e-1, 1e-2, 1e-3, 1e-4),
 }
 MODES = ("full", "trial")  # what evaluate_halting runs and times (see there)
-MAX_DROP_POINTS = 0.5  # accuracy drop (exact match, percentage points) still counted as "no loss"
+MAX_DROP_POINTS = 0.5  # accuracy drop (percentage points) still counted as "no loss"
 SUMMARY_FIGURES = ("iterations_saved_fraction", "accuracy_drop_points", "oracle_mean_iterations",
                    "mean_iterations", "wall_speedup")  # the figures the issue asks for, per criterion
 FIGURE_KEYS = ("threshold", *SUMMARY_FIGURES, "wall_speedup_batch", "max_iterations", "exact_match",
-               "flops_saved_fraction", "flops_saved_fraction_batch")
+               "accuracy", "flops_saved_fraction", "flops_saved_fraction_batch")
 
 
 def check_grids(grids: dict | None) -> dict[str, tuple]:
@@ -240,9 +244,14 @@ def with_halves(row: dict, per_len: dict[int, dict], batches: dict[int, dict]) -
   return row
 
 
+def metric_of(cfg: Any) -> str:
+  """The accuracy halting is judged by: exact match, or next-token accuracy on text."""
+  return "per_position" if is_text(cfg) else "exact_match"
+
+
 def _eval_batches(cfg: Any) -> dict[int, dict]:
   """One eval batch per length (the training length and every test length), as the evaluator's."""
-  task = get_task(cfg.task.name)
+  task = task_of(cfg)
   make = lambda n: make_batch(task, seed=cfg.train.seed, step=0, batch_size=cfg.train.eval_batch_size,
                               min_length=n, max_length=n, stream=1)
   return {n: {k: v for k, v in make(n).items() if k != "lengths"}
@@ -254,46 +263,50 @@ def ratio(a: float | None, b: float | None) -> float | None:
   return a / b if a and b else None
 
 
-def _figures(row: dict | None, fixed: dict, oracle: dict, R_fixed: int) -> dict:
+def _figures(row: dict | None, fixed: dict, oracle: dict, R_fixed: int, metric: str) -> dict:
   """The summary figures of one halting row against the fixed baseline (None when no row): accuracy
-  and iterations on the held-out half, wall time and FLOPs of the whole batch."""
+  (`metric`) and iterations on the held-out half, wall time and FLOPs of the whole batch."""
   if row is None:
     return {k: None for k in FIGURE_KEYS} | {"oracle_mean_iterations": oracle["held_out"]["mean_iterations"]}
   held, fixed_held = row["held_out"], fixed["held_out"]
   return {"threshold": row["threshold"],
           "iterations_saved_fraction": 1.0 - held["mean_iterations"] / R_fixed,
-          "accuracy_drop_points": 100.0 * (fixed_held["exact_match"] - held["exact_match"]),
+          "accuracy_drop_points": 100.0 * (fixed_held[metric] - held[metric]),
           "oracle_mean_iterations": oracle["held_out"]["mean_iterations"],
           "mean_iterations": held["mean_iterations"],
           "wall_speedup": ratio(fixed["wall_s"], row.get("wall_s")),
           "wall_speedup_batch": ratio(fixed["wall_s"], row.get("batch_wall_s")),
           "max_iterations": held["max_iterations"], "exact_match": held["exact_match"],
+          "accuracy": held[metric],
           "flops_saved_fraction": 1.0 - row["flops"] / fixed["flops"],
           "flops_saved_fraction_batch": (1.0 - row["batch_flops"] / fixed["flops"]
                                          if row.get("batch_flops") is not None else None)}
 
 
-def best_within(rows: list[dict], criterion: str, fixed: dict, max_drop: float = MAX_DROP_POINTS
-                ) -> dict | None:
-  """The row of `criterion` with the fewest mean iterations whose exact match on the mix is within
-  `max_drop` points of the fixed baseline (ties: the lower accuracy drop), or None; judged on the
-  calibration half."""
+def best_within(rows: list[dict], criterion: str, fixed: dict, max_drop: float = MAX_DROP_POINTS,
+                metric: str = "exact_match") -> dict | None:
+  """The row of `criterion` with the fewest mean iterations whose accuracy (`metric`) on the mix is
+  within `max_drop` points of the fixed baseline (ties: the lower accuracy drop), or None; judged on
+  the calibration half."""
   cal = lambda r: r["calibration"]
   ok = [r for r in rows if r["criterion"] == criterion
-        and 100.0 * (cal(fixed)["exact_match"] - cal(r)["exact_match"]) <= max_drop + 1e-9]
-  return min(ok, key=lambda r: (cal(r)["mean_iterations"], -cal(r)["exact_match"])) if ok else None
+        and 100.0 * (cal(fixed)[metric] - cal(r)[metric]) <= max_drop + 1e-9]
+  return min(ok, key=lambda r: (cal(r)["mean_iterations"], -cal(r)[metric])) if ok else None
 
 
-def summarize(rows: list[dict], fixed: dict, oracle: dict, R: int, R_fixed: int, slots: int) -> dict:
+def summarize(rows: list[dict], fixed: dict, oracle: dict, R: int, R_fixed: int, slots: int,
+              metric: str = "exact_match") -> dict:
   """halting.json's `summary`: the best fixed_point threshold within MAX_DROP_POINTS, and `kl_best`."""
-  fp = best_within(rows, "fixed_point", fixed)
-  kl = best_within(rows, "kl", fixed)
+  fp = best_within(rows, "fixed_point", fixed, metric=metric)
+  kl = best_within(rows, "kl", fixed, metric=metric)
   return {"criterion": "fixed_point", "R": R, "R_fixed": R_fixed, "max_drop_points": MAX_DROP_POINTS,
-          "slots": slots, "chosen_on": "calibration", "reported_on": "held_out",
+          "slots": slots, "chosen_on": "calibration", "reported_on": "held_out", "metric": metric,
+          "fixed_accuracy": fixed["held_out"][metric],
           "fixed_exact_match": fixed["held_out"]["exact_match"], "fixed_wall_s": fixed["wall_s"],
           "oracle_causal_mean_iterations": oracle["held_out"]["causal_mean_iterations"],
           "oracle_floor_mean_iterations": oracle["held_out"]["floor_mean_iterations"],
-          **_figures(fp, fixed, oracle, R_fixed), "kl_best": _figures(kl, fixed, oracle, R_fixed)}
+          **_figures(fp, fixed, oracle, R_fixed, metric),
+          "kl_best": _figures(kl, fixed, oracle, R_fixed, metric)}
 
 
 def flat_summary(summary: dict) -> dict[str, Any]:
@@ -353,13 +366,14 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
       raise ValueError(f"trajectory of length {n}: shape {trajectories[n].shape}, expected "
                        f"{(R, *b['inputs'].shape)} (R iterations of the eval batch)")
     bar.update()
+  metric = metric_of(cfg)
   longest = max(cfg.task.test_lengths or (cfg.task.train_length,))
   b = half(batches, "calibration")[longest]
-  em_R = np.array([fractions(accuracy_counts(_cut(p, "calibration"), b["targets"], b["mask"]))[
-      "exact_match"] for p in trajectories[longest]])
-  R_fixed = int(np.argmax(em_R)) + 1
+  acc_R = np.array([fractions(accuracy_counts(_cut(p, "calibration"), b["targets"], b["mask"]))[metric]
+                    for p in trajectories[longest]])
+  R_fixed = int(np.argmax(acc_R)) + 1
   curve = [_row("fixed", r, {n: {"preds": trajectories[n][r - 1], "exit": np.full(bb["inputs"].shape, r)}
-                             for n, bb in batches.items()}, batches)["exact_match"]
+                             for n, bb in batches.items()}, batches)[metric]
            for r in range(1, R + 1)]
   oracle = oracle_row(trajectories, batches)
   for which in HALVES:
@@ -422,7 +436,8 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   # Wall times. Full mode times the fixed baseline before and after the halting settings (the faster
   # kept: a shared machine's load drifts, and the baseline gets the benefit of the doubt).
   fixed = with_halves(_row("fixed", R_fixed, fixed_len, batches), fixed_len, batches)
-  chosen = rows if full else [r for r in (best_within(rows, c, fixed) for c in ("fixed_point", "kl")) if r]
+  chosen = rows if full else [r for r in (best_within(rows, c, fixed, metric=metric)
+                                          for c in ("fixed_point", "kl")) if r]
   timed = [s for s in settings if any(s[0] is r for r in chosen)]
   bar.total += len(batches) * (1 + full + len(timed))
   bar.refresh()
@@ -449,19 +464,20 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   fixed = with_halves(_row("fixed", R_fixed, fixed_len, batches), fixed_len, batches)
   bar.close()
 
-  summary = summarize(rows, fixed, oracle, R, R_fixed, slots)
+  summary = summarize(rows, fixed, oracle, R, R_fixed, slots, metric)
   result = {"summary": summary, "step": step, "R": R, "R_fixed": R_fixed, "slots": slots,
             "repeats": repeats, "mode": mode,
             "batch_size": cfg.train.eval_batch_size, "lengths": list(batches),
             "longest_test_length": longest, "grids": {c: list(v) for c, v in grids.items()},
-            "fixed": fixed, "oracle": oracle, "rows": rows, "fixed_curve_exact_match": curve,
+            "fixed": fixed, "oracle": oracle, "rows": rows, "fixed_curve": curve,
             "criteria": list(CRITERIA)}
   if jax.process_index() != 0:
     return result
   from eval.outputs import output_dir
   outdir = output_dir(workdir, step, "halting.json")  # eval/STEP/: a trial's and the CLI's never collide
   store_path(outdir).joinpath("plots").mkdir(parents=True, exist_ok=True)
-  plot = pareto_plot(rows, fixed, oracle, curve, os.path.join(outdir, "plots", "halting_pareto.png"))
+  plot = pareto_plot(rows, fixed, oracle, curve, os.path.join(outdir, "plots", "halting_pareto.png"),
+                     metric)
   write_json_atomic(os.path.join(outdir, "halting.json"), result)
   if log_wandb:
     _log_wandb(cfg, workdir, summary, rows, plot, step)
@@ -480,26 +496,28 @@ def halting_summary(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dict
                                        mode="trial", **kwargs)["summary"])
 
 
-def pareto_plot(rows: list[dict], fixed: dict, oracle: dict, curve: list[float], path: str) -> str:
-  """Exact match on the mix against mean iterations per token: one line per criterion, the oracle,
-  and fixed-iteration inference at every r (R_fixed marked)."""
+def pareto_plot(rows: list[dict], fixed: dict, oracle: dict, curve: list[float], path: str,
+                metric: str = "exact_match") -> str:
+  """Accuracy (`metric`) on the mix against mean iterations per token: one line per criterion, the
+  oracle, and fixed-iteration inference at every r (R_fixed marked)."""
   from eval.plots import _save, plt
 
   fig, ax = plt.subplots(figsize=(6.8, 4.4))
   r = np.arange(1, len(curve) + 1)
   ax.plot(r, curve, color="0.6", lw=1, label="fixed r")
-  ax.scatter([fixed["threshold"]], [fixed["exact_match"]], color="0.2", marker="s", zorder=4,
+  ax.scatter([fixed["threshold"]], [fixed[metric]], color="0.2", marker="s", zorder=4,
              label=f"fixed at R_fixed={fixed['threshold']}")
   for criterion in LOOP_CRITERIA:
-    pts = sorted((x["mean_iterations"], x["exact_match"]) for x in rows if x["criterion"] == criterion)
+    pts = sorted((x["mean_iterations"], x[metric]) for x in rows if x["criterion"] == criterion)
     if pts:
       ax.plot(*zip(*pts), marker="o", ms=4, label=criterion)
-  ax.scatter([oracle["mean_iterations"]], [oracle["exact_match"]], marker="*", s=140, color="k",
+  ax.scatter([oracle["mean_iterations"]], [oracle[metric]], marker="*", s=140, color="k",
              zorder=5, label="oracle")
   if oracle.get("causal_mean_iterations"):
-    ax.scatter([oracle["causal_mean_iterations"]], [oracle["exact_match"]], marker="*", s=140,
+    ax.scatter([oracle["causal_mean_iterations"]], [oracle[metric]], marker="*", s=140,
                facecolors="none", edgecolors="k", zorder=5, label="oracle, causal order")
-  ax.set(xscale="log", xlabel="mean iterations per token", ylabel="exact match (mix of all lengths)",
+  label = {"exact_match": "exact match", "per_position": "next-token accuracy"}[metric]
+  ax.set(xscale="log", xlabel="mean iterations per token", ylabel=f"{label} (mix of all lengths)",
          title="Adaptive halting: accuracy against iterations")
   ax.legend(fontsize=8)
   return _save(fig, path)

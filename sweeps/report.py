@@ -34,9 +34,9 @@ DARK = ("failed", "cyclic", "divergent", "diverged")
 SEED = "train.seed"
 GRID_AXES = ("model.injection", "model.norm")  # rows x columns of each regime grid
 HALTING_NOTE = ("Per trial, on a mix of all sizes: fixed inference at R_fixed (the fewest iterations "
-                "reaching the best exact match on the longest size) against per-token exit once every "
-                "block layer has settled, at the ε with the fewest iterations whose exact match is within "
-                "0.5 points of it; "
+                "reaching the best accuracy on the longest size: exact match, or next-token accuracy "
+                "on text) against per-token exit once every block layer has settled, at the ε with the "
+                "fewest iterations whose accuracy is within 0.5 points of it; "
                 "the oracle exits once the prediction never changes again (causal: in position order). "
                 "Wall × is the measured speedup with per-sequence exit.")
 
@@ -206,7 +206,7 @@ def halting_table(rows: list[dict]) -> list[list[str]]:
     h = r["halting"]
     if not h:
       continue
-    body.append([r["name"], verdict(r), _fmt(h["R_fixed"]), _fmt(h["fixed_exact_match"]),
+    body.append([r["name"], verdict(r), _fmt(h["R_fixed"]), _fmt(h.get("fixed_accuracy", h["fixed_exact_match"])),
                  _fmt(h["threshold"], "g") if h["threshold"] is not None else "none within "
                  f"{h['max_drop_points']:g} pts",
                  f"{_fmt(h['mean_iterations'], '.2f')} ({_fmt(h['max_iterations'])})",

@@ -71,8 +71,8 @@ def run_trial(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
   predictions: dict = {}  # the accuracy curves' per-iteration predictions: the halting oracle's too
   summary = evaluate(cfg, workdir, init=cfg.train.steps == 0, progress=progress, predictions=predictions,
                      compare=None if cfg.eval.control else control_trial(workdir))
-  # The savings of adaptive halting, per trial (measured against exact match: synthetic tasks).
-  if cfg.eval.halting and cfg.train.steps > 0 and cfg.task.name != "text":
+  # The savings of adaptive halting, per trial (judged by exact match, or next-token accuracy on text).
+  if cfg.eval.halting and cfg.train.steps > 0:
     from eval.halting import halting_summary
     summary.update(halting_summary(cfg, workdir, trajectories=predictions, progress=progress))
   return 0, summary

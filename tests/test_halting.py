@@ -175,12 +175,12 @@ def test_evaluate_halting_end_to_end(tmp_path):
   assert summary["R"] == 12 and 1 <= summary["R_fixed"] <= 12
   assert summary["oracle_mean_iterations"] >= 1 and set(summary["kl_best"]) >= set(SUMMARY_FIGURES)
   assert summary["slots"] == 8
-  assert len(saved["rows"]) == 2 and len(saved["fixed_curve_exact_match"]) == 12
+  assert len(saved["rows"]) == 2 and len(saved["fixed_curve"]) == 12
   assert summary["kl_best"]["threshold"] is None and summary["kl_best"]["mean_iterations"] is None
   for row in saved["rows"]:
     assert set(row["lengths"]) == {"8"} and row["wall_s"] > 0 and row["flops"] > 0
     assert 1 <= row["mean_iterations"] <= row["max_iterations"] <= 12
-  curve = saved["fixed_curve_exact_match"]
+  curve = saved["fixed_curve"]
   never = next(r for r in saved["rows"] if r["threshold"] == 0.0)
   assert never["mean_iterations"] == 12 and never["exact_match"] == pytest.approx(curve[-1])
   oracle = saved["oracle"]
@@ -207,7 +207,7 @@ def test_evaluate_halting_end_to_end(tmp_path):
   fixed = saved["fixed"]
   assert fixed["mean_iterations"] == summary["R_fixed"]
   assert fixed["exact_match"] == pytest.approx(
-      saved["fixed_curve_exact_match"][summary["R_fixed"] - 1])
+      saved["fixed_curve"][summary["R_fixed"] - 1])
   assert result["summary"] == summary or json.loads(json.dumps(result["summary"])) == summary
   assert os.path.getsize(os.path.join(workdir, "eval", "60", "plots", "halting_pareto.png")) > 1000
   run = offline_run(str(tmp_path / "wandb"), read_status(workdir)["wandb_run_id"])

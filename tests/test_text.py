@@ -254,3 +254,24 @@ def test_evaluator_on_text_reports_token_classes_loss_curve_and_decoded_tokens(t
   record = json.load(open(again))
   assert len(record["compare"]["colsum_concentration"]) == 1  # one block layer at iteration 1
   assert os.path.isfile(os.path.join(os.path.dirname(again), "plots", "stage_depth.png"))
+
+
+def test_halting_on_text_is_judged_by_next_token_accuracy(trained, tmp_path):
+  """A whole text window is never exactly right, so halting on text chooses R_fixed and thresholds
+  by next-token accuracy (per_position), and says so."""
+  import shutil
+  from eval.halting import evaluate_halting
+  from train.run import load_run_config
+  run = str(tmp_path / "copy")
+  shutil.copytree(trained[0], run)
+  out = evaluate_halting(load_run_config(run), run, grids={"fixed_point": (1e-1, 1e-2)}, iterations=6,
+                         repeats=1, mode="trial", log_wandb=False, progress=False)
+  s = out["summary"]
+  assert s["metric"] == "per_position"
+  assert s["fixed_exact_match"] == 0.0 < s["fixed_accuracy"] <= 1.0
+  assert s["fixed_accuracy"] == out["fixed"]["held_out"]["per_position"]
+  # R_fixed: the fewest iterations reaching the best next-token accuracy on the calibration half
+  cal = [r for r in out["rows"] if r["criterion"] == "fixed_point"]
+  assert 1 <= s["R_fixed"] <= 6 and len(out["fixed_curve"]) == 6 and len(cal) == 2
+  if s["threshold"] is not None:
+    assert s["accuracy_drop_points"] == pytest.approx(100 * (s["fixed_accuracy"] - s["accuracy"]))
