@@ -110,6 +110,10 @@ def test_report_figures_have_a_legend_entry_per_trial(tmp_path):
   fig = report._plot_grids(report.regime_grids(rows), None)
   legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
   assert set(legend_texts) == {"cyclic", "degenerate"}  # the colours shown: each cell's most common
+  # beyond MAX_TRIAL_LINES trials a one-line-per-trial figure is not drawn (e.g. the regime map)
+  many = [{**r, "overrides": {**r["overrides"], "train.seed": i}} for i in range(9) for r in rows]
+  assert len(many) > report.MAX_TRIAL_LINES
+  assert report._plot_trials(many, report._longest_curve, "exact match", "x", False, None) is None
 
 
 @pytest.fixture(scope="module")
