@@ -53,7 +53,24 @@ def run(sweep: str, parallel: int, keep: str | None = None, trials: list[str] | 
     statuses = [json.load(open(os.path.join(tmp, sweep, n, "trial.json")))["status"] for n in names]
   return {"sweep": sweep, "wall_s": wall, "cpu_s": cpu, "trials": len(statuses),
           "done": statuses.count("done"), "exit": out.returncode, "cache": cache,
-          "load": f"{load0:.1f} → {load1:.1f}", "subset": bool(trials)}
+          "load": f"{load0:.1f} → {load1:.1f}", "subset": bool(trials),
+          "what": what_trials_do([t["config"] for t in index["trials"] if t["name"] in names])}
+
+
+def what_trials_do(configs: list[dict]) -> str:
+  """One sentence on what the sweep's trials run, from their configs."""
+  trained = [c for c in configs if c["train"]["steps"] > 0]
+  halting = [c for c in trained if c["eval"]["halting"]]
+  vmapped = [c for c in configs if c["train"]["steps"] == 0 and c["eval"].get("vmap_trials")]
+  parts = [f"{len(trained)} of the {len(configs)} trials train" if 0 < len(trained) < len(configs) else
+           "every trial trains" if trained else "every trial is a random-init control (no training)",
+           "each evaluates its fixed points"]
+  if halting:
+    parts.append(f"{'every trained trial' if len(halting) == len(trained) else f'{len(halting)} trials'} "
+                 "measures adaptive halting (`eval.halting`)")
+  if vmapped:
+    parts.append(f"{len(vmapped)} random-init controls run vmapped in groups (`eval.vmap_trials`)")
+  return "; ".join(parts) + "."
 
 
 def main() -> None:
@@ -76,9 +93,9 @@ def main() -> None:
     cmd = (f"python -m bench.sweep_walltime --sweeps {r['sweep']} --parallel {args.parallel}"
            + (f" --trials {args.trials}" if trials else "") + (" --no-cache" if not r["cache"] else ""))
     lines = [f"## Sweep wall time: `{r['sweep']}` ({what}), --parallel {args.parallel}",
-             "", f"Machine: {machine()}; load average {r['load']} (start → end). `{cmd}`. Each trial "
-             "trains, evaluates its fixed points and, with `eval.halting` (the default), what adaptive "
-             "halting saves. CPU time: user + system of all the sweep's processes.", "",
+             "", f"Machine: {machine()}; load average {r['load']} (start → end). `{cmd}`. "
+             f"{r['what'][0].upper() + r['what'][1:]} CPU time: user + system of all the sweep's "
+             "processes.", "",
              "| sweep | trials (done) | wall time | CPU time | trials per hour | exit status |",
              "| --- | --- | --- | --- | --- | --- |",
              f"| {r['sweep']} | {r['trials']} ({r['done']}) | {r['wall_s'] / 60:.1f} min | "
