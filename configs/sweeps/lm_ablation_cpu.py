@@ -1,6 +1,8 @@
 """`lm_ablation.py` at a size that completes on 2 CPU cores (13 trials):
 
-  make shakespeare && python -m sweeps --config configs/sweeps/lm_ablation_cpu.py --workdir runs
+  make shakespeare && python -m sweeps --config configs/sweeps/lm_ablation_cpu.py --workdir runs --parallel 2
+
+(20.5 minutes on a 2-core VM, measured 2026-12-02; bench/RESULTS.md.)
 
 d = 64, 4 heads, windows of 64 bytes, batch 16, 250 steps per trial; R = 32 in the evaluation.
 Its losses are far from a converged model's; the point is the whole study, regime grid and stage
