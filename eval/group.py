@@ -32,6 +32,7 @@ from eval.evaluate import default_iterations, markdown, summary_fields
 from eval.fixed_points import analyze_stream, analyze_trajectory
 from train.checkpoint import saved_steps
 from train.config import resolve
+from train.logger import flatten
 from train.step import abstract_model, init_model
 from train.tasks import make_batch, task_of
 from train.workdir import RunDirError, check_compatible, path, write_json_atomic
@@ -40,20 +41,10 @@ VALUE_KEYS = ("train.seed", "model.init_std", "model.embed_std")  # they change 
 MEMORY_BYTES = 1 << 30  # host memory for the trajectories of one vmapped batch of trials
 
 
-def _without(cfg: dict, keys: tuple[str, ...]) -> dict:
-  out = json.loads(json.dumps(cfg))
-  for key in keys:
-    *parents, leaf = key.split(".")
-    node = out
-    for p in parents:
-      node = node.get(p, {})
-    node.pop(leaf, None)
-  return out
-
-
 def shape_key(cfg: dict) -> str:
   """Equal for configs whose models run the same program: all but `VALUE_KEYS` and W&B naming."""
-  return json.dumps(_without(cfg, VALUE_KEYS + ("wandb",)), sort_keys=True)
+  return json.dumps({k: v for k, v in flatten(cfg).items()
+                     if k not in VALUE_KEYS and not k.startswith("wandb.")}, sort_keys=True)
 
 
 def groupable(cfg: dict) -> bool:

@@ -206,7 +206,8 @@ def halting_table(rows: list[dict]) -> list[list[str]]:
     h = r["halting"]
     if not h:
       continue
-    body.append([r["name"], verdict(r), _fmt(h["R_fixed"]), _fmt(h.get("fixed_accuracy", h["fixed_exact_match"])),
+    accuracy = h.get("fixed_accuracy", h["fixed_exact_match"])  # halting.json before `metric`
+    body.append([r["name"], verdict(r), _fmt(h["R_fixed"]), _fmt(accuracy),
                  _fmt(h["threshold"], "g") if h["threshold"] is not None else "none within "
                  f"{h['max_drop_points']:g} pts",
                  f"{_fmt(h['mean_iterations'], '.2f')} ({_fmt(h['max_iterations'])})",

@@ -24,6 +24,7 @@ from configs.errors import ConfigError
 from sweeps.expand import Trial
 from sweeps.report import SEED
 from sweeps.trial import PARENT_ENV
+from train.logger import flatten
 from train.workdir import RunDirError, path, read_json, write_json_atomic
 
 TRIAL_STATUSES = ("pending", "running", "done", "failed", "diverged")
@@ -58,16 +59,6 @@ def _error_text(log_path: str) -> str:
     return errors[-1][len("error:"):].strip()
   tail = [l for l in lines if not l.startswith(("train:", "eval:"))][-3:]
   return " | ".join(tail)[-500:] or "trial process failed without output"
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def config_diff(old: dict, new: dict) -> list[str]:

@@ -20,13 +20,10 @@ R = 12
 
 def control(**overrides):
   """A random-init control of the tiny model: a 2-layer block, no prelude or coda."""
-  c = tiny_config(train__steps=0, task__test_lengths=(), model__n_prelude=0, model__n_coda=0,
-                  model__block_size=2, eval__iterations=R, eval__batch_size=2, eval__chunk=5,
-                  eval__vmap_trials=True)
-  for key, value in overrides.items():
-    section, name = key.split("__")
-    c[section][name] = value
-  return c
+  return tiny_config(**{**dict(train__steps=0, task__test_lengths=(), model__n_prelude=0,
+                                model__n_coda=0, model__block_size=2, eval__iterations=R,
+                                eval__batch_size=2, eval__chunk=5, eval__vmap_trials=True),
+                         **overrides})
 
 
 def test_a_group_gives_each_trial_its_own_evaluation(tmp_path):
