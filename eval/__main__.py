@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from train.host import tune_allocator
+
+tune_allocator()  # before JAX starts its threads
+
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Trial config (needed with --init).",

@@ -19,6 +19,8 @@ import sys
 
 import ml_collections
 
+from train.host import tune_allocator
+
 PARENT_ENV = "LOOPED_SWEEP_RUNNER_PID"  # the runner's pid, set for each trial process
 
 
@@ -91,6 +93,7 @@ def run_group(cfgs: list[ml_collections.ConfigDict], workdirs: list[str]) -> int
 
 
 def main() -> int:
+  tune_allocator()  # before JAX starts its threads
   from absl import logging
 
   from configs.errors import ConfigError

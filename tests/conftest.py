@@ -2,6 +2,10 @@
 
 import os
 
+from train.host import tune_allocator
+
+tune_allocator()  # as the CLIs run: before JAX starts its threads
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # One persistent compilation cache for the session, inherited by the processes tests start: the tiny
