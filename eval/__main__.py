@@ -124,8 +124,9 @@ def generate_main() -> int:
   except (ConfigError, RunDirError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(describe(rec))
-  print(f"see {where}")
+  if where:  # process 0 (the others generated the same)
+    print(describe(rec))
+    print(f"see {where}")
   return 0
 
 

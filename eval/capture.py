@@ -14,32 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from train.sharding import BATCH_AXES
+from train.sharding import place, to_host
 from train.step import text_counts
 from train.tasks import accuracy_counts
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A (possibly multi-process) global array as one numpy array on every process."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def place(batch: dict, mesh: Mesh | None) -> dict:
-  """The batch ({name: [B, ...] numpy}) as global arrays on the mesh: rows split over data x fsdp
-  when they divide, replicated otherwise (every process holds the same deterministic batch); as
-  given without a mesh."""
-  if mesh is None:
-    return batch
-  B = next(iter(batch.values())).shape[0]
-  ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-  sharding = NamedSharding(mesh, P(BATCH_AXES) if B % ways == 0 else P())
-  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-          for k, v in batch.items()}
 
 
 class Capture:

@@ -12,6 +12,7 @@ import json
 import os
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from configs.errors import ConfigError
@@ -95,7 +96,8 @@ def plot_iterations(rec: dict, png: str) -> str:
 
 def run_generate(workdir: str, prompts: Sequence[str], *, out: str | None, mesh: Any = None,
                  cfg: Any = None, bos: bool = True, **options) -> tuple[dict, str]:
-  """Open the run, generate, write the record and its plot; returns (record, its path)."""
+  """Open the run, generate, write the record and its plot; returns (record, its path). Under
+  several processes each runs this alike and gets the record; process 0 alone writes it ("")."""
   from eval.outputs import output_dir
   from train.run import open_run
   if out and path(out).exists():
@@ -103,11 +105,13 @@ def run_generate(workdir: str, prompts: Sequence[str], *, out: str | None, mesh:
   run = open_run(workdir, cfg=cfg, mesh=mesh)
   ids = encode(run.tokenizer, run.cfg.model, prompts, bos)
   eos = run.tokenizer.eos_id if options.pop("stop_at_eos", True) else None
-  result = Generator(run.model())(ids, eos_id=eos, **options)
+  result = Generator(run.model(), run.mesh)(ids, eos_id=eos, **options)
   settings = {k: options.get(k) for k in ("max_new", "iterations", "cache", "temperature", "top_k",
                                           "top_p", "seed", "slots")}
   settings["exit"] = None if options.get("exit") is None else "{}:{}".format(*options["exit"])
   rec = record(run, prompts, ids, result, settings)
+  if jax.process_index() != 0:  # every process generated the same; process 0 alone writes
+    return rec, ""
   target = out or os.path.join(output_dir(workdir, run.step, RECORD), RECORD)
   parent = path(target).parent
   parent.mkdir(parents=True, exist_ok=True)

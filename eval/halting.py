@@ -54,10 +54,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from configs.errors import ConfigError
-from eval.capture import place, to_host
 from looped_models.halting import CRITERIA, DECODING_CRITERIA, LOOP_CRITERIA, halt_loop, validate
 from looped_models.model import pass_flops
 from train.config import is_text
+from train.sharding import place, to_host
 from train.tasks import accuracy_counts, fractions, make_batch, task_of
 
 DEFAULT_GRIDS: dict[str, tuple] = {

@@ -33,11 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from configs.errors import ConfigError
 from looped_models.halting import DECODING_CRITERIA, LOOP_CRITERIA, criterion_step, initial_prev, validate
 from looped_models.layers import KV, make_cached_context
 from looped_models.model import pass_flops
+from train.sharding import BATCH_AXES, put, to_host
 
 CACHES = ("exact", "latest")
 
@@ -256,9 +258,9 @@ def _where_rows(mask_P: jax.Array, new: dict, old: dict) -> dict:
   return {name: pick(name, new[name], old[name]) for name in old}
 
 
-def _admit(graphdef, params, c, tokens_AL, lengths_A, seq_A, slot_A, root, opts: Options):
+def _admit(graphdef, params, c, tokens_AL, lengths_A, seq_A, slot_A, root_data, opts: Options):
   """Prefill prompts seq_A into the free slots slot_A (slot P: padding, dropped)."""
-  model = nnx.merge(graphdef, params)
+  model, root = nnx.merge(graphdef, params), jax.random.wrap_key_data(root_data)
   new, e_A1D = _prefill(graphdef, params, tokens_AL, lengths_A, seq_A, root, opts)
   put = lambda buf, rows: buf.at[:, :, slot_A].set(rows, mode="drop")
   cache = jax.tree.map(put, c["cache"], new)
@@ -341,9 +343,9 @@ def _step(model, c, thr, temperature, top_p, root, eos_id, opts: Options):
   return {**c, "cache": cache}
 
 
-def _run(graphdef, params, c, thr, temperature, top_p, root, eos_id, opts: Options):
+def _run(graphdef, params, c, thr, temperature, top_p, root_data, eos_id, opts: Options):
   """Steps until a sequence finishes (its slot is then free) or no slot is busy."""
-  model = nnx.merge(graphdef, params)
+  model, root = nnx.merge(graphdef, params), jax.random.wrap_key_data(root_data)
 
   def body(state):
     c, _ = state
@@ -405,12 +407,36 @@ def check(m: Any, prompts: Sequence[Sequence[int]], *, max_new: int, iterations:
 
 
 class Generator:
-  """A model's generation programs, compiled once per (options, shapes) and kept for later calls."""
+  """A model's generation programs, compiled once per (options, shapes) and kept for later calls.
 
-  def __init__(self, model: Any):
-    self.spec = model.spec
+  With `mesh` (the mesh the parameters are sharded on, e.g. `open_run(...).mesh`), the decoding state
+  lives on it too: the KV cache split by sequence slots over data x fsdp where they divide, the rest
+  replicated. Under several processes (jax.distributed) every process makes the same call and gets
+  the same result, each device computing its share."""
+
+  def __init__(self, model: Any, mesh: Any = None):
+    self.spec, self.mesh = model.spec, mesh
     self.graphdef, self.params = nnx.split(model)
     self._programs: dict[Options, _Programs] = {}
+
+  def _put(self, x: Any, rows: bool = True) -> jax.Array:
+    """A host value (the same on every process) on the mesh; a local array without one."""
+    return jnp.asarray(x) if self.mesh is None else put(x, self.mesh, rows)
+
+  def _init_carry(self, P: int, N: int, T: int, opts: Options) -> dict:
+    """The decoding state of P slots and N sequences, made on the device(s) it lives on."""
+    m = self.spec
+    init = lambda: _carry(m, P, N, opts, empty_cache(m, P, T, opts.iterations, opts.cache,
+                                                      jnp.dtype(m.dtype)))
+    if self.mesh is None:
+      return jax.jit(init)()
+    ways = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+    cache_rows = PartitionSpec(None, None, BATCH_AXES) if P % ways == 0 else PartitionSpec()
+    shapes = jax.eval_shape(init)
+    shardings = {k: jax.tree.map(lambda _: NamedSharding(self.mesh, cache_rows if k == "cache"
+                                                         else PartitionSpec()), v)
+                 for k, v in shapes.items()}
+    return jax.jit(init, out_shardings=shardings)()
 
   def __call__(self, prompts: Sequence[Sequence[int]], *, max_new: int, iterations: int,
                exit: tuple[str, float] | None = None, cache: str = "exact", temperature: float = 0.0,
@@ -433,9 +459,9 @@ class Generator:
                    return_logits)
     N, P = len(prompts), min(slots or 8, len(prompts))
     L = max(len(p) for p in prompts)
-    root = jax.random.key(seed)
-    scalars = (jnp.float32(threshold), jnp.float32(temperature), jnp.float32(top_p), root,
-               jnp.int32(-1 if eos_id is None else eos_id))
+    root = self._put(jax.random.key_data(jax.random.key(seed)), rows=False)
+    scalars = (*(self._put(np.float32(x)) for x in (threshold, temperature, top_p)), root,
+               self._put(np.int32(-1 if eos_id is None else eos_id)))
     if opts not in self._programs:
       self._programs[opts] = _Programs(self.graphdef, opts)
     programs = self._programs[opts]
@@ -448,42 +474,42 @@ class Generator:
       for a, (i, s) in enumerate(items):
         tokens[a, :len(prompts[i])] = prompts[i]
         lengths[a], seqs[a], slot[a] = len(prompts[i]), i, s
-      return (params, c, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(seqs), jnp.asarray(slot),
-              root)
+      return (params, c, *(self._put(x) for x in (tokens, lengths, seqs, slot)), root)
 
-    c = jax.jit(functools.partial(_carry, m, P, N, opts))(
-        empty_cache(m, P, T, iterations, cache, jnp.dtype(m.dtype)))
+    c = self._init_carry(P, N, T, opts)
     if forced is not None:
       table = np.full((N, max_new), -1, np.int32)
       for i, f in enumerate(forced):
         table[i, :len(f)] = f
-      c["forced"] = jnp.asarray(table)
+      c["forced"] = self._put(table, rows=False)
     queue, free = list(range(N)), list(range(P))
     compile_s = decode_s = prefill_s = 0.0
     while True:
       if queue and free:
         items = [(queue.pop(0), free.pop(0)) for _ in range(min(len(queue), len(free)))]
         args = admit_args(c, items)
-        admit, dt = programs.get(("admit", args[2].shape, P, N), programs.admit, args)
+        admit, dt = programs.get(("admit", args[2].shape, P, N), args)
         compile_s += dt
         t0 = time.perf_counter()
         c = jax.block_until_ready(admit(*args))
         prefill_s += time.perf_counter() - t0
       args = (params, c, *scalars)
-      run, dt = programs.get(("run", P, N), programs.run, args)
+      run, dt = programs.get(("run", P, N), args)
       compile_s += dt
       t0 = time.perf_counter()
       c = jax.block_until_ready(run(*args))
       decode_s += time.perf_counter() - t0
-      seq_P = np.asarray(c["seq_P"])
+      seq_P = to_host(c["seq_P"])
       free = [p for p in range(P) if seq_P[p] < 0]
       if not queue and len(free) == P:
         break
 
-    lengths = np.asarray(c["out_len"])
-    take = lambda key: [np.asarray(c[key][i, :lengths[i]]) for i in range(N)]
+    host = {k: to_host(c[k]) for k in ("out_len", "out_tok", "out_it", "steps", "finishes", "busy")
+            + ("out_oracle",) * track_oracle + ("out_logits",) * return_logits}
+    lengths = host["out_len"]
+    take = lambda key: [host[key][i, :lengths[i]] for i in range(N)]
     its = take("out_it")
-    steps, finishes, busy = int(c["steps"]), int(c["finishes"]), int(c["busy"])
+    steps, finishes, busy = int(host["steps"]), int(host["finishes"]), int(host["busy"])
     flops = _flops(m, T, opts, P, steps, finishes, its, N, L)
     new_tokens = int(lengths.sum())
     stats = {"tokens": new_tokens, "prompts": N, "slots": P, "iterations_cap": iterations,
@@ -497,7 +523,8 @@ class Generator:
                           take("out_logits") if return_logits else None, stats)
 
 
-def generate(model: Any, prompts: Sequence[Sequence[int]], **options) -> GenerateOutput:
+def generate(model: Any, prompts: Sequence[Sequence[int]], mesh: Any = None, **options
+             ) -> GenerateOutput:
   """Generate `max_new` tokens after each prompt (lists of token ids) with R = `iterations` block
   iterations per token, or fewer where `exit` = (criterion, threshold) fires first; `cache` exact |
   latest; sampling by `temperature` (0: greedy), `top_k`, `top_p`, `seed`; `slots` sequences in
@@ -506,8 +533,9 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], **options) -> Generat
   `forced` (teacher forcing): per prompt, tokens fed in place of the sampled ones, so that the logits
   score a given text as decoding computes it. `context`: the longest sequence, prompt and new tokens
   (default model.max_len; beyond it only with RoPE positions).
+  `mesh`: the mesh the model's parameters are sharded on (see `Generator`).
   Compiles on every call: reuse a `Generator(model)` to generate more than once."""
-  return Generator(model)(prompts, **options)
+  return Generator(model, mesh)(prompts, **options)
 
 
 def _flops(m: Any, T: int, opts: Options, P: int, steps: int, finishes: int,
@@ -531,14 +559,17 @@ class _Programs:
   """The compiled programs of one (graph, options), ahead of time so that timings exclude compiles."""
 
   def __init__(self, graphdef, opts: Options):
-    self.opts, self.compiled = opts, {}
-    self.admit = jax.jit(functools.partial(_admit, graphdef, opts=opts), donate_argnums=(1,))
-    self.run = jax.jit(functools.partial(_run, graphdef, opts=opts), donate_argnums=(1,))
+    self.compiled = {}
+    self.fns = {"admit": functools.partial(_admit, graphdef, opts=opts),
+                "run": functools.partial(_run, graphdef, opts=opts)}
 
-  def get(self, key, fn, args) -> tuple[Any, float]:
-    """(the compiled program for `args`, seconds spent compiling it now)."""
+  def get(self, key: tuple, args: tuple) -> tuple[Any, float]:
+    """(the compiled program `key[0]` for `args`, seconds spent compiling it now). The decoding
+    state it returns keeps the shardings it came with (args[1]), so the next call fits it."""
     if key in self.compiled:
       return self.compiled[key], 0.0
     t0 = time.perf_counter()
+    shardings = jax.tree.map(lambda a: a.sharding, args[1])
+    fn = jax.jit(self.fns[key[0]], donate_argnums=(1,), out_shardings=shardings)
     self.compiled[key] = fn.lower(*args).compile()
     return self.compiled[key], time.perf_counter() - t0

@@ -1,6 +1,7 @@
-"""Evaluates a trained run (fixed points, then adaptive halting) as one of several jax.distributed
-processes (or alone), on a given mesh; writes what it saw (process count, the parameters' shardings,
-the halting rows) to --out as JSON. Used by tests/test_run.py in subprocesses with fake CPU devices."""
+"""Evaluates a trained run (fixed points, adaptive halting, generation) as one of several
+jax.distributed processes (or alone), on a given mesh; writes what it saw (process count, the
+parameters' shardings, the halting rows, the generated tokens) to --out as JSON. Used by
+tests/test_run.py in subprocesses with fake CPU devices."""
 
 import argparse
 import json
@@ -37,9 +38,16 @@ def main():
                              iterations=8, repeats=1, mode="trial", log_wandb=False, progress=False)
   rows = [{k: r[k] for k in ("criterion", "threshold", "exact_match", "mean_iterations")}
           for r in halting["rows"]]
+  # generation on the run's mesh: 5 prompts in 4 slots (continuous batching), per-token exit
+  from looped_models.generate import Generator
+  prompts = [[1, 0, 1, 1, 0], [0, 1], [1, 1, 0], [1], [0, 0, 1, 0]]
+  out = Generator(run.model(), run.mesh)(prompts, max_new=6, iterations=4, exit=("fixed_point", 1e-2),
+                                         cache="latest", slots=4, return_logits=True)
+  generated = {"tokens": [t.tolist() for t in out.tokens], "iterations": [i.tolist() for i in out.iterations],
+               "logits": [x.tolist() for x in out.logits]}
   json.dump({"process_index": jax.process_index(), "process_count": jax.process_count(),
              "devices": jax.device_count(), "specs": specs, "summary": summary, "halting_rows": rows,
-             "R_fixed": halting["R_fixed"]}, open(a.out, "w"))
+             "R_fixed": halting["R_fixed"], "generated": generated}, open(a.out, "w"))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_open_run_errors_are_one_line(trained, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_two_process_evaluation_and_halting_on_an_fsdp_mesh_equal_one_process(trained, tmp_path):
+def test_two_process_evaluation_halting_and_generation_on_an_fsdp_mesh_equal_one_process(trained, tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   shutil.copytree(trained, one)
   shutil.copytree(trained, two)
@@ -101,6 +101,13 @@ def test_two_process_evaluation_and_halting_on_an_fsdp_mesh_equal_one_process(tr
     assert a["mean_iterations"] == pytest.approx(b["mean_iterations"], rel=1e-6)
   written = [os.path.join(d, f) for d, _, files in os.walk(two) for f in files if f == "halting.json"]
   assert len(written) == 1  # by process 0 alone
+  # generation on the same mesh (slots split over the data axes): the same tokens, iterations, logits
+  want = ref["generated"]
+  for g in got:
+    assert g["generated"]["tokens"] == want["tokens"]
+    assert g["generated"]["iterations"] == want["iterations"]
+    for a, b in zip(g["generated"]["logits"], want["logits"]):
+      np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
 
 
 def test_cloud_workdir_is_never_made_local_and_an_unreachable_one_is_one_line(tmp_path):

@@ -90,6 +90,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process) global array as one numpy array on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def put(x: Any, mesh: Mesh, rows: bool = True) -> jax.Array:
+  """A host value that every process holds alike, as a global array on the mesh: rows split over
+  data x fsdp when `rows` and they divide, replicated otherwise."""
+  x = np.asarray(x)
+  ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  split = rows and x.ndim > 0 and x.shape[0] % ways == 0
+  sharding = NamedSharding(mesh, P(BATCH_AXES) if split else P())
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def place(batch: dict, mesh: Mesh | None) -> dict:
+  """The batch ({name: [B, ...] numpy}) as global arrays on the mesh: rows split over data x fsdp
+  when they divide, replicated otherwise (every process holds the same deterministic batch); as
+  given without a mesh."""
+  if mesh is None:
+    return batch
+  return {k: put(v, mesh) for k, v in batch.items()}
+
+
 def check_divisible(model_cfg: Any, batch_size: int, mesh: Mesh) -> None:
   """The shapes the rules shard must divide evenly over their mesh axes."""
   batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
