@@ -2,10 +2,8 @@
 
 import os
 
-from train.host import tune_allocator
-
-tune_allocator()  # as the CLIs run: before JAX starts its threads
-
+# The test session keeps glibc's allocator defaults (train/host.py): its many small compiles and calls
+# run faster with per-thread arenas; the CLIs that tests start tune their own allocator as in use.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # One persistent compilation cache for the session, inherited by the processes tests start: the tiny
