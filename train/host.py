@@ -9,7 +9,7 @@ the process holds its peak heap instead of returning it to the system between st
 
 The cost: one arena serialises the allocations of XLA's threads, which slows work made of many small
 compiles and calls (a compile-bound test module ran 1.35x longer); a training process gains (the
-default sweep's trial 1.15x, the Shakespeare preset's steps 1.5x; bench/RESULTS.md). Entry points call
+default sweep's trial 1.19x, the Shakespeare preset's steps 1.5x; bench/RESULTS.md). Entry points call
 `tune_allocator()` first thing (`python -m train | eval | sweeps`, a sweep's trial processes, the
 benchmarks); the test session does not. `LOOPED_HOST_ALLOCATOR=system` leaves glibc's defaults.
 """
