@@ -20,7 +20,7 @@ import sys
 
 from train.host import tune_allocator
 
-tune_allocator()  # before JAX starts its threads
+tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (train/host.py)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags

@@ -93,7 +93,7 @@ def run_group(cfgs: list[ml_collections.ConfigDict], workdirs: list[str]) -> int
 
 
 def main() -> int:
-  tune_allocator()  # before JAX starts its threads
+  tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (train/host.py)
   from absl import logging
 
   from configs.errors import ConfigError

@@ -8,10 +8,11 @@ the step's time (bench/RESULTS.md). One arena, no mmap and no trimming keep the 
 the process holds its peak heap instead of returning it to the system between steps.
 
 The cost: one arena serialises the allocations of XLA's threads, which slows work made of many small
-compiles and calls (a compile-bound test module ran 1.35x longer); a training process gains (the
-default sweep's trial 1.19x, the Shakespeare preset's steps 1.5x; bench/RESULTS.md). Entry points call
-`tune_allocator()` first thing (`python -m train | eval | sweeps`, a sweep's trial processes, the
-benchmarks); the test session does not. `LOOPED_HOST_ALLOCATOR=system` leaves glibc's defaults.
+compiles and calls (a compile-bound test module ran 1.35x longer, the default sweep 1.12x); a training
+process gains (a default trial's `python -m train` 1.19x, the Shakespeare preset's steps 1.5x;
+bench/RESULTS.md). So `python -m train` and the benchmarks tune by default; evaluation and sweeps
+(many small programs; a sweep's trials are also evaluated) and the test session do not. `LOOPED_HOST_ALLOCATOR=tuned` tunes
+everywhere (a sweep of large models), `system` nowhere.
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ ENV = "LOOPED_HOST_ALLOCATOR"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
-def tune_allocator() -> bool:
-  """One malloc arena, no mmap'd chunks, no trimming (glibc on Linux only; elsewhere, or with
-  LOOPED_HOST_ALLOCATOR=system, nothing). Returns whether the settings were applied. Call it before
+def tune_allocator(default: bool = True) -> bool:
+  """One malloc arena, no mmap'd chunks, no trimming (glibc on Linux only), if LOOPED_HOST_ALLOCATOR
+  says `tuned`, or it is unset and `default`. Returns whether the settings were applied. Call it before
   JAX is imported: arenas that threads have created already keep trimming."""
-  if not sys.platform.startswith("linux") or os.environ.get(ENV, "") == "system":
+  choice = os.environ.get(ENV, "")
+  if choice not in ("", "tuned", "system"):
+    print(f"error: {ENV}={choice!r}: use tuned or system (unset: the entry point's default)",
+          file=sys.stderr)
+    raise SystemExit(2)
+  if not sys.platform.startswith("linux") or choice == "system" or (choice == "" and not default):
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")
