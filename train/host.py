@@ -8,7 +8,7 @@ the step's time (bench/RESULTS.md). One arena, no mmap and no trimming keep the 
 the process holds its peak heap instead of returning it to the system between steps.
 
 The cost: one arena serialises the allocations of XLA's threads, which slows work made of many small
-compiles and calls (a compile-bound test module ran 1.35x longer, the default sweep 1.12x); a training
+compiles and calls (a compile-bound test module ran 1.35x longer, the default sweep 1.10x); a training
 process gains (a default trial's `python -m train` 1.19x, the Shakespeare preset's steps 1.5x;
 bench/RESULTS.md). So `python -m train` and the benchmarks tune by default; evaluation and sweeps
 (many small programs; a sweep's trials are also evaluated) and the test session do not. `LOOPED_HOST_ALLOCATOR=tuned` tunes
