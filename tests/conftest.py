@@ -3,7 +3,8 @@
 import os
 
 # The test session keeps glibc's allocator defaults (train/host.py): its many small compiles and calls
-# run faster with per-thread arenas; the CLIs that tests start tune their own allocator as in use.
+# run faster with per-thread arenas; the CLIs that tests start choose as in use (`python -m train` tunes).
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # One persistent compilation cache for the session, inherited by the processes tests start: the tiny
