@@ -262,8 +262,8 @@ def _admit(graphdef, params, c, tokens_AL, lengths_A, seq_A, slot_A, root_data, 
   """Prefill prompts seq_A into the free slots slot_A (slot P: padding, dropped)."""
   model, root = nnx.merge(graphdef, params), jax.random.wrap_key_data(root_data)
   new, e_A1D = _prefill(graphdef, params, tokens_AL, lengths_A, seq_A, root, opts)
-  put = lambda buf, rows: buf.at[:, :, slot_A].set(rows, mode="drop")
-  cache = jax.tree.map(put, c["cache"], new)
+  into_slots = lambda buf, rows: buf.at[:, :, slot_A].set(rows, mode="drop")
+  cache = jax.tree.map(into_slots, c["cache"], new)
   last_A = lengths_A - 1
   key_A = _keys(jax.random.fold_in(root, 1), seq_A, last_A)
   s_A1D = _state0(model, e_A1D, key_A)

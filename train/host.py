@@ -11,8 +11,8 @@ The cost: one arena serialises the allocations of XLA's threads, which slows wor
 compiles and calls (a compile-bound test module ran 1.35x longer, the default sweep 1.10x); a training
 process gains (a default trial's `python -m train` 1.19x, the Shakespeare preset's steps 1.5x;
 bench/RESULTS.md). So `python -m train` and the benchmarks tune by default; evaluation and sweeps
-(many small programs; a sweep's trials are also evaluated) and the test session do not. `LOOPED_HOST_ALLOCATOR=tuned` tunes
-everywhere (a sweep of large models), `system` nowhere.
+(many small programs; a sweep's trials are also evaluated) and the test session do not.
+`LOOPED_HOST_ALLOCATOR=tuned` tunes everywhere (a sweep of large models), `system` nowhere.
 """
 
 from __future__ import annotations
