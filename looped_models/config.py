@@ -38,6 +38,7 @@ def validate_model_config(m: ModelSpec, prefix: str = "model") -> None:
     check_int(f"{prefix}.{key}", getattr(m, key), minimum=1)
   for key in ("n_prelude", "n_coda"):
     check_int(f"{prefix}.{key}", getattr(m, key), minimum=0)
+  check_int(f"{prefix}.unroll", getattr(m, "unroll", 0), minimum=0)
   if m.d_model % m.n_heads:
     raise ConfigError(f"{prefix}.d_model", m.d_model,
                       reason=f"must be divisible by {prefix}.n_heads={m.n_heads}")

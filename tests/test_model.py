@@ -445,6 +445,7 @@ def test_default_config_validates():
     ("block_size", 0, ">= 1"),
     ("window", 0, ">= 1"),
     ("vocab_size", 0, ">= 1"),
+    ("unroll", -1, ">= 0"),
 ])
 def test_validation_rejects(key, value, expected):
   m = get_config().model

@@ -93,6 +93,29 @@ def test_truncated_gradients_equal_stop_gradient_semantics():
   assert grads._cache_size() == 1
 
 
+def test_unrolled_loop_equals_scanned_loop():
+  """`model.unroll` changes the compiled program, not the numbers: the loss and gradients with the
+  loop unrolled (length <= unroll) equal those of the scanned loop, for traced n, and the unrolled
+  gradient program has no loop left while the scanned one keeps its while loop."""
+  M, x = 6, tokens()
+  graphdef, params, rest = nnx.split(build(unroll=8), nnx.Param, ...)
+  graphdef_s, _, rest_s = nnx.split(build(unroll=0), nnx.Param, ...)
+
+  def loss(params, n, scanned=False):
+    g, r = (graphdef_s, rest_s) if scanned else (graphdef, rest)
+    return _loss(nnx.merge(g, params, r)(x, n, max_iters=M).logits_BSV)
+
+  unrolled = jax.jit(jax.value_and_grad(loss))
+  scanned = jax.jit(jax.value_and_grad(lambda p, n: loss(p, n, True)))
+  for n in (1, 4, 6):
+    (v, g), (v_s, g_s) = unrolled(params, jnp.int32(n)), scanned(params, jnp.int32(n))
+    np.testing.assert_allclose(v, v_s, rtol=1e-6)
+    assert tree_rel_err(g, g_s) < 1e-6, n
+  hlo = lambda f: f.lower(params, jnp.int32(M)).as_text()
+  assert "stablehlo.while" in hlo(scanned)
+  assert "stablehlo.while" not in hlo(unrolled)
+
+
 def test_truncated_trace_equals_one_scan_trace():
   """The per-iteration states and attention of the two-scan loop are those of one scan, with the
   iterations past n repeating the final state (zero attention), for traced n on both sides of b."""
