@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
                                      # std * sqrt(d_model), cut at 3 of that std)
   c.model.attention = "local"        # full | local
   c.model.window = 4                 # local attention width w (causal)
-  c.model.attention_impl = "auto"    # auto (cuDNN on GPU in bfloat16, else XLA) | xla | cudnn
+  c.model.attention_impl = "auto"    # auto (cuDNN on GPU in bfloat16, blocked on CPU, else xla) |
+                                     # blocked (per-query-block einsums) | xla | cudnn
   c.model.positions = "rope"         # rope | learned
   c.model.rope_style = "half"        # half: rotate (i, i+Dh/2) | pairs: rotate (2i, 2i+1)
   c.model.rope_base = 10000.0        # RoPE theta

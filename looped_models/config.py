@@ -16,7 +16,7 @@ POSITIONS = ("rope", "learned")
 ROPE_STYLES = ("half", "pairs")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "blocked", "xla", "cudnn")
 
 # The keys that fix the parameter shapes: a checkpoint only restores into a model that agrees on them.
 SHAPE_KEYS = ("d_model", "n_heads", "d_ff", "vocab_size", "max_len", "n_prelude", "block_size",
@@ -96,7 +96,7 @@ def check_attention_impl(m: ModelSpec, prefix: str = "model") -> None:
   import jax  # only here: the other checks need no backend
   head_dim = m.d_model // m.n_heads
   if jax.default_backend() != "gpu":
-    raise ConfigError(f"{prefix}.attention_impl", impl, allowed="auto|xla",
+    raise ConfigError(f"{prefix}.attention_impl", impl, allowed="auto|blocked|xla",
                       reason=f"cuDNN attention needs a GPU; this backend is {jax.default_backend()}")
   if m.dtype != "bfloat16":
     raise ConfigError(f"{prefix}.attention_impl", impl, reason=f"cuDNN attention needs "

@@ -1,5 +1,5 @@
-"""Attention through jax.nn.dot_product_attention against the plain einsum + softmax implementation
-(causal and local windows, outputs and gradients), the explicit weights path the evaluator uses, the
+"""Attention (jax.nn.dot_product_attention, and the blocked einsums CPUs run) against the plain
+einsum + softmax implementation (causal and local windows, outputs and gradients), the explicit weights path the evaluator uses, the
 projections over flattened rows, and `model.attention_impl`'s checks. Run op by op
 (`jax.disable_jit`): tiny shapes, nothing compiled per test."""
 
@@ -11,7 +11,8 @@ from flax import nnx
 
 from configs.errors import ConfigError
 from looped_models import LoopedTransformer, validate_model_config
-from looped_models.layers import MLP, Attention, apply_rope, attention_impl, dense, make_context
+from looped_models.layers import (MLP, Attention, apply_rope, attention_impl, blocked_attention,
+                                  dense, make_context)
 from test_model import tiny_config, tokens
 
 B, S, D, H = 2, 12, 32, 4
@@ -47,11 +48,15 @@ def setup(**overrides):
   return m, Attention(m, nnx.Rngs(0)), x
 
 
+IMPLS = ["blocked", "xla"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mask", MASKS, ids=lambda o: o["attention"])
-def test_fused_and_weights_paths_equal_plain(mask):
-  m, att, x = setup(**mask)
+def test_fused_and_weights_paths_equal_plain(mask, impl):
+  m, att, x = setup(attention_impl=impl, **mask)
   ctx = make_context(m, S)
-  assert ctx.impl == "xla"  # auto on CPU
+  assert ctx.impl == impl
   want_y, want_p = plain_attention(att, x, m)
   fused_y, none = att(x, ctx)
   explicit_y, probs = att(x, ctx, weights=True)
@@ -65,12 +70,14 @@ def test_fused_and_weights_paths_equal_plain(mask):
   assert np.all(np.asarray(probs)[:, :, outside] == 0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mask", MASKS, ids=lambda o: o["attention"])
-def test_gradients_equal_plain(mask):
-  """Training goes through dot_product_attention: its gradients match the plain implementation's."""
-  m, att, x = setup(**mask)
+def test_gradients_equal_plain(mask, impl):
+  """Training's attention (blocked or dot_product_attention): gradients match the plain
+  implementation's."""
+  m, att, x = setup(attention_impl=impl, **mask)
   graphdef, params = nnx.split(att)
-  ctx = make_context(m, S)
+  ctx = make_context(m, S)._replace(query_block=5)  # blocks of 5, 5 and 2 queries
 
   def loss(params, x, plain):
     a = nnx.merge(graphdef, params)
@@ -81,6 +88,25 @@ def test_gradients_equal_plain(mask):
   want = jax.grad(loss, argnums=(0, 1))(params, x, True)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 1, 3])
+@pytest.mark.parametrize("query_block", [0, 1, 5])
+def test_blocked_attention_equals_dot_product_attention(window, query_block):
+  """Every block size (uneven last blocks too) and window: the blocks see exactly the keys the mask
+  allows, and the result is dot_product_attention's."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (B, S, H, D // H)) for i in range(3))
+  want = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                      local_window_size=None if window is None else (window - 1, 0))
+  got = blocked_attention(q, k, v, window=window, query_block=query_block)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_attention_blocks_by_sequence_length():
+  """make_context splits long sequences into at most 4 query blocks of at least 64 queries."""
+  m = tiny_config(attention="full", max_len=1024)
+  assert [make_context(m, n).query_block for n in (12, 64, 128, 255, 256, 1024)] == [
+      12, 64, 64, 85, 64, 256]
 
 
 def test_model_outputs_agree_with_and_without_attention_maps():
@@ -112,9 +138,11 @@ def test_dense_on_flattened_rows_equals_linear(dtype):
 
 def test_attention_impl_config():
   m = tiny_config()
-  assert attention_impl(m) == "xla"  # auto: no GPU here
-  m.attention_impl = "xla"
-  validate_model_config(m)
+  assert attention_impl(m) == "blocked"  # auto on a CPU
+  for impl in ("blocked", "xla"):
+    m.attention_impl = impl
+    validate_model_config(m)
+    assert attention_impl(m) == impl
   for bad, key in (("flash", "attention_impl"), ("cudnn", "attention_impl")):
     m.attention_impl = bad
     with pytest.raises(ConfigError, match=f"model.{key}='{bad}'"):
