@@ -66,27 +66,32 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int) -> float:
   return float(np.median(times))
 
 
+def matmul_caller(rows: int, inner: int, cols: int) -> Callable[[], object]:
+  """A jitted float32 [rows, inner] x [inner, cols] `jnp.dot`, compiled now, as a thunk."""
+  a = jax.random.normal(jax.random.key(0), (rows, inner), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (inner, cols), jnp.float32)
+  mm = jax.jit(jnp.dot).lower(a, b).compile()
+  return lambda: mm(a, b)
+
+
 def matmul_rate(n: int = 2048, repeats: int = 10, warmup: int = 3) -> float:
   """FLOP/s of a jitted n x n float32 matmul."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  mm = jax.jit(jnp.dot)
-  return 2 * n ** 3 / timed(lambda: mm(a, b), repeats, warmup)
+  return 2 * n ** 3 / timed(matmul_caller(n, n, n), repeats, warmup)
 
 
-def layer_matmul_rate(m, tokens: int = BATCH * SEQ, repeats: int = 10, warmup: int = 3) -> float:
-  """FLOP/s of one transformer layer's dense matmuls at the model's own shapes ([tokens, d] x [d, d]
-  four times, [tokens, d] x [d, f] for up and gate, [tokens, f] x [f, d] for down), each a jitted
-  `jnp.dot` timed alone: what a pass made only of these matmuls could reach."""
+def layer_matmuls(m, tokens: int = BATCH * SEQ) -> tuple[Callable[[], object], float]:
+  """One transformer layer's dense matmuls at the model's own shapes ([tokens, d] x [d, d] four times,
+  [tokens, d] x [d, f] for up and gate, [tokens, f] x [f, d] for down), each a jitted `jnp.dot`
+  called alone, as one thunk and its FLOPs: the rate a pass made only of these matmuls could reach."""
   d, f = m.d_model, m.d_ff
   shapes = [(d, d)] * 4 + [(d, f)] * (2 if m.mlp == "swiglu" else 1) + [(f, d)]
-  mm, flops, seconds = jax.jit(jnp.dot), 0.0, 0.0
-  for k, n in shapes:
-    a = jax.random.normal(jax.random.key(0), (tokens, k), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
-    flops += 2 * tokens * k * n
-    seconds += timed(lambda: mm(a, b), repeats, warmup)
-  return flops / seconds
+  calls = [matmul_caller(tokens, k, n) for k, n in shapes]
+
+  def call():
+    for c in calls:
+      jax.block_until_ready(c())
+
+  return call, float(sum(2 * tokens * k * n for k, n in shapes))
 
 
 def batch_of(vocab: int, batch: int = BATCH, seq: int = SEQ) -> dict:
@@ -150,10 +155,6 @@ def main() -> None:
   args = p.parse_args()
   c = reference_config()
   batch = batch_of(c.model.vocab_size)
-  rate = matmul_rate(repeats=args.repeats, warmup=args.warmup)
-  print(f"matmul 2048^2 fp32: {rate / 1e9:.0f} GFLOP/s", flush=True)
-  layer_rate = layer_matmul_rate(c.model, repeats=args.repeats, warmup=args.warmup)
-  print(f"the layer's matmuls at their shapes: {layer_rate / 1e9:.0f} GFLOP/s", flush=True)
   f8, f32 = forward_flops(c.model, 8), forward_flops(c.model, 32)
   xla = reference_config(attention_impl="xla")
   rows = [("train step, r = 8", "train", train_caller(c, batch), 3 * f8),
@@ -163,25 +164,40 @@ def main() -> None:
           ("forward, r = 8", "forward8", forward_caller(c, batch, 8), f8),
           ("forward, r = 8, `model.attention_impl=xla`", "forward8", forward_caller(xla, batch, 8), f8),
           ("forward, r = 32", "forward32", forward_caller(c, batch, 32), f32)]
-  lines, seconds = [], []
-  for name, key, call, flops in rows:
-    s = timed(call, args.repeats, args.warmup)
-    seconds.append(s)
+  # Every program, and the matmul rates, once per round: the machine's speed drifts within minutes,
+  # so each figure is the median over the same stretch of time.
+  layer_call, layer_flops = layer_matmuls(c.model)
+  calls = [matmul_caller(2048, 2048, 2048), layer_call] + [call for _, _, call, _ in rows]
+  for call in calls:
+    for _ in range(args.warmup):
+      jax.block_until_ready(call())
+  samples = [[] for _ in calls]
+  for _ in range(args.repeats):
+    for i, call in enumerate(calls):
+      t0 = time.perf_counter()
+      jax.block_until_ready(call())
+      samples[i].append(time.perf_counter() - t0)
+  seconds = [float(np.median(x)) for x in samples]
+  rate, layer_rate = 2 * 2048 ** 3 / seconds[0], layer_flops / seconds[1]
+  seconds = seconds[2:]
+  print(f"matmul 2048^2 fp32: {rate / 1e9:.0f} GFLOP/s; the layer's matmuls at their shapes: "
+        f"{layer_rate / 1e9:.0f} GFLOP/s", flush=True)
+  lines = []
+  for (name, key, _, flops), s in zip(rows, seconds):
     ref = REFERENCE_S[key]
     line = (f"| {name} | {s:.3f} | {BATCH * SEQ / s:,.0f} | {flops / s / 1e9:.0f} | "
             f"{flops / s / rate:.0%} | {ref:.2f} ({BATCH * SEQ / ref:,.0f}) | {ref / s:.2f}× |")
     print(line, flush=True)
     lines.append(line)
-  rate_after = matmul_rate(repeats=args.repeats, warmup=1)
   body = [f"## Reference configuration: (2, 4⊗8, 2), d = 256, swiglu 869, vocab 512, concat, sandwich, "
           f"float32, batch {BATCH} × {SEQ}", "",
           f"Machine: {machine()}. `python -m bench.reference_speed --repeats {args.repeats} --warmup "
-          f"{args.warmup}` (median of {args.repeats} calls after {args.warmup} warm-ups). "
+          f"{args.warmup}` (every program compiled first, then {args.warmup} warm-up calls each, then "
+          f"{args.repeats} rounds that call each program, and the matmuls, once; medians). "
           f"{args.note}".rstrip(), "",
-          f"fp32 matmul rate (jitted 2048² `jnp.dot`, same run): {rate / 1e9:.0f} GFLOP/s before the "
-          f"model figures, {rate_after / 1e9:.0f} GFLOP/s after them. Model GFLOP/s count the matmul "
-          f"FLOPs (causal half of the attention scores), the train step as 3× the forward's; % is of "
-          f"the first matmul rate. The layer's own matmuls at their shapes ([{BATCH * SEQ}, 256] × "
+          f"fp32 matmul rate (jitted 2048² `jnp.dot`, in the same rounds): {rate / 1e9:.0f} GFLOP/s. "
+          f"Model GFLOP/s count the matmul FLOPs (causal half of the attention scores), the train step "
+          f"as 3× the forward's; % is of that matmul rate. The layer's own matmuls at their shapes ([{BATCH * SEQ}, 256] × "
           f"[256, 256] four times, [{BATCH * SEQ}, 256] × [256, 869] twice, [{BATCH * SEQ}, 869] × "
           f"[869, 256]), each timed alone: {layer_rate / 1e9:.0f} GFLOP/s ({layer_rate / rate:.0%} of "
           f"the 2048² rate), the ceiling of a pass made only of them.", "",
