@@ -82,7 +82,7 @@ def matmul_rate(n: int = 2048, repeats: int = 10, warmup: int = 3) -> float:
 def layer_matmuls(m, tokens: int = BATCH * SEQ) -> tuple[Callable[[], object], float]:
   """One transformer layer's dense matmuls at the model's own shapes ([tokens, d] x [d, d] four times,
   [tokens, d] x [d, f] for up and gate, [tokens, f] x [f, d] for down), each a jitted `jnp.dot`
-  called alone, as one thunk and its FLOPs: the rate a pass made only of these matmuls could reach."""
+  called alone, as one thunk and its FLOPs."""
   d, f = m.d_model, m.d_ff
   shapes = [(d, d)] * 4 + [(d, f)] * (2 if m.mlp == "swiglu" else 1) + [(f, d)]
   calls = [matmul_caller(tokens, k, n) for k, n in shapes]
@@ -199,8 +199,8 @@ def main() -> None:
           f"Model GFLOP/s count the matmul FLOPs (causal half of the attention scores), the train step "
           f"as 3× the forward's; % is of that matmul rate. The layer's own matmuls at their shapes ([{BATCH * SEQ}, 256] × "
           f"[256, 256] four times, [{BATCH * SEQ}, 256] × [256, 869] twice, [{BATCH * SEQ}, 869] × "
-          f"[869, 256]), each timed alone: {layer_rate / 1e9:.0f} GFLOP/s ({layer_rate / rate:.0%} of "
-          f"the 2048² rate), the ceiling of a pass made only of them.", "",
+          f"[869, 256]), each called alone: {layer_rate / 1e9:.0f} GFLOP/s ({layer_rate / rate:.0%} of "
+          f"the 2048² rate).", "",
           "| program | seconds | tokens/s | GFLOP/s | % of matmul | reference s (tokens/s) | "
           "speed vs reference |", "| --- | --- | --- | --- | --- | --- | --- |", *lines, "",
           f"Unrolling the loop of 8 iterations (`model.unroll`, default 8: the backward pass keeps each "

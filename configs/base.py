@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.state_dtype = "float32"    # recurrent state and residual stream: float32 | bfloat16
   c.model.param_dtype = "float32"    # parameter dtype: float32 | bfloat16
   c.model.remat = False              # rematerialise each iteration in the backward pass
-  c.model.unroll = 8                 # unroll loops of at most this many iterations that back-propagate
+  c.model.unroll = 8                 # unroll a loop of at most this many iterations that back-propagates
                                      # (faster backward pass, longer compile; 0: never)
 
   c.train = ml_collections.ConfigDict()

@@ -160,8 +160,8 @@ class LoopedTransformer(nnx.Module):
     return x_BSD
 
   def iterate(self, s_BSD: jax.Array, e_BSD: jax.Array, ctx: Context, n_iters: int | jax.Array,
-              max_iters: int, *, backprop_depth: int = 0, return_states: bool = False,
-              return_attention: bool = False) -> BlockTrace:
+              max_iters: int, *, backprop_depth: int = 0, differentiated: bool = False,
+              return_states: bool = False, return_attention: bool = False) -> BlockTrace:
     """Run the block `n_iters` times (a traced value <= the static `max_iters`).
 
     Iterations past `n_iters` are skipped with `lax.cond` (their trace entries repeat the state and
@@ -170,28 +170,31 @@ class LoopedTransformer(nnx.Module):
     keeps nothing of them, then the last min(n, b) iterations run with gradients (with n <= b the
     gradient reaches the initial state, as without truncation). Backward memory then grows with b,
     not with n; the iteration counts stay traced (one compile for every n). With per-iteration
-    remat (`model.remat`) the gradient scan rematerialises each of its iterations.
+    remat (`model.remat`) the gradient scan rematerialises each of its iterations. `differentiated`
+    (the caller takes gradients of this pass) unrolls a gradient scan of at most `model.unroll`
+    iterations (see `_scan`).
     """
     b = backprop_depth if 0 < backprop_depth < max_iters else 0
     trace = dict(states=return_states, attention=return_attention)
     if b == 0:
-      s_BSD, (states, atts) = self._scan(s_BSD, e_BSD, ctx, n_iters, max_iters, **trace)
+      s_BSD, (states, atts) = self._scan(s_BSD, e_BSD, ctx, n_iters, max_iters,
+                                         unrolled=differentiated, **trace)
       return BlockTrace(s_BSD, states, atts)
     n_free = max(n_iters - b, 0) if isinstance(n_iters, int) else jnp.maximum(n_iters - b, 0)
     n_grad = min(n_iters, b) if isinstance(n_iters, int) else jnp.minimum(n_iters, b)
     graphdef, params = nnx.split(self)
     frozen = nnx.merge(graphdef, jax.lax.stop_gradient(params))
     s_free, free = frozen._scan(jax.lax.stop_gradient(s_BSD), jax.lax.stop_gradient(e_BSD), ctx,
-                                n_free, max_iters - b, unrolled=False, **trace)  # keeps no residuals
+                                n_free, max_iters - b, **trace)
     s_BSD = jnp.where(n_iters > b, s_free, s_BSD)  # n <= b: every iteration, and s0, get gradients
-    s_BSD, grad = self._scan(s_BSD, e_BSD, ctx, n_grad, b, **trace)
+    s_BSD, grad = self._scan(s_BSD, e_BSD, ctx, n_grad, b, unrolled=differentiated, **trace)
     fills = (jnp.broadcast_to(s_BSD, (self.spec.block_size, *s_BSD.shape)), 0.0)
     states, atts = (None if f is None else _splice(f, g, n_free, n_iters, fill)
                     for f, g, fill in zip(free, grad, fills))
     return BlockTrace(s_BSD, states, atts)
 
   def _scan(self, s_BSD: jax.Array, e_BSD: jax.Array, ctx: Context, n: int | jax.Array, length: int,
-            *, states: bool, attention: bool, unrolled: bool = True) -> tuple[jax.Array, tuple]:
+            *, states: bool, attention: bool, unrolled: bool = False) -> tuple[jax.Array, tuple]:
     """A scan of `length` block iterations of which the first `n` run (the rest are skipped with
     `lax.cond` unless n is the static `length`). Returns (state, (states [length, k, B, S, D] or
     None, attention [length, k, B, H, S, S] or None)).
@@ -199,7 +202,9 @@ class LoopedTransformer(nnx.Module):
     With `unrolled` and length <= `model.unroll` the scan is unrolled in the compiled program: its
     backward pass then keeps each iteration's residuals where they were computed instead of copying
     them into and out of per-iteration stacks (the train step at the reference configuration, r = 8,
-    1.23x faster on 2 CPU cores, bench/RESULTS.md); compile time grows with the unrolled length."""
+    1.3x faster on 2 CPU cores, bench/RESULTS.md); compile time grows with the unrolled length. A
+    pass without gradients runs faster as a loop (the forward pass at r = 8 1.15x), so only
+    differentiated passes ask for it."""
     k = self.spec.block_size
 
     def run(s):
@@ -237,11 +242,13 @@ class LoopedTransformer(nnx.Module):
   # -- the whole forward pass -----------------------------------------------------------------------
 
   def __call__(self, tokens_BS: jax.Array, n_iters: int | jax.Array | None = None, *,
-               max_iters: int | None = None, backprop_depth: int = 0, key: jax.Array | None = None,
+               max_iters: int | None = None, backprop_depth: int = 0, differentiated: bool = False,
+               key: jax.Array | None = None,
                return_states: bool = False, return_attention: bool = False,
                state0: jax.Array | None = None) -> LoopOutput:
     """Logits after `n_iters` iterations of the block (default and upper bound: `max_iters`),
-    starting from `state0` [B, S, D] when given (else from `model.state_init`)."""
+    starting from `state0` [B, S, D] when given (else from `model.state_init`). `differentiated`:
+    the caller takes gradients of this pass (a short loop is then unrolled, `model.unroll`)."""
     if max_iters is None:
       if not isinstance(n_iters, int):
         raise ValueError("max_iters is required when n_iters is traced or None")
@@ -251,8 +258,8 @@ class LoopedTransformer(nnx.Module):
     e_BSD = self.encode(tokens_BS, ctx)
     s0_BSD = self.initial_state(e_BSD, key) if state0 is None else state0.astype(e_BSD.dtype)
     trace = self.iterate(s0_BSD, e_BSD, ctx, n_iters, max_iters,
-                         backprop_depth=backprop_depth, return_states=return_states,
-                         return_attention=return_attention)
+                         backprop_depth=backprop_depth, differentiated=differentiated,
+                         return_states=return_states, return_attention=return_attention)
     return LoopOutput(self.decode(trace.state_BSD, ctx), trace.states_RkBSD, trace.attention_RkBHSS)
 
   def halt(self, tokens_BS: jax.Array, *, criterion: str, threshold: float | int, max_iters: int,

@@ -95,15 +95,16 @@ def test_truncated_gradients_equal_stop_gradient_semantics():
 
 def test_unrolled_loop_equals_scanned_loop():
   """`model.unroll` changes the compiled program, not the numbers: the loss and gradients with the
-  loop unrolled (length <= unroll) equal those of the scanned loop, for traced n, and the unrolled
-  gradient program has no loop left while the scanned one keeps its while loop."""
+  loop unrolled (a differentiated pass, length <= unroll) equal those of the scanned loop, for traced
+  n; the unrolled gradient program has no loop left, the scanned one and a plain forward pass keep
+  their while loop."""
   M, x = 6, tokens()
   graphdef, params, rest = nnx.split(build(unroll=8), nnx.Param, ...)
   graphdef_s, _, rest_s = nnx.split(build(unroll=0), nnx.Param, ...)
 
   def loss(params, n, scanned=False):
     g, r = (graphdef_s, rest_s) if scanned else (graphdef, rest)
-    return _loss(nnx.merge(g, params, r)(x, n, max_iters=M).logits_BSV)
+    return _loss(nnx.merge(g, params, r)(x, n, max_iters=M, differentiated=True).logits_BSV)
 
   unrolled = jax.jit(jax.value_and_grad(loss))
   scanned = jax.jit(jax.value_and_grad(lambda p, n: loss(p, n, True)))
@@ -114,6 +115,8 @@ def test_unrolled_loop_equals_scanned_loop():
   hlo = lambda f: f.lower(params, jnp.int32(M)).as_text()
   assert "stablehlo.while" in hlo(scanned)
   assert "stablehlo.while" not in hlo(unrolled)
+  forward = jax.jit(lambda p, n: nnx.merge(graphdef, p, rest)(x, n, max_iters=M).logits_BSV)
+  assert "stablehlo.while" in forward.lower(params, jnp.int32(M)).as_text()  # not differentiated
 
 
 def test_truncated_trace_equals_one_scan_trace():

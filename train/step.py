@@ -137,7 +137,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
     def loss_fn(params):
       model = nnx.merge(graphdef, params)
       out = model(micro["inputs"], n_iters, max_iters=max_iters, backprop_depth=backprop_depth,
-                  key=key)
+                  differentiated=True, key=key)
       ce_BS = optax.softmax_cross_entropy_with_integer_labels(out.logits_BSV, micro["targets"])
       loss = (ce_BS * micro["mask"]).sum() / n_tokens
       return loss, accuracy_counts(out.logits_BSV.argmax(-1), micro["targets"], micro["mask"])
