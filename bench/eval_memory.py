@@ -47,7 +47,7 @@ def main() -> None:
   fwd_bytes = peak_bytes(forward.lower(params, tokens).compile())
 
   cap = Capture(graphdef, params, chunk=args.chunk)
-  s, e = cap._start(params, tokens)
+  s, e = cap._start(params, cap.keys, tokens, None)
   chunk_bytes = peak_bytes(cap._advance.lower(params, s, e, batch["targets"], batch["mask"],
                                               n=args.chunk, attention=True).compile())
   full = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, args.R, return_states=True,
