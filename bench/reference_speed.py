@@ -197,8 +197,8 @@ def main() -> None:
           f"{args.note}".rstrip(), "",
           f"fp32 matmul rate (jitted 2048² `jnp.dot`, in the same rounds): {rate / 1e9:.0f} GFLOP/s. "
           f"Model GFLOP/s count the matmul FLOPs (causal half of the attention scores), the train step "
-          f"as 3× the forward's; % is of that matmul rate. The layer's own matmuls at their shapes ([{BATCH * SEQ}, 256] × "
-          f"[256, 256] four times, [{BATCH * SEQ}, 256] × [256, 869] twice, [{BATCH * SEQ}, 869] × "
+          f"as 3× the forward's; % is of that matmul rate. The layer's own matmuls at their shapes "
+          f"([{BATCH * SEQ}, 256] × [256, 256] four times, [{BATCH * SEQ}, 256] × [256, 869] twice, [{BATCH * SEQ}, 869] × "
           f"[869, 256]), each called alone: {layer_rate / 1e9:.0f} GFLOP/s ({layer_rate / rate:.0%} of "
           f"the 2048² rate).", "",
           "| program | seconds | tokens/s | GFLOP/s | % of matmul | reference s (tokens/s) | "

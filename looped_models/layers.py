@@ -132,7 +132,7 @@ def blocked_attention(q_BSHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *
   """Causal (or local, width `window`) attention [B, S, H, Dh], computed per block of `query_block`
   queries against only the keys the block can see (up to its last query; with a window, from its first
   query's window on), in heads-first layout [B, H, S, Dh] with a float32 softmax. Four blocks skip
-  3/8 of the causal score matrix; the heads-first batched matmuls are what XLA's CPU backend runs
+  3/8 of the full S x S score matrix; the heads-first batched matmuls are what XLA's CPU backend runs
   fastest. The result equals `jax.nn.dot_product_attention(..., is_causal=True)`."""
   S = q_BSHK.shape[1]
   block = query_block if 0 < query_block < S else S
@@ -148,7 +148,8 @@ def blocked_attention(q_BSHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *
     j = jnp.arange(first, stop)[None, :]
     mask_QT = (j <= i) if window is None else (j <= i) & (i - j < window)
     probs_BHQT = jax.nn.softmax(jnp.where(mask_QT, logits_BHQT, jnp.finfo(jnp.float32).min), axis=-1)
-    outs.append(jnp.einsum("bhqt,bhtk->bhqk", probs_BHQT.astype(v_BSHK.dtype), v_BHSK[:, :, first:stop]))
+    outs.append(jnp.einsum("bhqt,bhtk->bhqk", probs_BHQT.astype(v_BSHK.dtype),
+                           v_BHSK[:, :, first:stop]))
   return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
