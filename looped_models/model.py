@@ -202,9 +202,9 @@ class LoopedTransformer(nnx.Module):
     With `unrolled` and length <= `model.unroll` the scan is unrolled in the compiled program: its
     backward pass then keeps each iteration's residuals where they were computed instead of copying
     them into and out of per-iteration stacks (the train step at the reference configuration, r = 8,
-    1.3x faster on 2 CPU cores, bench/RESULTS.md); compile time grows with the unrolled length. A
-    pass without gradients runs faster as a loop (the forward pass at r = 8 1.15x), so only
-    differentiated passes ask for it."""
+    1.22x faster on 2 CPU cores, bench/RESULTS.md); compile time grows with the unrolled length. A
+    pass without gradients has no residuals to keep and ran slower unrolled, so only differentiated
+    passes ask for it."""
     k = self.spec.block_size
 
     def run(s):
