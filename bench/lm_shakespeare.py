@@ -83,7 +83,9 @@ def main(argv: list[str]) -> int:
       f"Machine: {machine()}. `python -m bench.lm_shakespeare`. ({m.n_prelude}, {m.block_size}⊗r, "
       f"{m.n_coda}), d = {m.d_model}, {m.n_heads} heads, {m.mlp} MLP of {m.d_ff}, injection "
       f"`{m.injection}`, norm `{m.norm}`, {n_params / 1e6:.2f}M parameters, byte-level, windows of "
-      f"{cfg.task.train_length}, batch {cfg.train.batch_size}, {cfg.train.steps} steps; training "
+      f"{cfg.task.train_length}, batch {cfg.train.batch_size}, {cfg.train.steps} steps, AdamW (lr "
+      f"{cfg.train.lr:g}, weight decay {cfg.train.weight_decay:g}, schedule "
+      f"`{cfg.train.schedule}`); training "
       f"recurrence `{cfg.train.recurrence}` (mean {r_train}, cap {max_recurrence(cfg.train)}, "
       f"backprop depth {cfg.train.backprop_depth or 'all'}). Training throughput: median "
       f"{sorted(tok_s)[len(tok_s) // 2]:,.0f} tokens/s.", "",
