@@ -4,6 +4,7 @@ other swept key (y: embedding std, width, ...), with a reference table (e.g. a p
 
   data = phase_data(rows)            # rows as sweeps.report.load gives them; None without init_std
   plot_phase(data, "report_phase.png", reference={("concat", "pre"): "cyclic", ...})
+  header, body = reference_table(data, PAPER_RANDOM_INIT)  # how many boxes agree with the table
 
 `model.init_std = 0` means 1/sqrt(fan_in) (configs/base.py); it is drawn as the first column.
 """
@@ -61,6 +62,32 @@ def phase_data(rows: list[dict]) -> dict | None:
       majority[i][j], agree[i][j] = regime, (n, sum(counter.values()))
     panels[panel] = {"majority": majority, "agree": agree}
   return {"x": xs, "y": ys, "y_keys": y_keys, "panels": panels}
+
+
+def reference_table(data: dict, reference: Mapping[tuple, str], label: str = "paper"
+                    ) -> tuple[list[str], list[list[str]]]:
+  """Per injection x norm panel of `data` that `reference` names: the reference's regime, how many
+  of the panel's boxes (init std x other swept keys) have a majority regime that `agrees` with it,
+  the init stds at which every box agrees, and the majority regimes counted over the boxes. Panels
+  the sweep did not run are left out (an empty body when none matches)."""
+  from sweeps.report import REGIME_COLORS
+  header = ["injection × norm", label, "boxes that agree", "init_std where all agree",
+            "majority regimes (boxes)"]
+  body = []
+  for (inj, norm), ref in reference.items():
+    panel = data["panels"].get((inj, norm))
+    if panel is None:
+      continue
+    grid = panel["majority"]
+    ok = [[regime is not None and agrees(regime, ref) for regime in row] for row in grid]
+    n_ok, n_boxes = sum(map(sum, ok)), sum(r is not None for row in grid for r in row)
+    columns = [_label(x) for j, x in enumerate(data["x"]) if all(row[j] for row in ok)]
+    counts = collections.Counter(r for row in grid for r in row if r is not None)
+    order = sorted(counts, key=lambda r: (-counts[r], list(REGIME_COLORS).index(r)
+                                          if r in REGIME_COLORS else len(REGIME_COLORS)))
+    body.append([f"{inj} + {norm}", ref, f"{n_ok}/{n_boxes}", ", ".join(columns) or "none",
+                 ", ".join(f"{r} {counts[r]}" for r in order)])
+  return header, body
 
 
 def plot_phase(data: dict, path: str | None, reference: Mapping[tuple, str] | None = None,

@@ -23,7 +23,7 @@ import numpy as np
 
 from eval import outputs
 from eval.plots import LINESTYLES, colors, plt, save
-from sweeps.phase import PAPER_RANDOM_INIT, phase_data, plot_phase
+from sweeps.phase import PAPER_RANDOM_INIT, phase_data, plot_phase, reference_table
 from train.workdir import RunDirError, path, read_json
 
 # Okabe-Ito colours for the regimes (colour-blind safe); dark cells get white text.
@@ -39,6 +39,9 @@ HALTING_NOTE = ("Per trial, on a mix of all sizes: fixed inference at R_fixed (t
                 "fewest iterations whose accuracy is within 0.5 points of it; "
                 "the oracle exits once the prediction never changes again (causal: in position order). "
                 "Wall × is the measured speedup with per-sequence exit.")
+PAPER_NOTE = ("Blayney et al. 2026's regimes at random initialisation (12-layer block) for the injection × "
+              "norm cells it reports, against this sweep's majority regime (over seeds) in each box of "
+              "the phase diagram; \"not converged\" counts any regime but cyclic and degenerate.")
 
 
 def _get(cfg: dict, key: str) -> Any:
@@ -362,8 +365,11 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   out = lambda name: str(path(sweep_dir) / name)
   images = {"regimes": _plot_grids(grids, out("report_regimes.png"))}
   phase = phase_data(rows)
+  paper = None
   if phase is not None:  # a sweep over init scale: the regime against it, per injection x norm
     images["phase"] = plot_phase(phase, out("report_phase.png"), reference=PAPER_RANDOM_INIT)
+    paper = reference_table(phase, PAPER_RANDOM_INIT)
+    paper = paper if paper[1] else None
   text = any((r["fp"] or {}).get("loss_curves") for r in rows)
   for kind, fn, label, title, log in (
       ("convergence", _last_layer_change, "successive change, last block layer (relative, log)",
@@ -396,6 +402,8 @@ def write_report(sweep_dir: str) -> dict[str, str]:
       md.append(f"| {inj} | " + " | ".join(cell_text(g["cells"].get((inj, n), collections.Counter()))
                                            for n in g["norms"]) + " |")
     md.append("")
+  if paper:
+    md += ["## Against the paper's random-init table", "", PAPER_NOTE, ""] + _md_table(*paper) + [""]
   md += ["## Trials", ""] + _md_table(header, body, [r["name"] for r in rows])
   halting = halting_table(rows)
   if halting:
@@ -406,7 +414,7 @@ def write_report(sweep_dir: str) -> dict[str, str]:
   md_path, html_path = out("report.md"), out("report.html")
   path(md_path).write_text("\n".join(md) + "\n")
   path(html_path).write_text(_html(index["sweep"], grids, (cheader, cbody), header, body, rows,
-                                   images, counts, halting))
+                                   images, counts, halting, paper))
   return {"md": md_path, "html": html_path, **images}
 
 
@@ -417,7 +425,7 @@ def _html_table(header: list[str], body: list[list[str]]) -> str:
           + "</table>")
 
 
-def _html(sweep, grids, cell_tab, header, body, rows, images, counts, halting) -> str:
+def _html(sweep, grids, cell_tab, header, body, rows, images, counts, halting, paper) -> str:
   e = html.escape
   parts = [f"<!doctype html><meta charset='utf-8'><title>Sweep {e(sweep)}</title>",
            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
@@ -439,6 +447,8 @@ def _html(sweep, grids, cell_tab, header, body, rows, images, counts, halting) -
                    f"{e(cell_text(counter))}</td>")
       parts.append(f"<tr><th>{e(str(inj))}</th>{''.join(tds)}</tr>")
     parts.append("</table>")
+  if paper:
+    parts += [f"<h2>Against the paper's random-init table</h2><p>{e(PAPER_NOTE)}</p>", _html_table(*paper)]
   parts += ["<h2>Trials</h2>", _html_table(["trial"] + header, [[r["name"]] + c for r, c in zip(rows, body)])]
   if halting:
     parts += [f"<h2>Adaptive halting (fixed_point criterion)</h2><p>{e(HALTING_NOTE)}</p>",

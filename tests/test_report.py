@@ -201,7 +201,7 @@ def test_phase_diagram_of_known_regimes():
   regime, its agreement, the column order (1/sqrt(fan_in) first) and the drawn colours and counts."""
   from matplotlib.colors import to_hex
 
-  from sweeps.phase import PAPER_RANDOM_INIT, agrees, phase_data, plot_phase
+  from sweeps.phase import PAPER_RANDOM_INIT, agrees, phase_data, plot_phase, reference_table
 
   def regime(inj, std, emb, seed):
     if inj == "none":
@@ -238,7 +238,43 @@ def test_phase_diagram_of_known_regimes():
   assert boxes[0].get_alpha() < boxes[3].get_alpha() == 1.0  # disagreement drawn lighter
   assert [t.get_text() for t in ax_concat.get_xticklabels()] == ["1/√fan_in", "0.02", "0.2"]
   plots.plt.close(fig)
+  header, body = reference_table(data, {("concat", "peri"): "cyclic", ("none", "peri"): "not converged",
+                                        ("concat", "pre"): "cyclic"})  # concat + pre was not run
+  assert header[1] == "paper" and body == [
+      ["concat + peri", "cyclic", "4/6", "1/√fan_in, 0.02", "cyclic 4, divergent 2"],
+      ["none + peri", "not converged", "0/6", "none", "degenerate 6"]]
   # the paper's "not converged" matches any regime that did not converge, and nothing else
   assert agrees("orbit", "not converged") and agrees("divergent", "not converged")
   assert not agrees("cyclic", "not converged") and not agrees("failed", "not converged")
   assert agrees("cyclic", PAPER_RANDOM_INIT[("concat", "pre")]) and not agrees("degenerate", "cyclic")
+
+
+def test_report_of_an_init_scale_sweep_compares_with_the_papers_table(tmp_path):
+  """A sweep directory over concat x (pre, peri) x init_std x 2 seeds with known regimes: report.md
+  and report.html carry the comparison with PAPER_RANDOM_INIT (concat + pre cyclic, concat + peri
+  not converged) beside the phase diagram."""
+  regimes = {("pre", 0.0): ("cyclic", "cyclic"), ("pre", 0.02): ("cyclic", "orbit"),
+             ("peri", 0.0): ("orbit", "slider"), ("peri", 0.02): ("cyclic", "cyclic")}
+  sweep_dir, trials = tmp_path / "init", []
+  for (norm, std), by_seed in regimes.items():
+    for seed, regime in enumerate(by_seed):
+      name = f"{norm}-{std}-s{seed}"
+      overrides = {"model.injection": "concat", "model.norm": norm, "model.init_std": std,
+                   "train.seed": seed}
+      cfg = tiny_config(model__injection="concat", model__norm=norm, model__init_std=std,
+                        train__seed=seed).to_dict()
+      trials.append({"name": name, "overrides": overrides, "config": cfg})
+      os.makedirs(sweep_dir / name / "eval" / "40")
+      write_json_atomic(str(sweep_dir / name / "trial.json"), {"status": "done", "wall_s": 1.0})
+      write_json_atomic(str(sweep_dir / name / "config.json"), cfg)
+      write_json_atomic(str(sweep_dir / name / "eval" / "40" / "fixed_points.json"),
+                        {"summary": {"fp/regime": regime}, "accuracy_curves": {"8": [1.0] * R},
+                         "report": {"series": {"successive_change": [[0.5 ** t] for t in range(R)]}}})
+  write_json_atomic(str(sweep_dir / "sweep.json"), {"sweep": "init", "trials": trials})
+  paths = report.write_report(str(sweep_dir))
+  md = open(paths["md"]).read()
+  assert "## Against the paper's random-init table" in md and "phase" in paths
+  assert "| concat + pre | cyclic | 2/2 | 1/√fan_in, 0.02 | cyclic 2 |" in md  # a 1-1 tie: first seen
+  assert "| concat + peri | not converged | 1/2 | 1/√fan_in | cyclic 1, orbit 1 |" in md
+  html = open(paths["html"]).read()
+  assert "<h2>Against the paper's random-init table</h2>" in html and "<td>concat + peri</td>" in html
