@@ -1,6 +1,6 @@
 """Generation on a trained text run: quality of per-token exit against fixed R, and decode speed.
 
-  python -m bench.generate --workdir runs/shakespeare [--windows 8] [--new 240]
+  python -m bench.generate --workdir runs/shakespeare [--windows 32] [--new 240]
 
 Quality (held-out text, teacher-forced: every position decoded as generation computes it, with the
 KV cache, each token exiting by the criterion):
@@ -83,7 +83,9 @@ def recompute_tokens_per_s(model, prompt: list[int], R: int, batch: int, length:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/shakespeare")
-  parser.add_argument("--windows", type=int, default=8)
+  parser.add_argument("--windows", type=int, default=32,
+                      help="validation windows per half (calibration, held out); 8 proved too few "
+                      "to choose R_small and the thresholds reliably (bench/RESULTS.md)")
   parser.add_argument("--cap", type=int, default=16, help="R_cap of the quality study")
   parser.add_argument("--new", type=int, default=240)
   parser.add_argument("--recompute-tokens", type=int, default=8)
