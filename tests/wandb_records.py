@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 from wandb.proto import wandb_internal_pb2 as pb
 
@@ -38,6 +39,23 @@ def read_records(path: str) -> list:
   return records
 
 
+def finished_records(path: str, timeout_s: float = 60.0) -> list:
+  """The records of one session's file once its `exit` record is there: W&B's service process
+  writes the file and may still be flushing the last records (summary, exit) when `finish()` has
+  returned on a loaded machine, so wait for them (at most `timeout_s`)."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      records = read_records(path)
+    except Exception:  # a record still being written
+      if time.monotonic() > deadline:
+        raise
+      records = []
+    if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+      return records
+    time.sleep(0.2)
+
+
 def _items(items) -> dict:
   return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
 
@@ -48,8 +66,10 @@ def offline_run(wandb_dir: str, run_id: str) -> dict:
   `wandb sync` uploads into the one run); their records are read in that order."""
   paths = sorted(glob.glob(os.path.join(wandb_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb")))
   assert paths, f"no offline W&B run {run_id} under {wandb_dir}"
+  # wait for the newest session's last records; an earlier session may have been killed mid-run
+  parts = [read_records(path) for path in paths[:-1]] + [finished_records(paths[-1])]
   out = {"run": None, "config": {}, "summary": {}, "history": [], "parts": len(paths)}
-  for rec in (r for path in paths for r in read_records(path)):
+  for rec in (r for records in parts for r in records):
     kind = rec.WhichOneof("record_type")
     if kind == "run":
       out["run"] = rec.run
