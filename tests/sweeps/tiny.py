@@ -5,6 +5,7 @@ from conftest import tiny_config
 
 def get_config():
   c = tiny_config(train__steps=12, train__checkpoint_every=6, train__eval_batch_size=16)
+  c.task.test_lengths = ()  # one evaluation length: the train length
   c.eval.update(iterations=8, batch_size=2, chunk=4)
   c.wandb.mode = "offline"
   return c
