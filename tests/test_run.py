@@ -25,6 +25,7 @@ def trained(tmp_path_factory):
   run = str(tmp_path_factory.mktemp("run") / "tiny")
   cfg = tiny_config(train__steps=20, train__checkpoint_every=10, train__eval_every=-1)
   cfg.model.update(n_heads=4, d_model=32, d_ff=64)
+  cfg.task.test_lengths = ()  # evaluated at the train length only (one program per evaluation)
   Trainer(cfg, run).run()
   return run
 
