@@ -62,10 +62,13 @@ def _error_text(log_path: str) -> str:
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
-  """`key: old -> new` for every flattened key that differs (JSON-normalised: tuples are lists)."""
+  """`key: old -> new` for every flattened key that differs (JSON-normalised: tuples are lists).
+  `distributed.*` is not compared: it says where a trial runs, not what it computes (on a pod every
+  host has its own process_id, and every launch may have its own coordinator and process count)."""
   old, new = flatten(json.loads(json.dumps(old))), flatten(json.loads(json.dumps(new)))
   return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
-          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+          for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k) and not k.startswith("distributed.")]
 
 
 def program_key(trial: Trial) -> tuple:

@@ -286,6 +286,11 @@ def test_force_reruns_a_changed_trial_and_sweep_json_keeps_every_invocation(tmp_
   os.makedirs(runner.trial_dir(trials[0]))
   set_trial(runner.trial_dir(trials[0]), status="done", config=trial_config(trials[0], "tiny"))
   assert runner.changed_trials() == {}
+  # another host of a pod (or a relaunch with another coordinator) runs the same trials
+  elsewhere = expand(apply_overrides(module.get_config(), {
+      "distributed.process_id": 1, "distributed.num_processes": 2,
+      "distributed.coordinator_address": "10.0.0.2:1234"}), module)
+  assert Runner("tiny", elsewhere, str(tmp_path)).changed_trials() == {}
   runner.record_invocation(runner.check_changed())
   longer = expand(apply_overrides(module.get_config(), {"train.steps": 14}), module)
   with pytest.raises(RunDirError, match="train.steps: 12 -> 14.*--force"):
