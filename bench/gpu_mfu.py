@@ -8,7 +8,9 @@ The batch: the largest power of two (up to --max_batch) whose compiled train ste
 --memory_fraction of the device's memory, halved again if it still runs out. Figures: training
 tokens/s, model TFLOP/s (6 × matmul FLOPs of the forward per token, the causal half of the attention
 scores) and MFU against the chip's dense bfloat16 peak; the forward pass (prefill) tokens/s as well.
-Per-token decoding needs a decode path with a KV cache, which this code base does not have yet.
+Decoding: tokens/s of the same model (random initialisation) generating --new tokens after a 16-token
+prompt with the KV cache (`looped_models.generate`), at batch 1 and 8, fixed R = --iters, with the
+`exact` and the `latest` cache. Per-token exit needs a trained model: `python -m bench.generate`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import sys
 
 import jax
+import numpy as np
 
 from bench.reference_speed import (batch_of, forward_caller, forward_flops, reference_config, timed,
                                    train_caller)
@@ -79,6 +82,26 @@ def measure(c, batch_size: int, args) -> dict:
           "mfu": flops / step_s / peak if peak else None, "forward_tokens_per_s": tokens / fwd_s}
 
 
+def decode(c, args) -> list[dict]:
+  """Decode tokens/s of the model of `c` (random initialisation, greedy, fixed R = args.iters)."""
+  from flax import nnx
+
+  from bench.generate import timed as timed_decode
+  from looped_models.generate import Generator
+  from train.step import init_model
+  gen = Generator(nnx.merge(*init_model(c.model, 0)))
+  rows = []
+  for batch in (1, 8):
+    prompts = np.random.default_rng(batch).integers(0, c.model.vocab_size, (batch, 16)).tolist()
+    for cache in ("exact", "latest"):
+      s = timed_decode(gen, prompts, repeats=args.decode_repeats, max_new=args.new,
+                       iterations=args.iters, cache=cache, slots=batch)
+      rows.append({"batch": batch, "cache": cache, "tokens_per_s": s["decode_tokens_per_s"],
+                   "cache_mib": s["cache_bytes"] / 2**20, "compile_s": s["compile_s"]})
+      print(rows[-1], flush=True)
+  return rows
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--d_model", type=int, default=1024)
@@ -93,12 +116,15 @@ def main() -> None:
   p.add_argument("--remat", action="store_true")
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--new", type=int, default=256, help="tokens generated per sequence when decoding")
+  p.add_argument("--decode_repeats", type=int, default=3)
   p.add_argument("--smoke", action="store_true", help="tiny shapes, any backend, nothing recorded")
   p.add_argument("--section", default="gpu_mfu")
   args = p.parse_args()
   if args.smoke:
     args.d_model, args.d_ff, args.vocab, args.seq, args.iters = 128, 256, 256, 64, 2
     args.max_batch, args.repeats, args.warmup, args.impls = 4, 1, 1, "auto"
+    args.new, args.decode_repeats = 8, 1
   elif jax.default_backend() != "gpu":
     sys.exit(f"no GPU here (backend {jax.default_backend()}); run with --smoke to check the script")
   rows = []
@@ -107,6 +133,7 @@ def main() -> None:
     b = largest_batch(c, args)
     rows.append(measure(c, b, args))
     print(rows[-1], flush=True)
+  decoded = decode(gpu_config(args, "auto"), args)
   cmd = " ".join(["python -m bench.gpu_mfu", *sys.argv[1:]])
   lines = [f"## GPU train-step MFU: (2, 4⊗{args.iters}, 2), d = {args.d_model}, swiglu {args.d_ff}, "
            f"vocab {args.vocab}, sequence {args.seq}, {args.dtype}{', remat' if args.remat else ''}",
@@ -120,7 +147,13 @@ def main() -> None:
     lines.append(f"| {r['impl']} | {r['batch']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                  f"{r['tflops']:.1f} | {mfu} | {r['forward_tokens_per_s']:,.0f} |")
   lines += ["", "Target: ≥ 40% MFU on an H100/H200. Model FLOPs: 3 × the forward's matmul FLOPs "
-            "(projections, concat adapter, unembedding, the causal half of QKᵀ and AV)."]
+            "(projections, concat adapter, unembedding, the causal half of QKᵀ and AV).", "",
+            f"Decoding, the same model (random initialisation): {args.new} greedy tokens after a 16-token "
+            f"prompt, fixed R = {args.iters}, tokens/s of the decode loop (compile and prefill excluded; "
+            f"median of {args.decode_repeats} runs).", "",
+            "| batch | cache | decode tokens/s | cache MiB |", "| --- | --- | --- | --- |"]
+  lines += [f"| {r['batch']} | {r['cache']} | {r['tokens_per_s']:,.0f} | {r['cache_mib']:,.1f} |"
+            for r in decoded]
   print("\n".join(lines))
   if not args.smoke:
     write_section(args.section, "\n".join(lines))
