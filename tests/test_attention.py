@@ -138,12 +138,54 @@ def test_dense_on_flattened_rows_equals_linear(dtype):
 
 def test_attention_impl_config():
   m = tiny_config()
-  assert attention_impl(m) == "blocked"  # auto on a CPU
+  backend = jax.default_backend()
+  assert attention_impl(m) == ("blocked" if backend == "cpu" else "xla")  # auto, float32
   for impl in ("blocked", "xla"):
     m.attention_impl = impl
     validate_model_config(m)
     assert attention_impl(m) == impl
-  for bad, key in (("flash", "attention_impl"), ("cudnn", "attention_impl")):
+  for bad in ("flash", "cudnn") if backend != "gpu" else ("flash",):  # cuDNN: a GPU only
     m.attention_impl = bad
-    with pytest.raises(ConfigError, match=f"model.{key}='{bad}'"):
+    with pytest.raises(ConfigError, match=f"model.attention_impl='{bad}'"):
       validate_model_config(m)
+
+
+ON_GPU = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+
+
+@ON_GPU
+@pytest.mark.parametrize("mask", MASKS, ids=lambda o: o["attention"])
+def test_cudnn_attention_equals_plain_in_bfloat16(mask):
+  """cuDNN flash attention (a GPU, bfloat16; what `auto` picks there) against the plain float32
+  implementation: outputs and gradients within bfloat16's precision, both masks."""
+  b, s, d, h = 2, 128, 128, 2  # head dimension 64
+  m = tiny_config(d_model=d, n_heads=h, max_len=s, dtype="bfloat16", **mask)
+  assert attention_impl(m) == "cudnn"  # what auto picks here
+  m.attention_impl = "cudnn"
+  validate_model_config(m)
+  att = Attention(m, nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (b, s, d))
+  ctx = make_context(m, s)
+  assert ctx.impl == "cudnn"
+  graphdef, params = nnx.split(att)
+  f32 = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+
+  def plain(params, x):  # float32 einsum + softmax with the same mask
+    a = nnx.merge(graphdef, params)
+    c = make_context(m, s)
+    split = lambda y: y.reshape(b, s, h, d // h)
+    q, k, v = (split(dense(lin, x)) for lin in (a.query, a.key, a.value))
+    q, k = apply_rope(q, c.rope), apply_rope(k, c.rope)
+    i, j = np.arange(s)[:, None], np.arange(s)[None, :]
+    allowed = (j <= i) & ((i - j) < m.window if m.attention == "local" else True)
+    logits = jnp.einsum("bshk,bthk->bhst", q, k) / np.sqrt(d // h)
+    probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+    return dense(a.out, jnp.einsum("bhst,bthk->bshk", probs, v).reshape(b, s, d))
+
+  fused = lambda params, x: nnx.merge(graphdef, params)(x, ctx)[0]
+  np.testing.assert_allclose(np.asarray(fused(params, x), np.float32), np.asarray(plain(f32, x)),
+                             rtol=5e-2, atol=5e-2)
+  loss = lambda fn, p: lambda x: jnp.sum(jnp.sin(fn(p, x).astype(jnp.float32)))
+  got = jax.grad(loss(fused, params))(x)
+  want = jax.grad(loss(plain, f32))(x)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=5e-2, atol=5e-2)
