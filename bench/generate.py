@@ -15,7 +15,7 @@ KV cache, each token exiting by the criterion):
 Speed: decode tokens/s at batch 1 and 8 for R in {4, 16, 32}: fixed R with each cache, adaptive exit
 (the chosen fixed_point threshold, cap R), and recompute (no cache: one full forward of the whole
 buffer per token, compiled once), generating `--new` tokens after a 16-token prompt. Writes its
-section of bench/RESULTS.md.
+section of bench/RESULTS.md (`--section`).
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def main() -> None:
   parser.add_argument("--cap", type=int, default=16, help="R_cap of the quality study")
   parser.add_argument("--new", type=int, default=240)
   parser.add_argument("--recompute-tokens", type=int, default=8)
+  parser.add_argument("--section", default="generate",
+                      help="the section of bench/RESULTS.md to write (e.g. generate_gpu on a GPU)")
   args = parser.parse_args()
   from bench.results import machine, write_section
   from looped_models.generate import Generator, cache_bytes
@@ -197,8 +199,9 @@ def main() -> None:
       print(lines[-1], flush=True)
   body = "\n".join(lines)
   print(body)
-  write_section("generate", "## Generation: per-token exit and decode speed (`python -m bench.generate`)\n\n"
-                + body)
+  where = "" if args.section == "generate" else f" ({jax.devices()[0].device_kind})"
+  write_section(args.section, f"## Generation: per-token exit and decode speed{where} "
+                "(`python -m bench.generate`)\n\n" + body)
 
 
 if __name__ == "__main__":

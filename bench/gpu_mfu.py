@@ -5,7 +5,8 @@ bfloat16, the largest batch that fits, attention through cuDNN (and XLA for cont
   python -m bench.gpu_mfu --smoke             # tiny shapes on any backend: checks the script runs
 
 The batch: the largest power of two (up to --max_batch) whose compiled train step XLA says fits in
---memory_fraction of the device's memory, halved again if it still runs out. Figures: training
+--memory_fraction of the device's memory (estimated from one compile at batch 8, then checked),
+halved again if it still runs out. Figures: training
 tokens/s, model TFLOP/s (6 × matmul FLOPs of the forward per token, the causal half of the attention
 scores) and MFU against the chip's dense bfloat16 peak; the forward pass (prefill) tokens/s as well.
 Decoding: tokens/s of the same model (random initialisation) generating --new tokens after a 16-token
@@ -36,42 +37,59 @@ def gpu_config(args, impl: str):
   return c
 
 
-def fits(c, batch_size: int, args) -> bool:
-  """Whether XLA's compiled memory for this batch is within the budget (compiles, runs nothing)."""
+def compile_step(c, batch_size: int, args):
+  """(the train step compiled for this batch as a thunk, XLA's memory need in bytes: arguments, outputs
+  and temporaries), or (None, None) where it does not compile."""
   try:
     call = train_caller(c, batch_of(c.model.vocab_size, batch_size, args.seq), args.iters)
   except Exception as e:  # noqa: BLE001 (an allocation failure at compile time means "no")
     print(f"batch {batch_size}: does not compile ({str(e).splitlines()[0][:120]})", flush=True)
-    return False
+    return None, None
   m = call.compiled.memory_analysis()
   need = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-  stats = jax.devices()[0].memory_stats() or {}
-  limit = stats.get("bytes_limit", 0)
-  print(f"batch {batch_size}: {need / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB", flush=True)
-  return not limit or need <= args.memory_fraction * limit
+  print(f"batch {batch_size}: {need / 2**30:.1f} GiB", flush=True)
+  return call, (m.argument_size_in_bytes, m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
-def largest_batch(c, args) -> int:
+def largest_batch(c, args):
+  """(batch, its compiled step): the largest power of two up to --max_batch whose step fits in
+  --memory_fraction of the device's memory. One compile at a probe batch gives the fixed part
+  (parameters, optimizer state) and the per-sequence part (outputs, temporaries) of the need; the
+  batch that line allows is compiled and checked, halved until it fits (two compiles, usually)."""
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) * args.memory_fraction
+  probe = min(8, args.max_batch)
+  probe_call, need = compile_step(c, probe, args)
+  if probe_call is None:
+    raise SystemExit(f"the train step does not compile at batch {probe}")
+  if not limit:  # no memory figure (a CPU): the probe
+    return probe, probe_call
+  fixed, per_seq = need[0], need[1] / probe
   b = 1
-  while b * 2 <= args.max_batch and fits(c, b * 2, args):
+  while b * 2 <= args.max_batch and fixed + b * 2 * per_seq <= limit:
     b *= 2
-  return b
+  while b > 1:
+    call, need = (probe_call, need) if b == probe else compile_step(c, b, args)
+    if call is not None and sum(need) <= limit:
+      return b, call
+    b //= 2
+  return 1, compile_step(c, 1, args)[0]
 
 
-def measure(c, batch_size: int, args) -> dict:
-  batch = batch_of(c.model.vocab_size, batch_size, args.seq)
+def measure(c, batch_size: int, train, args) -> dict:
+  """Train step (the compiled `train`, at `batch_size`) and forward pass at that batch; a run-time
+  out-of-memory halves the batch."""
   while True:
     try:
-      train = train_caller(c, batch, args.iters)
       step_s = timed(train, args.repeats, args.warmup)
       break
     except Exception as e:  # noqa: BLE001 (out of memory at run time: halve the batch)
       if "RESOURCE_EXHAUSTED" not in str(e) or batch_size == 1:
         raise
       batch_size //= 2
-      batch = batch_of(c.model.vocab_size, batch_size, args.seq)
       print(f"out of memory; batch {batch_size}", flush=True)
+      train = train_caller(c, batch_of(c.model.vocab_size, batch_size, args.seq), args.iters)
   del train
+  batch = batch_of(c.model.vocab_size, batch_size, args.seq)
   fwd_s = timed(forward_caller(c, batch, args.iters), args.repeats, args.warmup)
   tokens = batch_size * args.seq
   flops = 3 * forward_flops(c.model, args.iters, batch_size, args.seq)
@@ -130,8 +148,9 @@ def main() -> None:
   rows = []
   for impl in args.impls.split(","):
     c = gpu_config(args, impl)
-    b = largest_batch(c, args)
-    rows.append(measure(c, b, args))
+    b, train = largest_batch(c, args)
+    rows.append(measure(c, b, train, args))
+    del train
     print(rows[-1], flush=True)
   decoded = decode(gpu_config(args, "auto"), args)
   cmd = " ".join(["python -m bench.gpu_mfu", *sys.argv[1:]])
