@@ -36,6 +36,11 @@ data/shakespeare/meta.json: | $(STAMP)
 
 shakespeare: data/shakespeare/meta.json
 
+# Wheels of the packages the GPU machine's image lacks (it holds jax, flax, optax and orbax; not
+# ml-collections), for bench/gpu_session.sh: carried there in .whl/ (ignored by git).
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d .whl ml-collections==1.1.0
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.train_throughput
 
