@@ -1,6 +1,7 @@
 """Generation on a trained text run: quality of per-token exit against fixed R, and decode speed.
 
   python -m bench.generate --workdir runs/shakespeare [--windows 32] [--new 240]
+  python -m bench.generate --speed-only --r-small 2 --threshold 0.3 --section generate_gpu  # a GPU
 
 Quality (held-out text, teacher-forced: every position decoded as generation computes it, with the
 KV cache, each token exiting by the criterion):
@@ -72,7 +73,9 @@ def recompute_tokens_per_s(model, prompt: list[int], R: int, batch: int, length:
     return buf_BT.at[:, pos].set(tok)
 
   buf = jnp.zeros((batch, length), jnp.int32).at[:, :len(prompt)].set(jnp.asarray(prompt))
-  jax.block_until_ready(step(params, buf, len(prompt)))  # compile
+  # compile for the buffer made here and for step's own output, whose sharding differs (else the
+  # first timed call compiles again and the compile is counted as decoding)
+  jax.block_until_ready(step(params, step(params, buf, len(prompt)), len(prompt)))
   t0 = time.perf_counter()
   for i in range(n):
     buf = step(params, buf, len(prompt) + i)
@@ -80,45 +83,15 @@ def recompute_tokens_per_s(model, prompt: list[int], R: int, batch: int, length:
   return batch * n / (time.perf_counter() - t0)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/shakespeare")
-  parser.add_argument("--windows", type=int, default=32,
-                      help="validation windows per half (calibration, held out); 8 proved too few "
-                      "to choose R_small and the thresholds reliably (bench/RESULTS.md)")
-  parser.add_argument("--cap", type=int, default=16, help="R_cap of the quality study")
-  parser.add_argument("--new", type=int, default=240)
-  parser.add_argument("--recompute-tokens", type=int, default=8)
-  parser.add_argument("--section", default="generate",
-                      help="the section of bench/RESULTS.md to write (e.g. generate_gpu on a GPU)")
-  args = parser.parse_args()
-  from bench.results import machine, write_section
-  from looped_models.generate import Generator, cache_bytes
-  from train.data import TextData
-  from train.run import open_run
-
-  run = open_run(args.workdir)
-  model, m = run.model(), run.cfg.model
-  context = 16 + args.new
-  if context > m.max_len:  # a RoPE model's parameters do not depend on max_len
-    from flax import nnx
-    from train.step import abstract_model
-    longer = run.cfg.model.copy_and_resolve_references()
-    longer.max_len = context
-    model = nnx.merge(abstract_model(longer, 0)[0], nnx.state(model))
-    m = model.spec
-  data = TextData(run.cfg.task.path)
-  L = min(m.max_len, run.cfg.task.train_length)
-  calib, held = windows(data, args.windows, L, 0), windows(data, args.windows, L, 1)
-  gen = Generator(model)
-
+def quality(args, model, gen, calib: np.ndarray, held: np.ndarray, L: int) -> tuple[list[str], int, dict]:
+  """The quality study (fixed R, per-token exit on calibration then held out, the oracle, the
+  caches, greedy agreement): its lines, R_small and the chosen threshold per criterion."""
   fixed = {}
   for R in range(1, args.cap + 1):
     fixed[R] = [nll(np.asarray(model(jnp.asarray(w[:, :-1]), R).logits_BSV), w[:, 1:]) for w in (calib, held)]
   best = min(fixed, key=lambda r: fixed[r][0])
   small = min(r for r in fixed if fixed[r][0] <= 1.01 * fixed[best][0])
-  lines = [f"Run `{args.workdir}` (step {run.step}), machine: {machine()}.", "",
-           f"Teacher-forced next-token loss (nats/token) on {args.windows} windows of {L} tokens from "
+  lines = [f"Teacher-forced next-token loss (nats/token) on {args.windows} windows of {L} tokens from "
            "each half of the validation split (calibration | held out).", "",
            "| fixed R | calibration | held out |", "|---|---|---|"]
   lines += [f"| {r} | {fixed[r][0]:.4f} | {fixed[r][1]:.4f} |" for r in fixed]
@@ -162,6 +135,54 @@ def main() -> None:
     lines += ["", f"Greedy agreement, fixed_point {thr:g} (cap {args.cap}) vs fixed R_small = {small}: "
               f"{same:.1%} of 256 generated tokens identical; mean iterations {ada.stats['mean_iterations']:.2f}."]
 
+  return lines, small, chosen
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="runs/shakespeare")
+  parser.add_argument("--windows", type=int, default=32,
+                      help="validation windows per half (calibration, held out); 8 proved too few "
+                      "to choose R_small and the thresholds reliably (bench/RESULTS.md)")
+  parser.add_argument("--cap", type=int, default=16, help="R_cap of the quality study")
+  parser.add_argument("--new", type=int, default=240)
+  parser.add_argument("--recompute-tokens", type=int, default=32)
+  parser.add_argument("--speed-only", action="store_true",
+                      help="only the decode speed tables, with --r-small and --threshold as given (e.g. "
+                      "what a CPU run of the quality study chose): for a GPU's short lease")
+  parser.add_argument("--r-small", type=int, default=2)
+  parser.add_argument("--threshold", type=float, default=0.3, help="the fixed_point threshold")
+  parser.add_argument("--section", default="generate",
+                      help="the section of bench/RESULTS.md to write (e.g. generate_gpu on a GPU)")
+  args = parser.parse_args()
+  from bench.results import machine, write_section
+  from looped_models.generate import Generator, cache_bytes
+  from train.data import TextData
+  from train.run import open_run
+
+  run = open_run(args.workdir)
+  model, m = run.model(), run.cfg.model
+  context = 16 + args.new
+  if context > m.max_len:  # a RoPE model's parameters do not depend on max_len
+    from flax import nnx
+    from train.step import abstract_model
+    longer = run.cfg.model.copy_and_resolve_references()
+    longer.max_len = context
+    model = nnx.merge(abstract_model(longer, 0)[0], nnx.state(model))
+    m = model.spec
+  data = TextData(run.cfg.task.path)
+  L = min(m.max_len, run.cfg.task.train_length)
+  calib, held = windows(data, args.windows, L, 0), windows(data, args.windows, L, 1)
+  gen = Generator(model)
+
+  lines = [f"Run `{args.workdir}` (step {run.step}), machine: {machine()}.", ""]
+  if args.speed_only:
+    small, chosen = args.r_small, {"fixed_point": args.threshold}
+    lines += [f"Speed only: R_small = {small} and fixed_point {args.threshold:g}, as given.", ""]
+  else:
+    study, small, chosen = quality(args, model, gen, calib, held, L)
+    lines += study
+  thr = chosen.get("fixed_point")
   lines += ["", f"Target: adaptive exit (cap {args.cap}, `latest` cache) against fixed R_small = {small}, "
             f"decode tokens/s of {args.new} greedy tokens after a 16-token prompt.", "",
             "| batch | fixed R_small | criterion | adaptive | ratio | mean iterations |", "|---|---|---|---|---|---|"]
