@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Every GPU measurement of this project in one run, for a GPU machine lent for a few minutes:
-#   1. bench.gpu_mfu: train-step MFU at d = 1024, sequence 1024, bf16, cuDNN and XLA attention; the
-#      forward pass and decode tokens/s of that model (section gpu_mfu of bench/RESULTS.md);
-#   2. the GPU path of the tests: cuDNN attention against the plain implementation, the model,
-#      generation (tests/test_attention.py, test_model.py, test_generate.py);
-#   3. bench.generate on a trained Shakespeare preset run: per-token exit and decode speed
-#      (section generate_gpu), when RUN (default runs/shakespeare) holds one.
+#   1. bench.gpu_mfu: train-step MFU at d = 1024, sequence 1024, bf16, cuDNN attention (IMPLS=auto,xla
+#      adds XLA's for contrast); the forward pass and decode tokens/s of that model (section gpu_mfu
+#      of bench/RESULTS.md);
+#   2. the GPU path of the tests: cuDNN attention against the plain implementation, generation
+#      (tests/test_attention.py, test_generate.py; TESTS_K selects);
+#   3. bench.generate --speed-only on a trained Shakespeare preset run: decode tokens/s, fixed R with
+#      each cache, per-token exit, recompute (section generate_gpu), when RUN (default
+#      runs/shakespeare) holds one; R_SMALL and THRESHOLD as the CPU run's quality study chose them.
 # Prepare here: `make gpu-wheels` (packages the GPU image lacks, into .whl/) and a trained preset run
 # (`python -m train --config configs/lm_shakespeare.py --workdir runs/shakespeare`, 13 minutes on 2
 # CPU cores; its latest checkpoint is enough). On the GPU machine, from the repository root, carrying
 # .whl, data/shakespeare and runs/shakespeare:  OUT=/some/dir bash bench/gpu_session.sh
 # Logs and the updated bench/RESULTS.md land in $OUT (default bench/gpu_out). Each step has its own
-# time limit (seconds: MFU_S, TESTS_S, GENERATE_S) so that one slow step does not take the others' time.
+# time limit (seconds: MFU_S, TESTS_S, GENERATE_S; 9 minutes in all) so that one slow step does not
+# take the others' time; a step cut off leaves the rows it printed in its log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu_out}
@@ -34,14 +37,15 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output 
   echo "== $name: exit ${PIPESTATUS[0]}"
 }
 
-step gpu_mfu "${MFU_S:-240}" $PY -m bench.gpu_mfu
+step gpu_mfu "${MFU_S:-240}" $PY -m bench.gpu_mfu --impls "${IMPLS:-auto}"
 # float32 matmuls at full precision (a GPU may use TF32 for them): the tests compare implementations
 # to 1e-5; the benchmarks above run at the default precision.
-JAX_DEFAULT_MATMUL_PRECISION=highest step tests "${TESTS_S:-150}" $PY -m pytest -q --maxfail=5 \
-    -p no:cacheprovider tests/test_attention.py tests/test_model.py tests/test_generate.py \
-    -k "not cli and not raven"
+JAX_DEFAULT_MATMUL_PRECISION=highest step tests "${TESTS_S:-120}" $PY -m pytest -q --maxfail=5 \
+    -p no:cacheprovider tests/test_attention.py tests/test_generate.py -k "${TESTS_K:-not cli and not raven}"
 if [ -f "$RUN/config.json" ]; then
-  step generate "${GENERATE_S:-240}" $PY -m bench.generate --workdir "$RUN" --windows 8 --section generate_gpu
+  # decode speed only, with the R_small and threshold that the CPU run's quality study chose
+  step generate "${GENERATE_S:-180}" $PY -m bench.generate --workdir "$RUN" --speed-only \
+      --r-small "${R_SMALL:-2}" --threshold "${THRESHOLD:-0.3}" --section generate_gpu
 else
   echo "== generate: skipped ($RUN holds no run)"
 fi
