@@ -13,8 +13,9 @@
 # CPU cores; its latest checkpoint is enough). On the GPU machine, from the repository root, carrying
 # .whl, data/shakespeare and runs/shakespeare:  OUT=/some/dir bash bench/gpu_session.sh
 # Logs and the updated bench/RESULTS.md land in $OUT (default bench/gpu_out). Each step has its own
-# time limit (seconds: MFU_S, TESTS_S, GENERATE_S; 8 minutes in all, 10 with the fallback) so that one slow step does not
-# take the others' time; a step cut off leaves the rows it printed in its log.
+# time limit (seconds: MFU_S, MFU_XLA_S, TESTS_S, GENERATE_S; 8 minutes in all, 10 with the XLA
+# fallback) so that one slow step does not take the others' time; a step cut off leaves the rows it
+# printed in its log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu_out}
