@@ -4,7 +4,8 @@ Each trial runs as its own process (`python -m sweeps.trial`), so a crash or a N
 trial's `trial.json` and the sweep goes on. On SIGINT/SIGTERM the runner passes SIGTERM to its trials
 (each saves a checkpoint), marks them pending and stops. Rerunning the command skips done (and
 diverged) trials and resumes the rest from their checkpoints. With several JAX processes (a pod),
-every host runs the same command and trials run one after another in-process over the whole mesh.
+every host runs the same command and trials run one after another in-process over the whole mesh;
+process 0's list of trials still to run is the one every host follows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from configs.errors import ConfigError
@@ -175,6 +177,10 @@ class Runner:
         set_trial(str(path(self.sweep_dir) / name), status="pending", error=None)
     todo = [t for t in self.selected if trial_record(self.trial_dir(t))["status"] not in SKIP
             or t.name in forced]
+    if jax.process_count() > 1:  # every host runs the same trials, in step: process 0's list
+      from jax.experimental import multihost_utils
+      mine = np.array([t.name in {u.name for u in todo} for t in self.selected], np.int32)
+      todo = [t for t, m in zip(self.selected, multihost_utils.broadcast_one_to_all(mine)) if m]
     handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=len(self.selected), initial=len(self.selected) - len(todo), desc=self.sweep,
                unit="trial", disable=not main, dynamic_ncols=True)
