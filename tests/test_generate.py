@@ -1,6 +1,7 @@
 """Generation: the exact cache reproduces the full forward, the latest cache does not grow with R,
-batching and slots change nothing, exited tokens stop costing block FLOPs, sampling options, bad input
-is one line, and the CLI writes its record and plot without overwriting anything."""
+batching and slots change nothing, the exact cache reads an exited token at its last iteration, exited
+tokens stop costing block FLOPs, sampling options, bad input is one line, and the CLI writes its
+record and plot without overwriting anything."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from conftest import tiny_config
 from configs.errors import ConfigError
 from eval.generate import encode, parse_exit
 from looped_models.generate import Generator, cache_bytes, empty_cache, generate
+from looped_models.layers import KV, make_cached_context
 from train.config import resolve
 from train.step import init_model
 
@@ -92,6 +94,55 @@ def test_slots_and_batching_change_nothing(cache):
       np.testing.assert_allclose(one.logits[i], out.logits[i], atol=1e-5)
     assert out.stats["tokens"] == 21 and out.stats["slots"] == slots
   assert len({int(i) for its in one.iterations for i in its}) > 1  # the exits really differ
+
+
+def stepwise_logits(model, tokens, exits):
+  """Next-token logits at every position of `tokens`, decoded one token at a time, token t running
+  exits[t] block iterations, with every key and value kept per (group, layer, iteration): at block
+  iteration j a token reads an earlier token u at iteration min(j, exits[u]) (1-based), the rule the
+  exact cache keeps with adaptive exit."""
+  store = {}  # (group, layer, iteration) -> {position: (k, v)}
+
+  def run(layer, x, t, ctx, key, read):
+    def kv(k, v):
+      store.setdefault(key, {})[t] = (k, v)
+      ks, vs = zip(*(store[(*key[:2], read(u))][u] for u in range(t + 1)))
+      return KV(jnp.concatenate(ks, 1), jnp.concatenate(vs, 1)), None
+    return layer(x, ctx, kv=kv)[0]
+
+  logits = []
+  for t, token in enumerate(tokens):
+    ctx = make_cached_context(model.spec, jnp.array([t]), 1, t + 1)
+    x = model.embed_tokens(jnp.array([[token]]), jnp.array([[t]]))
+    for l, layer in enumerate(model.prelude):
+      x = run(layer, x, t, ctx, ("prelude", l, 0), lambda u: 0)
+    e, s = x, model.initial_state(x)
+    for j in range(exits[t]):
+      x = model.inject(s, e)
+      for l, layer in enumerate(model.block):
+        x = run(layer, x, t, ctx, ("block", l, j), lambda u: min(j, exits[u] - 1))
+      s = model.close_iteration(x)
+    x = model.latent(s)
+    for l, layer in enumerate(model.coda):
+      x = run(layer, x, t, ctx, ("coda", l, 0), lambda u: 0)
+    x = model.final_norm(x)
+    logits.append(np.asarray(model.embed.attend(x) if model.unembed is None else model.unembed(x))[0, 0])
+  return np.stack(logits)
+
+
+def test_exact_cache_reads_an_exited_token_at_its_last_iteration():
+  """With adaptive exit, the exact cache gives the logits of a token-by-token decode in which a later
+  token at iteration j reads each earlier token at min(j, its last iteration)."""
+  model = tiny_model(model__block_size=2, model__injection="add", model__n_coda=2)
+  R, prompt = 6, PROMPTS[0]
+  out = Generator(model)([prompt], max_new=9, iterations=R, cache="exact", exit=("fixed_point", 1e-3),
+                         return_logits=True)
+  its = [int(i) for i in out.iterations[0]]
+  assert min(its) < max(its) and min(its) < R  # tokens exit at different iterations, before R
+  exits = [R] * (len(prompt) - 1) + its  # the prompt but its last token at R
+  tokens = list(prompt) + [int(t) for t in out.tokens[0][:-1]]
+  ref = stepwise_logits(model, tokens, exits)[len(prompt) - 1:]
+  np.testing.assert_allclose(np.stack(out.logits[0]), ref, atol=1e-5)
 
 
 def identity_model():
