@@ -284,9 +284,12 @@ def _step(model, c, thr, temperature, top_p, root, eos_id, opts: Options):
   rows = jnp.arange(P)
   ctx = make_cached_context(m, c["pos_P"], 1, opts.length)
   exact = opts.cache == "exact"
+  # with fixed R every token's last iteration is R: the slot read is the current one (a slice, not a
+  # gather per position)
+  track_last = exact and opts.criterion is not None
   slot_P = c["it_P"] if exact else None
   s_new, outs_kP1D, block = _block_iteration(model, c["s_P1D"], c["e_P1D"], ctx, c["cache"].block,
-                                             slot_P, c["last_BT"] if exact else None)
+                                             slot_P, c["last_BT"] if track_last else None)
   it_P, active_P = c["it_P"] + 1, c["seq_P"] >= 0
   peek = lambda s: _decode(model, s, ctx, c["cache"].coda)[0]   # the coda's writes are redone on exit
   meets_P = jnp.zeros(P, bool)
@@ -302,7 +305,7 @@ def _step(model, c, thr, temperature, top_p, root, eos_id, opts: Options):
   # an exiting token is read at its last iteration from now on (exact); the others, and every position
   # not yet decoded, at the newest slot (R - 1) until they exit
   last_BT = (c["last_BT"].at[rows, c["pos_P"]].set(jnp.where(exit_P, it_P - 1, R - 1), mode="drop")
-             if exact else c["last_BT"])
+             if track_last else c["last_BT"])
   cache = c.pop("cache")
   c = {**c, "last_BT": last_BT, "prelude": cache.prelude, "coda": cache.coda, "s_P1D": s_new, "it_P": it_P,
        "prev": prev, "changed_P": changed_P, "pred_P": pred_P, "steps": c["steps"] + 1,
