@@ -33,8 +33,8 @@ class Diverged(Exception):
 
 
 class LogWindow:
-  """The training steps since the last log line: their metrics (on the device until flushed, so the
-  loop never waits for them) and the time they took."""
+  """The training steps since the last log line: their metrics (on the device until flushed) and the
+  time they took."""
 
   def __init__(self, tokens_per_step: int):
     self.tokens_per_step, self.pending = tokens_per_step, []
@@ -46,6 +46,12 @@ class LogWindow:
 
   def add(self, metrics: dict) -> None:
     self.pending.append(metrics)
+
+  def wait_for_previous(self) -> None:
+    """Wait for the step before the newest one, so that the host runs at most one step ahead of the
+    device (it prepares the next batch meanwhile) and never queues up a whole log window."""
+    if len(self.pending) > 1:
+      jax.block_until_ready(self.pending[-2])
 
   def flush(self, step: int) -> dict[str, float] | None:
     """The window's mean metrics with steps/s and tokens/s (None if empty); Diverged on a NaN loss."""
@@ -247,6 +253,7 @@ class Trainer:
         n_iters = jnp.int32(recurrence.sample(t, step))
         state, metrics = self.train_step(state, batch, n_iters)
         window.add(metrics)
+        window.wait_for_previous()  # at most one step in flight: the bar counts finished steps
         step += 1
         bar.update(1)
         at_end = step == t.steps
