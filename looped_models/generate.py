@@ -44,12 +44,20 @@ from train.sharding import BATCH_AXES, put, to_host
 CACHES = ("exact", "latest")
 
 
+class Buffers(NamedTuple):
+  """One layer group's keys and values, each [slots, layers, B, H, Dh, T]: per head the layout that
+  both of the attention's dots read as they are (stored [.., T, H, Dh], every layer's buffer was
+  copied into it at every step: decoding 1.6-2.5x slower on a CPU, bench/RESULTS.md)."""
+  k_SLBHKT: jax.Array
+  v_SLBHKT: jax.Array
+
+
 class Cache(NamedTuple):
-  """Key/value buffers per layer group, each [slots, layers, B, T, H, Dh]: prelude and coda one
-  slot, the block R slots (`exact`) or one (`latest`)."""
-  prelude: KV
-  block: KV
-  coda: KV
+  """`Buffers` per layer group: prelude and coda one slot, the block R slots (`exact`) or one
+  (`latest`)."""
+  prelude: Buffers
+  block: Buffers
+  coda: Buffers
 
 
 class GenerateOutput(NamedTuple):
@@ -63,7 +71,7 @@ class GenerateOutput(NamedTuple):
 
 def empty_cache(m: Any, batch: int, length: int, iterations: int, cache: str, dtype) -> Cache:
   heads, head_dim = m.n_heads, m.d_model // m.n_heads
-  zeros = lambda slots, layers: KV(*(jnp.zeros((slots, layers, batch, length, heads, head_dim), dtype)
+  zeros = lambda slots, layers: Buffers(*(jnp.zeros((slots, layers, batch, heads, head_dim, length), dtype)
                                      for _ in range(2)))
   return Cache(zeros(1, m.n_prelude), zeros(iterations if cache == "exact" else 1, m.block_size),
                zeros(1, m.n_coda))
@@ -78,8 +86,8 @@ def cache_bytes(m: Any, batch: int, length: int, iterations: int, cache: str, dt
 # -- layers against the cache ---------------------------------------------------------------------
 
 
-def _layer(layer: Any, x_BLD: jax.Array, ctx: Any, group: KV, l: int, slot_B: jax.Array | None,
-           last_BT: jax.Array | None = None) -> tuple[jax.Array, KV]:
+def _layer(layer: Any, x_BLD: jax.Array, ctx: Any, group: Buffers, l: int, slot_B: jax.Array | None,
+           last_BT: jax.Array | None = None) -> tuple[jax.Array, Buffers]:
   """Run `layer` (index l of its group) on L new tokens per row: write their keys and values into
   row b's buffers at slot slot_B[b] (None: the group's only slot) and positions pos_B[b] + 0..L-1,
   then attend over the row's buffer at that slot. With `last_BT` (the exact cache) position t is read
@@ -88,45 +96,46 @@ def _layer(layer: Any, x_BLD: jax.Array, ctx: Any, group: KV, l: int, slot_B: ja
   The writes are in place: a dynamic update per row (with a scatter, or a read of the buffer before
   the write, XLA copies the whole buffer every step)."""
   B, L = x_BLD.shape[:2]
-  T = group.k_BTHK.shape[3]
+  T = group.k_SLBHKT.shape[-1]
   start_B = jnp.minimum(ctx.pos_B, T - L)
   inside_B = ctx.pos_B + L <= T  # a row whose position points past the buffer writes nothing
   slots_B = jnp.zeros(B, jnp.int32) if slot_B is None else slot_B
 
   def write(buf, new_BLHK):
     for b in range(B):
-      at = (slots_B[b], l, b, start_B[b], 0, 0)
-      old = jax.lax.dynamic_slice(buf, at, (1, 1, 1, *new_BLHK.shape[1:]))
-      new = jnp.where(inside_B[b], new_BLHK[b][None, None, None].astype(buf.dtype), old)
+      at = (slots_B[b], l, b, 0, 0, start_B[b])
+      new_HKL = new_BLHK[b].transpose(1, 2, 0)
+      old = jax.lax.dynamic_slice(buf, at, (1, 1, 1, *new_HKL.shape))
+      new = jnp.where(inside_B[b], new_HKL[None, None, None].astype(buf.dtype), old)
       buf = jax.lax.dynamic_update_slice(buf, new, at)
     return buf
 
-  def read(buf):
+  def read(buf):  # [B, T, H, Dh] for the attention: a transpose the dots absorb, no copy
     if slot_B is None:
-      return buf[0, l]
+      return buf[0, l].transpose(0, 3, 1, 2)
     rows = jnp.arange(B)
     if last_BT is None:
-      return buf[slot_B, l, rows]
+      return buf[slot_B, l, rows].transpose(0, 3, 1, 2)
     read_BT = jnp.minimum(slot_B[:, None], last_BT)
-    return buf[read_BT, l, rows[:, None], jnp.arange(last_BT.shape[1])[None]]
+    return buf[read_BT, l, rows[:, None], :, :, jnp.arange(last_BT.shape[1])[None]]
 
   def cache(k_BLHK, v_BLHK):
-    new = KV(write(group.k_BTHK, k_BLHK), write(group.v_BTHK, v_BLHK))
-    return KV(read(new.k_BTHK), read(new.v_BTHK)), new
+    new = Buffers(write(group.k_SLBHKT, k_BLHK), write(group.v_SLBHKT, v_BLHK))
+    return KV(read(new.k_SLBHKT), read(new.v_SLBHKT)), new
 
   return layer(x_BLD, ctx, kv=cache)
 
 
-def _layers(layers: Any, x_BLD: jax.Array, ctx: Any, group: KV) -> tuple[jax.Array, KV]:
+def _layers(layers: Any, x_BLD: jax.Array, ctx: Any, group: Buffers) -> tuple[jax.Array, Buffers]:
   """A prelude or coda stack (one slot per layer)."""
   for l, layer in enumerate(layers):
     x_BLD, group = _layer(layer, x_BLD, ctx, group, l, None)
   return x_BLD, group
 
 
-def _block_iteration(model: Any, s_BLD: jax.Array, e_BLD: jax.Array, ctx: Any, group: KV,
+def _block_iteration(model: Any, s_BLD: jax.Array, e_BLD: jax.Array, ctx: Any, group: Buffers,
                      slot_B: jax.Array, last_BT: jax.Array | None = None
-                     ) -> tuple[jax.Array, jax.Array, KV]:
+                     ) -> tuple[jax.Array, jax.Array, Buffers]:
   """`LoopedTransformer.block_step` against the cache: (next state, layer outputs [k, B, L, D], cache)."""
   x_BLD = model.inject(s_BLD, e_BLD)
   outs = []
@@ -137,12 +146,12 @@ def _block_iteration(model: Any, s_BLD: jax.Array, e_BLD: jax.Array, ctx: Any, g
   return x_BLD, jnp.stack(outs), group
 
 
-def _encode(model: Any, tokens_BL: jax.Array, ctx: Any, group: KV) -> tuple[jax.Array, KV]:
+def _encode(model: Any, tokens_BL: jax.Array, ctx: Any, group: Buffers) -> tuple[jax.Array, Buffers]:
   pos_BL = ctx.pos_B[:, None] + jnp.arange(tokens_BL.shape[1])[None]
   return _layers(model.prelude, model.embed_tokens(tokens_BL, pos_BL), ctx, group)
 
 
-def _decode(model: Any, s_BLD: jax.Array, ctx: Any, group: KV) -> tuple[jax.Array, KV]:
+def _decode(model: Any, s_BLD: jax.Array, ctx: Any, group: Buffers) -> tuple[jax.Array, Buffers]:
   """`LoopedTransformer.decode` against the cache: logits [B, L, V] float32."""
   x_BLD, group = _layers(model.coda, model.latent(s_BLD), ctx, group)
   x_BLD = model.final_norm(x_BLD)

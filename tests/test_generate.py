@@ -63,8 +63,8 @@ def test_latest_cache_memory_does_not_grow_with_R_and_equals_exact_at_R_1():
   m = model.spec
   for R in (1, 8, 32):
     block = empty_cache(m, 2, 16, R, "latest", jnp.float32).block
-    assert block.k_BTHK.shape == (1, 2, 2, 16, m.n_heads, m.d_model // m.n_heads)
-    assert empty_cache(m, 2, 16, R, "exact", jnp.float32).block.k_BTHK.shape[0] == R
+    assert block.k_SLBHKT.shape == (1, 2, 2, m.n_heads, m.d_model // m.n_heads, 16)
+    assert empty_cache(m, 2, 16, R, "exact", jnp.float32).block.k_SLBHKT.shape[0] == R
   assert cache_bytes(m, 2, 16, 4, "latest", "float32") == cache_bytes(m, 2, 16, 32, "latest", "float32")
   assert cache_bytes(m, 2, 16, 32, "exact", "float32") > 8 * cache_bytes(m, 2, 16, 32, "latest", "float32")
   exact = generate(model, PROMPTS, max_new=5, iterations=1, cache="exact", return_logits=True)
