@@ -71,8 +71,8 @@ class GenerateOutput(NamedTuple):
 
 def empty_cache(m: Any, batch: int, length: int, iterations: int, cache: str, dtype) -> Cache:
   heads, head_dim = m.n_heads, m.d_model // m.n_heads
-  zeros = lambda slots, layers: Buffers(*(jnp.zeros((slots, layers, batch, heads, head_dim, length), dtype)
-                                     for _ in range(2)))
+  zeros = lambda slots, layers: Buffers(*(
+      jnp.zeros((slots, layers, batch, heads, head_dim, length), dtype) for _ in range(2)))
   return Cache(zeros(1, m.n_prelude), zeros(iterations if cache == "exact" else 1, m.block_size),
                zeros(1, m.n_coda))
 
