@@ -72,7 +72,10 @@ def largest_batch(c, args):
     if call is not None and sum(need) <= limit:
       return b, call
     b //= 2
-  return 1, compile_step(c, 1, args)[0]
+  call = compile_step(c, 1, args)[0]
+  if call is None:
+    raise SystemExit("the train step does not compile at batch 1")
+  return 1, call
 
 
 def measure(c, batch_size: int, train, args) -> dict:

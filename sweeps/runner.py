@@ -179,7 +179,8 @@ class Runner:
             or t.name in forced]
     if jax.process_count() > 1:  # every host runs the same trials, in step: process 0's list
       from jax.experimental import multihost_utils
-      mine = np.array([t.name in {u.name for u in todo} for t in self.selected], np.int32)
+      names = {t.name for t in todo}
+      mine = np.array([t.name in names for t in self.selected], np.int32)
       todo = [t for t, m in zip(self.selected, multihost_utils.broadcast_one_to_all(mine)) if m]
     handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=len(self.selected), initial=len(self.selected) - len(todo), desc=self.sweep,
