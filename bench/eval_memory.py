@@ -18,7 +18,7 @@ from flax import nnx
 from bench.results import machine, write_section
 from configs.base import get_config
 from eval.capture import Capture
-from train.step import init_model
+from looped_models.model import init_model
 
 
 def peak_bytes(compiled) -> int:

@@ -157,15 +157,15 @@ def main() -> None:
   args = parser.parse_args()
   from bench.results import machine, write_section
   from looped_models.generate import Generator, cache_bytes
-  from train.data import TextData
-  from train.run import open_run
+  from tasks.text import TextData
+  from rundir.run import open_run
 
   run = open_run(args.workdir)
   model, m = run.model(), run.cfg.model
   context = 16 + args.new
   if context > m.max_len:  # a RoPE model's parameters do not depend on max_len
     from flax import nnx
-    from train.step import abstract_model
+    from looped_models.model import abstract_model
     longer = run.cfg.model.copy_and_resolve_references()
     longer.max_len = context
     model = nnx.merge(abstract_model(longer, 0)[0], nnx.state(model))

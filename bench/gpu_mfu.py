@@ -109,7 +109,7 @@ def decode(c, args) -> list[dict]:
 
   from bench.generate import timed as timed_decode
   from looped_models.generate import Generator
-  from train.step import init_model
+  from looped_models.model import init_model
   gen = Generator(nnx.merge(*init_model(c.model, 0)))
   rows = []
   for batch in (1, 8):

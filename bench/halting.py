@@ -132,11 +132,11 @@ def main() -> None:
   p.add_argument("--kl_grid", default="1e-2,1e-3,5e-4,1e-4,1e-5,1e-6,1e-7,1e-8",
                  help="KL thresholds (the default grid extended down to 1e-8 for the comparison)")
   args = p.parse_args()
-  from train.run import load_run_config
+  from rundir.run import load_run_config
 
   cfg = load_run_config(args.workdir)
   if args.reuse:
-    from eval.outputs import latest
+    from rundir.outputs import latest
     result = json.load(open(latest(args.workdir, "halting.json")))
   else:
     from eval.halting import DEFAULT_GRIDS, evaluate_halting

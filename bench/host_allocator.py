@@ -1,5 +1,5 @@
 """The reference configuration's train step with glibc's default allocator settings and with the
-framework's (train/host.py), each in its own process, in alternating rounds.
+framework's (rundir/host.py), each in its own process, in alternating rounds.
 
   python -m bench.host_allocator [--rounds 2] [--repeats 8] [--warmup 3]
 
@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from train.host import ENV
+from rundir.host import ENV
 
 
 def child(repeats: int, warmup: int) -> None:
@@ -70,7 +70,7 @@ def main() -> None:
           "| allocator | seconds per step | minor page faults per step | speed |",
           "| --- | --- | --- | --- |",
           f"| glibc defaults (`{ENV}=system`) | {med['system'][0]:.3f} | {med['system'][1]:,.0f} | 1.00× |",
-          f"| one arena, no mmap, no trim (train/host.py) | {med['tuned'][0]:.3f} | "
+          f"| one arena, no mmap, no trim (rundir/host.py) | {med['tuned'][0]:.3f} | "
           f"{med['tuned'][1]:,.0f} | {med['system'][0] / med['tuned'][0]:.2f}× |", "",
           f"Per-round medians (s): {rounds}."]
   write_section("host_allocator", "\n".join(body))

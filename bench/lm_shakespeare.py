@@ -33,8 +33,8 @@ def split_losses(workdir: str, r: int, windows: int = 256, batch: int = 64) -> d
   import numpy as np
   from flax import nnx
 
-  from train.data import TextData
-  from train.run import open_run
+  from tasks.text import TextData
+  from rundir.run import open_run
   run = open_run(workdir)
   data, n = TextData(run.cfg.task.path), run.cfg.task.train_length
   forward = jax.jit(lambda p, x: jax.nn.log_softmax(nnx.merge(run.graphdef, p)(x, r).logits_BSV, -1))
@@ -53,8 +53,8 @@ def split_losses(workdir: str, r: int, windows: int = 256, batch: int = 64) -> d
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
   from bench.results import machine, write_section
-  from train.logger import read_metrics
-  from train.recurrence import max_recurrence
+  from rundir.logger import read_metrics
+  from configs.recurrence import max_recurrence
   from train.trainer import Trainer
 
   cfg = _CONFIG.value

@@ -23,7 +23,9 @@ from flax import nnx
 
 from bench.results import machine, write_section
 from configs.base import get_config
-from train.step import init_model, make_optimizer, make_train_step, masked_cross_entropy
+from looped_models.model import init_model
+from tasks.metrics import masked_cross_entropy
+from train.step import make_optimizer, make_train_step
 
 BATCH, SEQ, TRAIN_ITERS = 8, 256, 8
 # PyTorch eager, 2 threads, on the 2-core AMD EPYC machine of issue 15: seconds per call.

@@ -18,8 +18,9 @@ import numpy as np
 
 from bench.results import machine, write_section
 from configs.base import get_config
-from train import sharding
-from train.step import init_model, make_optimizer, make_train_step
+from looped_models import sharding
+from looped_models.model import init_model
+from train.step import make_optimizer, make_train_step
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per chip
 

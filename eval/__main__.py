@@ -9,7 +9,7 @@ criteria of a trained run (eval/halting.py);
 [--batch FILE] [--slots P] [--out FILE.json]` generates text (eval/generate.py).
 
 Writes WORKDIR/eval/STEP/fixed_points.json, fixed_points.md and plots/*.png (halting: halting.json and
-plots/halting_pareto.png), a new eval/STEP.N/ when that step's files exist (eval/outputs.py), and logs
+plots/halting_pareto.png), a new eval/STEP.N/ when that step's files exist (rundir/outputs.py), and logs
 them to the run's W&B run.
 Exit status 2 with one line on stderr for bad input (missing run, corrupt checkpoint, bad config).
 """
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import sys
 
-from train.host import tune_allocator
+from rundir.host import tune_allocator
 
-tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (train/host.py)
+tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (rundir/host.py)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
@@ -78,10 +78,10 @@ def with_mesh(cfg):
 def halting_main() -> int:
   """`python -m eval halting --workdir runs/NAME`: halting.json, plots/halting_pareto.png, W&B."""
   from configs.errors import ConfigError
-  from train.run import load_run_config
+  from rundir.run import load_run_config
   from eval.halting import evaluate_halting
-  from eval.outputs import latest
-  from train.workdir import RunDirError
+  from rundir.outputs import latest
+  from rundir.workdir import RunDirError
 
   try:
     if _INIT.value:
@@ -108,10 +108,10 @@ def generate_main() -> int:
   """`python -m eval generate --workdir runs/NAME --prompt TEXT`: print and record the generations."""
   from configs.errors import ConfigError
   from eval.generate import describe, parse_exit, read_prompts, run_generate
-  from train.data import DataError
-  from train.run import load_run_config
-  from train.recurrence import max_recurrence
-  from train.workdir import RunDirError
+  from tasks.text import DataError
+  from rundir.run import load_run_config
+  from configs.recurrence import max_recurrence
+  from rundir.workdir import RunDirError
 
   try:
     prompts = read_prompts(_PROMPT.value, _PROMPTS.value)
@@ -145,10 +145,10 @@ def main(argv: list[str]) -> int:
     return generate_main()
   from configs.errors import ConfigError
   from eval.evaluate import evaluate, with_text_data
-  from train.run import load_run_config
+  from rundir.run import load_run_config
   from eval.fixed_points import TrajectoryError
-  from eval.outputs import latest
-  from train.workdir import RunDirError
+  from rundir.outputs import latest
+  from rundir.workdir import RunDirError
 
   try:
     if _INIT.value:

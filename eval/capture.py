@@ -16,9 +16,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from train.sharding import place, to_host
-from train.step import text_counts
-from train.tasks import accuracy_counts
+from looped_models.sharding import place, to_host
+from tasks.metrics import text_counts
+from tasks.metrics import accuracy_counts
 
 
 class Capture:
@@ -29,7 +29,7 @@ class Capture:
                attention_rows: int = 128):
     """`token_bytes` ([V] UTF-8 bytes per token id; text) adds the summed loss ("nats") and the
     targets' "bytes" to the per-iteration counts. With `mesh` (the parameters' mesh, see
-    train.run.open_run), batches are split over its data axes where they divide, and every process
+    rundir.run.open_run), batches are split over its data axes where they divide, and every process
     gets the whole result back. Attention maps leave the device with at most `attention_rows` evenly
     spaced query rows ([n, k, B, H, rows, S]: all rows up to that length), so what reaches the host
     grows with S, not S^2.

@@ -10,17 +10,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from eval import outputs, plots
+from eval import plots
+from rundir import outputs
 from eval.capture import Capture
 from eval.fixed_points import FixedPointReport, analyze_stream
-from train import distributed
-from train.checkpoint import saved_steps
-from train.config import is_text, resolve
-from train.logger import MetricsLogger
-from train.recurrence import max_recurrence
-from train.run import open_run
-from train.tasks import make_batch, task_of
-from train.workdir import RunDirError, check_compatible, path, read_json, read_status, write_json_atomic
+from rundir import distributed
+from rundir.checkpoint import saved_steps
+from rundir.config import is_text, resolve
+from rundir.logger import MetricsLogger
+from configs.recurrence import max_recurrence
+from rundir.run import open_run
+from tasks.synthetic import make_batch, task_of
+from rundir.workdir import RunDirError, check_compatible, path, read_json, read_status, write_json_atomic
 
 N_PCA_TOKENS = 4
 
@@ -42,7 +43,7 @@ def with_text_data(cfg: ml_collections.ConfigDict, path: str) -> ml_collections.
 
 
 def load_params(cfg: Any, workdir: str, init: bool) -> tuple[Any, dict, int]:
-  """(graphdef, params, step) of `train.run.open_run`: the newest checkpoint, or the model at
+  """(graphdef, params, step) of `rundir.run.open_run`: the newest checkpoint, or the model at
   initialisation (step 0), sharded onto the run's mesh."""
   run = open_run(workdir, cfg=cfg, init=init)
   return run.graphdef, run.params, run.step
@@ -287,6 +288,6 @@ def _log_wandb(cfg, workdir, summary, report, plot_paths, curves, step, init) ->
                                             data=curve_rows)}, step=max(step, logger.run.step))
   logger.run.summary.update({k: v for k, v in summary.items() if v is not None})
   if status.get("wandb_run_id") is None and init:
-    from train.workdir import write_status
+    from rundir.workdir import write_status
     write_status(workdir, "done", wandb_run_id=logger.run.id, step=0)
   logger.run.finish()

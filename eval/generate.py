@@ -17,7 +17,7 @@ import numpy as np
 
 from configs.errors import ConfigError
 from looped_models.generate import Generator, GenerateOutput
-from train.workdir import RunDirError, path
+from rundir.workdir import RunDirError, path
 
 RECORD = "generate.json"
 
@@ -98,8 +98,8 @@ def run_generate(workdir: str, prompts: Sequence[str], *, out: str | None, mesh:
                  cfg: Any = None, bos: bool = True, **options) -> tuple[dict, str]:
   """Open the run, generate, write the record and its plot; returns (record, its path). Under
   several processes each runs this alike and gets the record; process 0 alone writes it ("")."""
-  from eval.outputs import output_dir
-  from train.run import open_run
+  from rundir.outputs import output_dir
+  from rundir.run import open_run
   if out and path(out).exists():
     raise RunDirError(f"--out {out} exists; it is not overwritten (choose another name)")
   run = open_run(workdir, cfg=cfg, mesh=mesh)

@@ -26,16 +26,16 @@ import ml_collections
 import numpy as np
 
 from configs.errors import ConfigError
-from eval import outputs
+from rundir import outputs
 from eval.capture import Capture
 from eval.evaluate import default_iterations, markdown, summary_fields
 from eval.fixed_points import analyze_stream, analyze_trajectory
-from train.checkpoint import saved_steps
-from train.config import resolve
-from train.logger import flatten
-from train.step import abstract_model, init_model
-from train.tasks import make_batch, task_of
-from train.workdir import RunDirError, check_compatible, path, write_json_atomic
+from rundir.checkpoint import saved_steps
+from rundir.config import resolve
+from rundir.logger import flatten
+from looped_models.model import abstract_model, init_model
+from tasks.synthetic import make_batch, task_of
+from rundir.workdir import RunDirError, check_compatible, path, write_json_atomic
 
 VALUE_KEYS = ("train.seed", "model.init_std", "model.embed_std")  # they change parameter values only
 MEMORY_BYTES = 1 << 30  # host memory for the trajectories of one vmapped batch of trials

@@ -55,10 +55,11 @@ from jax.sharding import Mesh
 
 from configs.errors import ConfigError
 from looped_models.halting import CRITERIA, DECODING_CRITERIA, LOOP_CRITERIA, halt_loop, validate
-from looped_models.model import pass_flops
-from train.config import is_text
-from train.sharding import place, to_host
-from train.tasks import accuracy_counts, fractions, make_batch, task_of
+from looped_models.flops import pass_flops
+from rundir.config import is_text
+from looped_models.sharding import place, to_host
+from tasks.metrics import accuracy_counts, fractions
+from tasks.synthetic import make_batch, task_of
 
 DEFAULT_GRIDS: dict[str, tuple] = {
     "fixed_point": (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4),
@@ -125,7 +126,7 @@ def oracle_row(trajectories: dict[int, np.ndarray], batches: dict[int, dict]) ->
 
 class Runner:
   """Jitted inference of one model: the full trajectory's predictions, fixed r, and halting. With
-  `mesh` (the parameters' mesh, `train.run.open_run`), token batches are split over its data axes
+  `mesh` (the parameters' mesh, `rundir.run.open_run`), token batches are split over its data axes
   where they divide (`eval.capture.place`); `host` brings any result back whole to every process."""
 
   def __init__(self, graphdef: nnx.GraphDef, params: dict, R: int, seed: int, mesh: Mesh | None = None):
@@ -321,7 +322,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
                      mode: str = "full", trajectories: dict | None = None, log_wandb: bool = True,
                      progress: bool = True) -> dict:
   """Sweep every criterion over its grid on a trained run; write WORKDIR/eval/STEP/halting.json and
-  plots/halting_pareto.png beside it (eval.outputs), log to W&B; returns the whole result
+  plots/halting_pareto.png beside it (rundir.outputs), log to W&B; returns the whole result
   ({"summary", "rows", ...}).
   `slots`: sequences in flight for per-sequence exit (default: eval batch size / 8). Every setting
   runs once for its accuracy, iterations and FLOPs, then `mode` decides what is timed:
@@ -335,10 +336,10 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   from tqdm import tqdm
 
   from eval.evaluate import default_iterations
-  from train.run import open_run
-  from train import distributed
-  from train.config import resolve
-  from train.workdir import path as store_path, write_json_atomic
+  from rundir.run import open_run
+  from rundir import distributed
+  from rundir.config import resolve
+  from rundir.workdir import path as store_path, write_json_atomic
 
   grids = check_grids(grids)
   if mode not in MODES:
@@ -473,7 +474,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
             "criteria": list(CRITERIA)}
   if jax.process_index() != 0:
     return result
-  from eval.outputs import output_dir
+  from rundir.outputs import output_dir
   outdir = output_dir(workdir, step, "halting.json")  # eval/STEP/: a trial's and the CLI's never collide
   store_path(outdir).joinpath("plots").mkdir(parents=True, exist_ok=True)
   plot = pareto_plot(rows, fixed, oracle, curve, os.path.join(outdir, "plots", "halting_pareto.png"),
@@ -529,8 +530,8 @@ def _log_wandb(cfg: Any, workdir: str, summary: dict, rows: list[dict], plot: st
     return
   import wandb
 
-  from train.logger import MetricsLogger
-  from train.workdir import read_status
+  from rundir.logger import MetricsLogger
+  from rundir.workdir import read_status
 
   status = read_status(workdir) or {}
   logger = MetricsLogger(workdir, cfg.wandb, cfg.to_dict(), status.get("wandb_run_id"), jsonl=False)

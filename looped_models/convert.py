@@ -103,8 +103,8 @@ def scan_tensors(hf_dir: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
 def run_config(rc: dict, dtype: str, name: str = "") -> ml_collections.ConfigDict:
   """The framework's config for an imported model, resolved and checked (ConfigError)."""
   from configs.base import get_config
-  from train.config import resolve
-  from train.tasks import get_task
+  from rundir.config import resolve
+  from tasks.synthetic import get_task
   cfg = get_config()
   cfg.model.update(raven.model_options(rc, dtype))
   cfg.train.update(raven.train_options(rc))
@@ -116,7 +116,7 @@ def run_config(rc: dict, dtype: str, name: str = "") -> ml_collections.ConfigDic
 
 
 def _check_new_dir(path: str) -> None:
-  from train.workdir import RunDirError
+  from rundir.workdir import RunDirError
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise RunDirError(f"--out {path} already exists and is not empty; choose a new directory")
 
@@ -138,7 +138,7 @@ def make_mesh(spec: str | None) -> jax.sharding.Mesh | None:
   if not spec:
     return None
   from configs.errors import ConfigError
-  from train.sharding import make_mesh as mesh_of
+  from looped_models.sharding import make_mesh as mesh_of
   try:
     data, fsdp, tensor = (int(x) for x in spec.split(","))
   except ValueError:
@@ -154,12 +154,12 @@ def import_raven(hf_dir: str, out: str, *, dtype: str = "float32", mesh: jax.sha
 
   Every check (config fields, tensor names, shapes, dtypes, the output directory) runs on the files'
   headers before anything is read or written. Tensors are then read one at a time, cast to `dtype`
-  and placed on the device(s) (sharded by train/sharding.py's rules over `mesh`, when given)."""
+  and placed on the device(s) (sharded by looped_models/sharding.py's rules over `mesh`, when given)."""
   from configs.errors import check_choice
-  from train.checkpoint import Checkpointer
-  from train.sharding import check_divisible, tree_shardings
-  from train.step import abstract_model
-  from train.workdir import write_json_atomic, write_status
+  from rundir.checkpoint import Checkpointer
+  from looped_models.sharding import check_divisible, tree_shardings
+  from looped_models.model import abstract_model
+  from rundir.workdir import write_json_atomic, write_status
 
   check_choice("--dtype", dtype, raven.DTYPES.values())
   rc = read_config(hf_dir)
@@ -170,7 +170,7 @@ def import_raven(hf_dir: str, out: str, *, dtype: str = "float32", mesh: jax.sha
   _check_new_dir(out)
   tmp = f"{out}.partial"  # the same name on every process (orbax writes collectively)
   if os.path.exists(tmp):
-    from train.workdir import RunDirError
+    from rundir.workdir import RunDirError
     raise RunDirError(f"{tmp} exists: an import into {out} was interrupted; remove it first")
   if mesh is not None:
     check_divisible(cfg.model, mesh.shape["data"] * mesh.shape["fsdp"], mesh)
@@ -245,7 +245,7 @@ def export_raven(run_dir: str, out: str, *, dtype: str | None = None,
   A model whose options the layout cannot express is refused (RavenError naming the option)."""
   from safetensors.numpy import save_file
   from configs.errors import check_choice
-  from train.run import open_run
+  from rundir.run import open_run
 
   run = open_run(run_dir)  # the config it finished with, its newest checkpoint's parameters
   cfg, params = run.cfg, run.params
@@ -338,8 +338,8 @@ def run_logits(run_dir: str, tokens_BS: np.ndarray, iterations: list[int],
   """`logits_and_latents` for run `run_dir`; `state0`: None (the model's initial state), "zeros",
   or an array [B, S, D]. Bad tokens or state: ConfigError naming the argument."""
   from configs.errors import ConfigError
-  from train.config import resolve
-  from train.run import load_run_config, open_run
+  from rundir.config import resolve
+  from rundir.run import load_run_config, open_run
 
   cfg = resolve(load_run_config(run_dir))
   m = cfg.model
@@ -393,7 +393,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   from configs.errors import ConfigError
-  from train.workdir import RunDirError
+  from rundir.workdir import RunDirError
 
   args = _parser().parse_args(argv)
   try:

@@ -38,8 +38,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from configs.errors import ConfigError
 from looped_models.halting import DECODING_CRITERIA, LOOP_CRITERIA, criterion_step, initial_prev, validate
 from looped_models.layers import KV, make_cached_context
-from looped_models.model import pass_flops
-from train.sharding import BATCH_AXES, put, to_host
+from looped_models.flops import pass_flops
+from looped_models.sharding import BATCH_AXES, put, to_host
 
 CACHES = ("exact", "latest")
 

@@ -27,27 +27,6 @@ def embed_scale(m: ModelSpec) -> float:
   return m.d_model ** 0.5 if m.embed_scale == "sqrt_d" else float(m.embed_scale)
 
 
-def layer_flops(m: ModelSpec, keys: int) -> float:
-  """Forward FLOPs per token of one transformer layer whose queries each see `keys` keys (the
-  sequence length for a full masked S x S attention, the buffer length for cached decoding)."""
-  d, f = m.d_model, m.d_ff
-  return 2 * (4 * d * d + (3 if m.mlp == "swiglu" else 2) * d * f) + 4 * keys * d
-
-
-class PassFlops(NamedTuple):
-  """Forward FLOPs per token of the pieces of a pass (`layer_flops` with `keys` keys per query)."""
-  prelude: float    # embedding excluded: the prelude layers
-  iteration: float  # one block iteration: its k layers and the injection's projection
-  decode: float     # the coda layers and the unembedding
-
-
-def pass_flops(m: ModelSpec, keys: int) -> PassFlops:
-  layer = layer_flops(m, keys)
-  inject = 2 * 2 * m.d_model * m.d_model if m.injection in ("concat", "gate") else 0
-  return PassFlops(m.n_prelude * layer, m.block_size * layer + inject,
-                   m.n_coda * layer + 2 * m.d_model * m.vocab_size)
-
-
 class LoopOutput(NamedTuple):
   logits_BSV: jax.Array
   states_RkBSD: jax.Array | None = None      # per-iteration, per-block-layer outputs
@@ -269,8 +248,15 @@ class LoopedTransformer(nnx.Module):
     causal, linear_growth."""
     return halt(self, tokens_BS, criterion=criterion, threshold=threshold, max_iters=max_iters, **options)
 
-  def generate(self, prompts: list, **options):
-    """Autoregressive generation with a KV cache and per-token exit: `looped_models.generate.generate`
-    (options: max_new, iterations, exit, cache, temperature, top_k, top_p, seed, slots, eos_id, ...)."""
-    from looped_models.generate import generate  # it builds on this module
-    return generate(self, prompts, **options)
+
+
+def init_model(m: Any, seed: int) -> tuple[nnx.GraphDef, dict]:
+  """The model's static graph and its parameters as a pure dict."""
+  graphdef, state = nnx.split(LoopedTransformer(m, rngs=nnx.Rngs(seed)))
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract_model(m: Any, seed: int) -> tuple[nnx.GraphDef, dict]:
+  """The graph and the parameter shapes (jax.ShapeDtypeStruct), without computing any values."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: LoopedTransformer(m, rngs=nnx.Rngs(seed))))
+  return graphdef, nnx.to_pure_dict(state)

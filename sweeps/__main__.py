@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import sys
 
-from train.host import tune_allocator
+from rundir.host import tune_allocator
 
-tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (train/host.py)
+tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (rundir/host.py)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
@@ -38,7 +38,7 @@ def log_sweep_to_wandb(base_cfg, sweep: str, sweep_dir: str, paths: dict) -> Non
   import wandb
 
   from sweeps.report import HALTING_HEADER, halting_table, load, trial_table
-  from train.logger import MetricsLogger
+  from rundir.logger import MetricsLogger
 
   cfg = base_cfg.copy_and_resolve_references()
   with cfg.unlocked():
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
   from configs.errors import ConfigError
   from sweeps import report
-  from train.workdir import RunDirError, check_reachable
+  from rundir.workdir import RunDirError, check_reachable
 
   try:
     if len(argv) >= 2 and argv[1] == "report":
@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
       print(f"{len(trials)} trials in {os.path.join(_WORKDIR.value, name)}")
       return 0
     check_reachable(_WORKDIR.value)  # a bucket that cannot be reached: one line, before any trial
-    from train import distributed
+    from rundir import distributed
     distributed.initialize(_CONFIG.value.distributed)  # a pod: every host runs this same command
     runner = Runner(name, trials, _WORKDIR.value, parallel=_PARALLEL.value, force=_FORCE.value,
                     only=_TRIAL.value)

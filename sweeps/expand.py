@@ -16,7 +16,7 @@ import ml_collections
 
 from configs.errors import ConfigError
 from sweeps import hyper
-from train.config import resolve
+from rundir.config import resolve
 
 # How an override key shows up in a trial name: a short prefix before the value ("" = value alone).
 NAME_PREFIX = {"model.block_size": "k", "model.injection": "", "model.norm": "", "train.seed": "s",

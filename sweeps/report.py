@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from eval import outputs
+from rundir import outputs
 from eval.plots import LINESTYLES, colors, plt, save
 from sweeps.phase import PAPER_RANDOM_INIT, phase_data, plot_phase, reference_table
-from train.workdir import RunDirError, path, read_json
+from rundir.workdir import RunDirError, path, read_json
 
 # Okabe-Ito colours for the regimes (colour-blind safe); dark cells get white text.
 REGIME_COLORS = {"cyclic": "#009E73", "degenerate": "#F0E442", "orbit": "#CC79A7", "slider": "#E69F00",

@@ -26,8 +26,8 @@ from configs.errors import ConfigError
 from sweeps.expand import Trial
 from sweeps.report import SEED
 from sweeps.trial import PARENT_ENV
-from train.logger import flatten
-from train.workdir import RunDirError, path, read_json, write_json_atomic
+from rundir.logger import flatten
+from rundir.workdir import RunDirError, path, read_json, write_json_atomic
 
 TRIAL_STATUSES = ("pending", "running", "done", "failed", "diverged")
 SKIP = ("done", "diverged")  # diverged trials are deterministic: rerunning them would diverge again

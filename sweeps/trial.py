@@ -19,7 +19,7 @@ import sys
 
 import ml_collections
 
-from train.host import tune_allocator
+from rundir.host import tune_allocator
 
 PARENT_ENV = "LOOPED_SWEEP_RUNNER_PID"  # the runner's pid, set for each trial process
 
@@ -50,8 +50,8 @@ def control_trial(workdir: str) -> str | None:
   """A sibling trial of this sweep marked `eval.control` (e.g. a feedforward model) that has been
   evaluated already: this trial's stage metrics are drawn beside its own (sweep files list the
   control first, so that with --parallel 1 it is always done before the others)."""
-  from eval.outputs import latest
-  from train.workdir import path, read_json
+  from rundir.outputs import latest
+  from rundir.workdir import path, read_json
   me = path(workdir)
   for other in sorted(me.parent.iterdir(), key=lambda p: p.name):
     if other.name == me.name or not (other / "config.json").is_file():
@@ -93,19 +93,19 @@ def run_group(cfgs: list[ml_collections.ConfigDict], workdirs: list[str]) -> int
 
 
 def main() -> int:
-  tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (train/host.py)
+  tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (rundir/host.py)
   from absl import logging
 
   from configs.errors import ConfigError
   from eval.fixed_points import TrajectoryError
-  from train.workdir import RunDirError
+  from rundir.workdir import RunDirError
 
   die_with_runner()
   from eval import plots
   plots.FORMATS = ("png",)  # the report's figures come as SVG too; `python -m eval` writes a trial's
   logging.set_verbosity(logging.WARNING)
   workdirs = sys.argv[1:]
-  from train.workdir import path
+  from rundir.workdir import path
   use_compilation_cache(str(path(workdirs[0]).parent))
   try:
     config = json.load(sys.stdin)

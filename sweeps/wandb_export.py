@@ -56,7 +56,7 @@ def agent_command(defn: dict, trial: str, interpreter: str = sys.executable) -> 
 
 
 def write(defn: dict, file: str) -> str:
-  from train.workdir import path
+  from rundir.workdir import path
   path(file).parent.mkdir(parents=True, exist_ok=True)
   path(file).write_text(yaml.safe_dump(defn, sort_keys=False))
   return file

@@ -2,7 +2,7 @@
 
 import os
 
-# The test session keeps glibc's allocator defaults (train/host.py): its many small compiles and calls
+# The test session keeps glibc's allocator defaults (rundir/host.py): its many small compiles and calls
 # run faster with per-thread arenas; the CLIs that tests start choose as in use (`python -m train` tunes).
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -67,7 +67,7 @@ def write_texts(directory, n_docs=6, words=400, seed=0):
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-  from train import data
+  from tasks import text as data
   tmp = tmp_path_factory.mktemp("corpus")
   write_texts(tmp / "texts")
   data.prepare([str(tmp / "texts" / "*.txt")], str(tmp / "byte"), val_fraction=0.34, progress=False)

@@ -24,7 +24,7 @@ def main():
   import jax
   from eval.evaluate import evaluate
   from eval.halting import evaluate_halting
-  from train.run import load_run_config, open_run
+  from rundir.run import load_run_config, open_run
 
   cfg = load_run_config(a.workdir)
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = (int(x) for x in a.mesh.split(","))

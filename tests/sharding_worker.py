@@ -35,8 +35,8 @@ def main():
   p.add_argument("--text", default="", help="a prepared corpus: train the text task on it")
   a = p.parse_args()
   import jax
-  from train import sharding
-  from train.logger import read_metrics
+  from looped_models import sharding
+  from rundir.logger import read_metrics
   from train.trainer import Trainer
 
   mesh = tuple(int(x) for x in a.mesh.split(","))

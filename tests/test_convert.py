@@ -237,8 +237,8 @@ SHARDED = """
 import sys
 from jax.sharding import PartitionSpec as P
 from looped_models import convert, raven
-from train.sharding import tree_shardings
-from train.step import abstract_model
+from looped_models.sharding import tree_shardings
+from looped_models.model import abstract_model
 hf, run = sys.argv[1:]
 assert convert.main(["from-raven", hf, "--out", run, "--mesh", "1,2,2"]) == 0
 rc, found = convert.read_config(hf), convert.scan_tensors(hf)
@@ -255,7 +255,7 @@ def test_import_sharded_over_a_mesh(tmp_path):
   """With --mesh (4 fake devices as fsdp 2 x tensor 2) every device receives only its shard as the
   tensors are read, and the run holds the same parameters as a single-device import."""
   from eval.evaluate import load_params
-  from train.run import load_run_config
+  from rundir.run import load_run_config
   rc = raven_cfg()
   hf = write_raven(str(tmp_path / "hf"), rc, random_tensors(rc, seed=4), shards=2)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
@@ -364,14 +364,14 @@ def test_bad_arguments_and_refused_export(tmp_path, capsys):
 def test_eval_opens_imported_run(tmp_path):
   """`python -m eval --workdir RUN` (in process) evaluates an imported model: params-only restore."""
   from eval.evaluate import evaluate
-  from train.run import load_run_config
+  from rundir.run import load_run_config
   rc = raven_cfg()  # max_len 16: the evaluation runs on the training length only
   run = str(tmp_path / "run")
   convert.import_raven(write_raven(str(tmp_path / "hf"), rc, random_tensors(rc)), run)
   cfg = load_run_config(run)
   cfg.train.eval_batch_size = 4
   summary = evaluate(cfg, run, iterations=4, batch_size=2, chunk=2, log_wandb=False, progress=False)
-  from eval.outputs import latest
+  from rundir.outputs import latest
   assert summary["fp/iterations"] == 4 and latest(run, "fixed_points.json") == os.path.join(
       run, "eval", "0", "fixed_points.json")  # an imported model's checkpoint is step 0
 
@@ -433,9 +433,9 @@ def test_an_imported_model_starts_a_fine_tuning_run_and_an_evaluation_trial(tmp_
   """train.init_from: a run starts from the imported parameters (fresh optimizer), and a trial with
   train.steps = 0 evaluates the imported model itself (the sweep runner's init-style trials)."""
   from eval.evaluate import evaluate
-  from train.run import load_run_config, open_run
+  from rundir.run import load_run_config, open_run
   from train.trainer import Trainer
-  from train.workdir import RunDirError
+  from rundir.workdir import RunDirError
   rc = raven_cfg()
   run = str(tmp_path / "run")
   convert.import_raven(write_raven(str(tmp_path / "hf"), rc, random_tensors(rc)), run)

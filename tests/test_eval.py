@@ -15,12 +15,14 @@ from conftest import tiny_config
 from eval.capture import Capture
 from eval.evaluate import evaluate, plateau
 from eval.fixed_points import REGIMES, analyze_stream, analyze_trajectory
-from eval.outputs import latest
-from train.config import resolve
-from train.step import init_model, make_eval_step
-from train.tasks import fractions, get_task, make_batch
+from rundir.outputs import latest
+from rundir.config import resolve
+from looped_models.model import init_model
+from train.step import make_eval_step
+from tasks.metrics import fractions
+from tasks.synthetic import get_task, make_batch
 from train.trainer import Trainer
-from train.workdir import read_status
+from rundir.workdir import read_status
 from wandb_records import offline_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,8 +18,8 @@ from configs.errors import ConfigError
 from eval.generate import encode, parse_exit
 from looped_models.generate import Generator, cache_bytes, empty_cache, generate
 from looped_models.layers import KV, make_cached_context
-from train.config import resolve
-from train.step import init_model
+from rundir.config import resolve
+from looped_models.model import init_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[1, 0, 1, 1, 0, 0, 1], [0, 1], [1]]
@@ -53,7 +53,7 @@ def test_exact_cache_reproduces_the_full_forward(overrides):
       assert (tokens == logits.argmax(-1)).all()  # greedy
   # teacher forcing: the logits of a given text, decoded token by token, equal the full forward's
   text = [1, 0, 0, 1, 1, 1, 0, 1, 0, 0]
-  out = model.generate([text[:1]], max_new=9, iterations=3, forced=[text[1:]], return_logits=True)
+  out = generate(model, [text[:1]], max_new=9, iterations=3, forced=[text[1:]], return_logits=True)
   assert out.tokens[0].tolist() == text[1:]
   np.testing.assert_allclose(out.logits[0], full_forward_logits(model, text[:1], text[1:], 3), atol=1e-5)
 
@@ -241,7 +241,7 @@ def test_exit_flag_and_tokenizer_checks():
   assert parse_exit(None) is None
   with pytest.raises(ConfigError, match="CRITERION:THRESHOLD"):
     parse_exit("fixed_point")
-  from train.data import ByteTokenizer
+  from tasks.text import ByteTokenizer
   with pytest.raises(ConfigError, match="does not match the run"):
     encode(ByteTokenizer(), tiny_model().spec, ["hi"], bos=True)  # 258 ids, model has 2
   with pytest.raises(ConfigError, match="needs a text run"):

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_config
 from configs.errors import ConfigError
-from eval import outputs
+from rundir import outputs
 from eval.evaluate import evaluate
 from eval.group import evaluate_group, groupable, shape_key
 

@@ -15,13 +15,13 @@ from flax import nnx
 from configs.errors import ConfigError
 from conftest import tiny_config
 from eval.halting import SUMMARY_FIGURES, evaluate_halting, halting_summary, oracle_exits
-from eval.outputs import latest
+from rundir.outputs import latest
 from looped_models.halting import CRITERIA, halt
-from train.config import resolve
-from train.step import init_model
-from train.tasks import get_task, make_batch
+from rundir.config import resolve
+from looped_models.model import init_model
+from tasks.synthetic import get_task, make_batch
 from train.trainer import Trainer
-from train.workdir import read_status
+from rundir.workdir import read_status
 from wandb_records import offline_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""The host allocator settings (train/host.py): XLA's CPU temporaries keep their pages between calls."""
+"""The host allocator settings (rundir/host.py): XLA's CPU temporaries keep their pages between calls."""
 
 import os
 import subprocess
@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from train.host import ENV
+from rundir.host import ENV
 
 # A program with a 64 MiB temporary (sin(x), read by the matmul), above glibc's largest mmap threshold.
 _PROGRAM = """
 import resource
-from train.host import tune_allocator
+from rundir.host import tune_allocator
 applied = tune_allocator()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: (jnp.sin(x) @ jnp.sin(x[:64]).T).sum())

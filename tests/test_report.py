@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from eval import outputs, plots
+from eval import plots
+from rundir import outputs
 from eval.fixed_points import analyze_trajectory
 from sweeps import report
-from train.workdir import write_json_atomic
+from rundir.workdir import write_json_atomic
 
 # (block size, d_model, seed) -> (regime, accuracy at size 16, converged_at per layer, saved fraction)
 TRIALS = {(1, 16, 0): ("degenerate", 0.50, [4], 0.25), (1, 16, 1): ("degenerate", 0.70, [6], 0.75),
@@ -173,7 +174,7 @@ def test_output_dirs_never_overwrite(tmp_path):
 
 def test_reevaluation_leaves_the_first_outputs_untouched(tmp_path):
   from eval.evaluate import evaluate
-  from train.run import load_run_config
+  from rundir.run import load_run_config
 
   workdir = str(tmp_path / "ri")
   cfg = tiny_config(task__test_lengths=(), train__eval_batch_size=4)

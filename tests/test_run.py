@@ -1,4 +1,4 @@
-"""Opening a run (train.run.open_run): the config it finished with, parameters only, sharded onto a
+"""Opening a run (rundir.run.open_run): the config it finished with, parameters only, sharded onto a
 mesh; a two-process evaluation that equals the one-process one; errors."""
 
 import json
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from train.run import load_run_config, open_run
+from rundir.run import load_run_config, open_run
 from train.trainer import Trainer
-from train.workdir import RunDirError
+from rundir.workdir import RunDirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "eval_worker.py")
@@ -84,7 +84,7 @@ def test_two_process_evaluation_halting_and_generation_on_an_fsdp_mesh_equal_one
   assert [g["process_count"] for g in got] == [2, 2] and got[0]["devices"] == 4
   # parameters are sharded by the training rules (FSDP over 2), not copied whole to every device
   assert "fsdp" in got[0]["specs"]["['block'][0]['attn']['query']['kernel']"]
-  from eval.outputs import latest
+  from rundir.outputs import latest
   fp = lambda d: json.load(open(latest(d, "fixed_points.json")))
   want, have = fp(one), fp(two)
   assert have["summary"]["fp/regime"] == want["summary"]["fp/regime"]
@@ -112,7 +112,7 @@ def test_two_process_evaluation_halting_and_generation_on_an_fsdp_mesh_equal_one
 
 
 def test_cloud_workdir_is_never_made_local_and_an_unreachable_one_is_one_line(tmp_path):
-  from train.workdir import path
+  from rundir.workdir import path
   assert str(path("gs://bucket/runs/x")) == "gs://bucket/runs/x"
   assert str(path("gs://bucket/runs/x") / "checkpoints") == "gs://bucket/runs/x/checkpoints"
   assert str(path("runs/x")) == os.path.abspath("runs/x")
@@ -132,7 +132,7 @@ def test_pod_preset_dry_run_two_processes_of_four_devices(tmp_path):
   """configs/sweeps/tpu_pod.py's first steps on 8 fake devices in 2 processes with the pod's mesh
   (data x fsdp 4 x tensor 2), bf16, truncated backprop and accumulation; only the sizes shrink."""
   from test_text import write_texts
-  from train import data
+  from tasks import text as data
   write_texts(tmp_path / "texts", n_docs=4)
   data.prepare([str(tmp_path / "texts" / "*.txt")], str(tmp_path / "corpus"), val_fraction=0.25,
                progress=False)
@@ -163,7 +163,7 @@ def test_pod_preset_dry_run_two_processes_of_four_devices(tmp_path):
   cfg = json.load(open(workdir / "config.json"))
   assert cfg["mesh"] == {"data": -1, "fsdp": 4, "tensor": 2}
   assert cfg["model"]["dtype"] == "bfloat16" and cfg["train"]["grad_accum"] == 4
-  from train.logger import read_metrics
+  from rundir.logger import read_metrics
   losses = [m["train/loss"] for m in read_metrics(str(workdir)) if "train/loss" in m]
   assert len(losses) == 2 and all(np.isfinite(losses))
   assert os.path.isdir(workdir / "checkpoints" / "2")
@@ -182,7 +182,7 @@ def test_capture_sends_a_bounded_number_of_attention_rows(trained):
 
 def test_path_independence_runs_the_same_tokens_from_random_initial_states(trained, tmp_path):
   from eval.evaluate import evaluate
-  from eval.outputs import latest
+  from rundir.outputs import latest
   run = str(tmp_path / "copy")
   shutil.copytree(trained, run)
   cfg = load_run_config(run)

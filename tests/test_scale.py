@@ -14,14 +14,15 @@ from conftest import tiny_config
 from eval.capture import Capture
 from eval.fixed_points import analyze_stream
 from looped_models import LoopedTransformer
-from train.checkpoint import Checkpointer
-from train.config import resolve
-from train.logger import read_metrics
-from train.step import (SCHEDULES, check_grad_accum, decay_mask, init_model, make_optimizer,
-                        make_schedule, make_train_step)
-from train.tasks import get_task, make_batch
+from rundir.checkpoint import Checkpointer
+from rundir.config import resolve
+from rundir.logger import read_metrics
+from looped_models.model import init_model
+from rundir.config import SCHEDULES, check_grad_accum
+from train.step import decay_mask, make_optimizer, make_schedule, make_train_step
+from tasks.synthetic import get_task, make_batch
 from train.trainer import Trainer
-from train.workdir import RunDirError, read_status
+from rundir.workdir import RunDirError, read_status
 
 V = 8
 

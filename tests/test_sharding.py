@@ -12,8 +12,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs.errors import ConfigError
 from sharding_worker import sharding_config
-from train import sharding
-from train.logger import read_metrics
+from looped_models import sharding
+from rundir.logger import read_metrics
 from train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,13 +12,13 @@ import pytest
 
 from conftest import tiny_config
 from configs.errors import ConfigError
-from eval.outputs import latest
+from rundir.outputs import latest
 from looped_models.config import validate_model_config
 from sweeps import hyper
 from sweeps.expand import apply_overrides, expand, load_sweep_module, trial_name
 from sweeps.report import load, regime_grids
 from sweeps.runner import next_trial, program_key, trial_record, units
-from train.workdir import RunDirError, read_status
+from rundir.workdir import RunDirError, read_status
 from wandb_records import offline_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,11 +1,12 @@
-"""Tests for train/tasks.py: determinism, process slicing, labels vs brute force, accuracy, errors."""
+"""Tests for tasks/synthetic.py: determinism, process slicing, labels vs brute force, accuracy, errors."""
 
 import numpy as np
 import pytest
 
 from configs.errors import ConfigError
-from train import tasks
-from train.tasks import SYNTHETIC_TASKS, TASK_NAMES, accuracy, get_task, make_batch
+from tasks import synthetic as tasks
+from tasks.metrics import accuracy
+from tasks.synthetic import SYNTHETIC_TASKS, TASK_NAMES, get_task, make_batch
 
 SIZES = {"prefix_or": (1, 5, 16, 33), "prefix_parity": (1, 5, 16, 33), "var_chain": (2, 3, 8, 17, 64),
          "addition": (1, 4, 8, 21)}

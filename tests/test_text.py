@@ -11,10 +11,10 @@ import pytest
 
 from conftest import WORDS, text_config, write_texts
 from configs.errors import ConfigError
-from train import data
-from train.config import resolve
-from train.logger import read_metrics
-from train.tasks import make_batch, task_of
+from tasks import text as data
+from rundir.config import resolve
+from rundir.logger import read_metrics
+from tasks.synthetic import make_batch, task_of
 from train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,10 +230,10 @@ def test_two_processes_read_their_own_rows_and_match_one(corpus, tmp_path):
 def test_evaluator_on_text_reports_token_classes_loss_curve_and_decoded_tokens(trained, corpus, tmp_path):
   import shutil
   from eval.evaluate import evaluate
-  from train.run import load_run_config
+  from rundir.run import load_run_config
   run = str(tmp_path / "copy")
   shutil.copytree(trained[0], run)
-  from eval.outputs import latest
+  from rundir.outputs import latest
   summary = evaluate(load_run_config(run), run, iterations=8, batch_size=2, progress=False)
   record = json.load(open(latest(run, "fixed_points.json")))
   assert sum(summary[f"fp/tokens/{c}"] for c in ("fixed_point", "orbit", "slider", "unknown")) == \
@@ -261,7 +261,7 @@ def test_halting_on_text_is_judged_by_next_token_accuracy(trained, tmp_path):
   by next-token accuracy (per_position), and says so."""
   import shutil
   from eval.halting import evaluate_halting
-  from train.run import load_run_config
+  from rundir.run import load_run_config
   run = str(tmp_path / "copy")
   shutil.copytree(trained[0], run)
   out = evaluate_halting(load_run_config(run), run, grids={"fixed_point": (1e-1, 1e-2)}, iterations=6,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from train.logger import read_metrics
+from rundir.logger import read_metrics
 from train.trainer import Trainer
-from train.workdir import read_status
+from rundir.workdir import read_status
 from wandb_records import offline_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ def cli(workdir, *overrides, wait=True):
 
 def final_params(workdir, cfg):
   """Parameters of the newest checkpoint, as numpy leaves."""
-  from train.checkpoint import Checkpointer
+  from rundir.checkpoint import Checkpointer
   tr = Trainer(cfg, str(workdir))
   ck = Checkpointer(str(workdir), 2)
   state, _ = ck.restore(ck.latest_step(), tr.abstract_state)

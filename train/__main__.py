@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from train.host import tune_allocator
+from rundir.host import tune_allocator
 
 tune_allocator()  # before JAX starts its threads
 
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     return 2
   from configs.errors import ConfigError
   from train.trainer import Trainer
-  from train.workdir import RunDirError
+  from rundir.workdir import RunDirError
 
   try:
     trainer = Trainer(_CONFIG.value, _WORKDIR.value)

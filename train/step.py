@@ -14,42 +14,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from configs.errors import ConfigError, check_choice, check_int
-from looped_models import LoopedTransformer
-from train.sharding import path_str
-from train.tasks import accuracy_counts
+from configs.errors import check_choice
+from looped_models.model import abstract_model
+from looped_models.sharding import path_str
+from rundir.config import SCHEDULES
+from tasks.metrics import accuracy_counts, masked_cross_entropy, text_counts
 
 TrainState = dict[str, Any]
-
-
-SCHEDULES = ("constant", "cosine", "wsd")
-
-
-def validate_optimizer(t: Any) -> None:
-  """ConfigError (one line) for the first optimiser key of the `train` section that cannot work."""
-  check_choice("train.schedule", t.schedule, SCHEDULES)
-  check_int("train.grad_accum", t.grad_accum, minimum=1)
-  if t.batch_size % t.grad_accum:
-    raise ConfigError("train.grad_accum", t.grad_accum,
-                      reason=f"must divide train.batch_size={t.batch_size}")
-  if not 0 <= t.decay_fraction <= 1:
-    raise ConfigError("train.decay_fraction", t.decay_fraction, allowed="[0, 1]")
-  for key in ("b1", "b2"):
-    if not 0 <= t[key] < 1:
-      raise ConfigError(f"train.{key}", t[key], allowed="[0, 1)")
-  if not t.eps > 0:
-    raise ConfigError("train.eps", t.eps, allowed="> 0")
-  if isinstance(t.no_decay, str) or not all(isinstance(n, str) for n in t.no_decay):
-    raise ConfigError("train.no_decay", t.no_decay, reason="must be a tuple of parameter names")
-
-
-def check_grad_accum(t: Any, batch_ways: int) -> None:
-  """Micro-batches split every device's share of the batch evenly (`batch_ways` = mesh data*fsdp)."""
-  per_device = t.batch_size // batch_ways
-  if per_device % t.grad_accum:
-    raise ConfigError("train.grad_accum", t.grad_accum,
-                      reason=f"must divide the per-device batch {per_device} (train.batch_size="
-                      f"{t.batch_size} over mesh data*fsdp={batch_ways})")
 
 
 def make_schedule(t: Any) -> optax.Schedule:
@@ -90,38 +61,12 @@ def make_optimizer(t: Any) -> optax.GradientTransformation:
                   mask=lambda params: decay_mask(params, tuple(t.no_decay))))
 
 
-def init_model(m: Any, seed: int) -> tuple[nnx.GraphDef, dict]:
-  """The model's static graph and its parameters as a pure dict."""
-  graphdef, state = nnx.split(LoopedTransformer(m, rngs=nnx.Rngs(seed)))
-  return graphdef, nnx.to_pure_dict(state)
-
-
-def abstract_model(m: Any, seed: int) -> tuple[nnx.GraphDef, dict]:
-  """The graph and the parameter shapes (jax.ShapeDtypeStruct), without computing any values."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: LoopedTransformer(m, rngs=nnx.Rngs(seed))))
-  return graphdef, nnx.to_pure_dict(state)
-
-
 def abstract_train_state(m: Any, tx: optax.GradientTransformation, seed: int
                          ) -> tuple[nnx.GraphDef, TrainState]:
   """The graph and the shapes of the training state a checkpoint holds: params, optimiser state, step."""
   graphdef, params = abstract_model(m, seed)
   return graphdef, {"params": params, "opt_state": jax.eval_shape(tx.init, params),
                     "step": jax.ShapeDtypeStruct((), jnp.int32)}
-
-
-def masked_cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array) -> jax.Array:
-  ce_BS = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS)
-  return (ce_BS * mask_BS).sum() / jnp.maximum(mask_BS.sum(), 1.0)
-
-
-def text_counts(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array, token_bytes
-                ) -> dict[str, jax.Array]:
-  """Summed next-token loss (nats) and the UTF-8 bytes of the counted targets: bits per byte is
-  nats / bytes / ln 2, comparable across tokenizers."""
-  ce_BS = optax.softmax_cross_entropy_with_integer_labels(logits_BSV, targets_BS)
-  bytes_BS = jnp.asarray(token_bytes, jnp.float32)[targets_BS]
-  return {"nats": (ce_BS * mask_BS).sum(), "bytes": (bytes_BS * mask_BS).sum()}
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, max_iters: int,

@@ -17,14 +17,17 @@ from flax import nnx
 from tqdm import tqdm
 
 from looped_models import LoopedTransformer
-from train import distributed, recurrence, sharding
-from train.checkpoint import Checkpointer
-from train.config import is_text, resolve, seq_lengths
-from train.logger import MetricsLogger
-from train.step import (TrainState, abstract_train_state, check_grad_accum, make_eval_step,
-                        make_optimizer, make_schedule, make_train_step)
-from train.tasks import fractions, make_batch, task_of
-from train.workdir import (check_compatible, check_reachable, path, read_status, record_config,
+from rundir import distributed
+from configs import recurrence
+from looped_models import sharding
+from rundir.checkpoint import Checkpointer
+from rundir.config import is_text, resolve, seq_lengths
+from rundir.logger import MetricsLogger
+from rundir.config import check_grad_accum
+from train.step import TrainState, abstract_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step
+from tasks.metrics import fractions
+from tasks.synthetic import make_batch, task_of
+from rundir.workdir import (check_compatible, check_reachable, path, read_status, record_config,
                            write_status)
 
 
@@ -84,7 +87,7 @@ class Trainer:
     sharding.check_divisible(cfg.model, cfg.train.eval_batch_size, self.mesh)
     check_grad_accum(cfg.train, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
     if cfg.train.init_from:
-      from train.run import check_init_from
+      from rundir.run import check_init_from
       check_init_from(cfg)
     self.is_main = jax.process_index() == 0
     self.old_config = (check_compatible(workdir, cfg.to_dict()) if check_reachable(workdir).exists()
@@ -118,7 +121,7 @@ class Trainer:
   def init_state(self) -> TrainState:
     cfg = self.cfg
     if cfg.train.init_from:  # another run's parameters (e.g. an imported model), a fresh optimizer
-      from train.run import initial_params
+      from rundir.run import initial_params
       params = initial_params(cfg, self.abstract_state["params"])
       start = lambda params: {"params": params, "opt_state": self.tx.init(params),
                               "step": jnp.zeros((), jnp.int32)}

@@ -9,7 +9,7 @@ run — without training it: every trial starts from that run's newest parameter
 The axes: the analysis length R and the path-independence check's random starts.
 """
 
-from train.run import load_run_config
+from rundir.run import load_run_config
 
 
 def get_config(run: str = "runs/huginn"):

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from train.workdir import RunDirError, path
+from rundir.workdir import RunDirError, path
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,5 +1,5 @@
 """Tasks: synthetic reasoning tasks generated on the fly, and text windows from a prepared corpus
-(train/data.py). Both are deterministic (pure numpy).
+(tasks/text.py). Both are deterministic (pure numpy).
 
 Every task is "predict at each position" for a causal model: `targets[i]` is what the model must output
 at position i having seen `inputs[:i+1]`; `mask[i]` is 1 where the loss and accuracy count.
@@ -209,7 +209,7 @@ class Text(Task):
   default_train_length, default_test_lengths = 256, ()
 
   def __init__(self, path: str, split: str = "train", data=None):
-    from train.data import DataError, TextData
+    from tasks.text import DataError, TextData
     if not path:
       raise ConfigError("task.path", path, reason="the text task needs a prepared corpus directory "
                         "(python -m train.data prepare ... --out DIR)")
@@ -301,26 +301,3 @@ def make_batch(task: Task, *, seed: int, step: int, batch_size: int, min_length:
     inputs_BS[row, :n], targets_BS[row, :n], mask_BS[row, :n] = x_S, y_S, m_S
     lengths_B[row] = length
   return {"inputs": inputs_BS, "targets": targets_BS, "mask": mask_BS, "lengths": lengths_B}
-
-
-def accuracy_counts(preds_BS, targets_BS, mask_BS) -> dict:
-  """Counts behind `accuracy`, written with array methods only so that it also runs inside `jax.jit`
-  (where the batch may be sharded over devices and hosts): right and counted sequences and positions."""
-  on_BS = mask_BS > 0
-  wrong_BS = (preds_BS != targets_BS) & on_BS
-  counted_B = on_BS.any(axis=-1)
-  return {"seq_right": (~wrong_BS.any(axis=-1) & counted_B).sum(), "seq_count": counted_B.sum(),
-          "pos_right": (on_BS & ~wrong_BS).sum(), "pos_count": on_BS.sum()}
-
-
-def fractions(counts: dict) -> dict[str, float]:
-  """{"exact_match", "per_position"} from `accuracy_counts` (0.0 where nothing was counted)."""
-  n_seq, n_pos = int(counts["seq_count"]), int(counts["pos_count"])
-  return {"exact_match": float(counts["seq_right"]) / n_seq if n_seq else 0.0,
-          "per_position": float(counts["pos_right"]) / n_pos if n_pos else 0.0}
-
-
-def accuracy(preds_BS: np.ndarray, targets_BS: np.ndarray, mask_BS: np.ndarray) -> dict[str, float]:
-  """{"exact_match": share of sequences (with a non-empty mask) right at every masked position,
-  "per_position": share of masked positions that are right}. Accepts numpy or jax arrays."""
-  return fractions(accuracy_counts(np.asarray(preds_BS), np.asarray(targets_BS), np.asarray(mask_BS)))

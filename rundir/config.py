@@ -8,10 +8,12 @@ import ml_collections
 
 from configs.errors import ConfigError, check_choice, check_int
 from looped_models import validate_model_config
-from train import distributed, recurrence
-from train.logger import WANDB_MODES
-from train.step import validate_optimizer
-from train.tasks import task_of
+from rundir import distributed
+from configs import recurrence
+from rundir.logger import WANDB_MODES
+from tasks.synthetic import task_of
+
+SCHEDULES = ("constant", "cosine", "wsd")
 
 
 def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -120,3 +122,30 @@ def seq_lengths(cfg: Any) -> dict[int, int]:
   """Problem size -> tokens, for the training length and every test length."""
   task = task_of(cfg)
   return {n: task.seq_len(n) for n in (cfg.task.train_length, *cfg.task.test_lengths)}
+
+
+def validate_optimizer(t: Any) -> None:
+  """ConfigError (one line) for the first optimiser key of the `train` section that cannot work."""
+  check_choice("train.schedule", t.schedule, SCHEDULES)
+  check_int("train.grad_accum", t.grad_accum, minimum=1)
+  if t.batch_size % t.grad_accum:
+    raise ConfigError("train.grad_accum", t.grad_accum,
+                      reason=f"must divide train.batch_size={t.batch_size}")
+  if not 0 <= t.decay_fraction <= 1:
+    raise ConfigError("train.decay_fraction", t.decay_fraction, allowed="[0, 1]")
+  for key in ("b1", "b2"):
+    if not 0 <= t[key] < 1:
+      raise ConfigError(f"train.{key}", t[key], allowed="[0, 1)")
+  if not t.eps > 0:
+    raise ConfigError("train.eps", t.eps, allowed="> 0")
+  if isinstance(t.no_decay, str) or not all(isinstance(n, str) for n in t.no_decay):
+    raise ConfigError("train.no_decay", t.no_decay, reason="must be a tuple of parameter names")
+
+
+def check_grad_accum(t: Any, batch_ways: int) -> None:
+  """Micro-batches split every device's share of the batch evenly (`batch_ways` = mesh data*fsdp)."""
+  per_device = t.batch_size // batch_ways
+  if per_device % t.grad_accum:
+    raise ConfigError("train.grad_accum", t.grad_accum,
+                      reason=f"must divide the per-device batch {per_device} (train.batch_size="
+                      f"{t.batch_size} over mesh data*fsdp={batch_ways})")

@@ -5,7 +5,7 @@ halting, conversion, reports; generation when it comes).
   model = run.model()                    # an nnx LoopedTransformer (for eager use); or
   run.graphdef, run.params               # for the functional pattern under jax.jit
 
-Parameters are restored with the training sharding rules (train/sharding.py) onto the run's mesh
+Parameters are restored with the training sharding rules (looped_models/sharding.py) onto the run's mesh
 (`mesh` in its config, or one given here), only the parameters: the optimizer state stays on disk,
 so a model that needed FSDP to train opens on the same devices without room for its Adam moments.
 """
@@ -22,9 +22,10 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from train import distributed, sharding
-from train.checkpoint import Checkpointer, saved_steps
-from train.workdir import RunDirError, check_reachable, path, read_json
+from rundir import distributed
+from looped_models import sharding
+from rundir.checkpoint import Checkpointer, saved_steps
+from rundir.workdir import RunDirError, check_reachable, path, read_json
 
 
 def config_files(workdir: str) -> list[str]:
@@ -36,7 +37,7 @@ def config_files(workdir: str) -> list[str]:
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the run last ran with (the newest of config.json, config.1.json, ...), with keys
   added to the framework since then at their defaults."""
-  from train.config import with_defaults
+  from rundir.config import with_defaults
   if not check_reachable(workdir).is_dir():
     raise RunDirError(f"run directory {workdir} does not exist")
   files = config_files(workdir)
@@ -67,7 +68,7 @@ class Run:
 
 def abstract_params(cfg: Any, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
   """The model's graph and its parameter shapes, each with the training rules' sharding on `mesh`."""
-  from train.step import abstract_model
+  from looped_models.model import abstract_model
   graphdef, params = abstract_model(cfg.model, cfg.train.seed)
   shardings = sharding.tree_shardings(params, mesh)
   return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -110,7 +111,7 @@ def check_init_from(cfg: Any) -> int:
 
 def run_tokenizer(workdir: str, cfg: Any):
   """The run's own tokenizer.json (an imported model), else its text corpus's tokenizer, else None."""
-  from train.data import HFTokenizer, TextData, TOKENIZER_FILE
+  from tasks.text import HFTokenizer, TextData, TOKENIZER_FILE
   own = path(workdir) / TOKENIZER_FILE
   if own.is_file():
     return HFTokenizer.from_file(str(own))
@@ -124,8 +125,8 @@ def open_run(workdir: str, *, cfg: ml_collections.ConfigDict | None = None, init
   """Open the run in `workdir`: its config as finished (or `cfg`), the parameters of checkpoint
   `step` (default the newest; `init=True`: the model at initialisation, the random-init control)
   sharded onto `mesh` (default: the config's `mesh` over all devices), and its tokenizer."""
-  from train.config import resolve
-  from train.step import init_model
+  from rundir.config import resolve
+  from looped_models.model import init_model
   if cfg is None:
     if init:
       raise RunDirError("opening a model at initialisation needs its config")

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from train.workdir import path
+from rundir.workdir import path
 
 WANDB_MODES = ("offline", "online", "disabled")
 

@@ -6,7 +6,7 @@ is never replaced: the next evaluation of that step (other settings, or the same
 `eval/STEP.1/`, `eval/STEP.2/`, ... Readers take the newest (`latest`); runs made before this layout,
 with the files at the top of WORKDIR, are still found.
 
-The config a run finished with is its newest `config.N.json` (train.workdir.record_config writes one
+The config a run finished with is its newest `config.N.json` (rundir.workdir.record_config writes one
 per resume whose config changed), else `config.json`.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from train.workdir import path
+from rundir.workdir import path
 
 EVAL = "eval"
 _NAME = re.compile(r"^(\d+)(?:\.(\d+))?$")
@@ -57,6 +57,6 @@ def latest(workdir: str, name: str) -> str | None:
 
 def finished_config_path(workdir: str) -> str:
   """The config the run finished with: its newest config.N.json, else config.json."""
-  from train.run import config_files
+  from rundir.run import config_files
   names = config_files(workdir) if path(workdir).is_dir() else []
   return str(path(workdir) / (names[-1] if names else "config.json"))

@@ -1,0 +1,2 @@
+"""Task data: synthetic reasoning tasks generated on the fly, text corpora and their tokenizers,
+and the accuracy counts every consumer of predictions uses."""
