@@ -141,3 +141,30 @@ class MetricsLogger:
       self.file.close()
     if self.run is not None:
       self.run.finish(exit_code=exit_code)
+
+
+def log_to_wandb(workdir: str, wandb_cfg: Any, config: dict, *, run_id: str | None = None,
+                 job_type: str = "train", step: int | None = None,
+                 tables: dict[str, tuple[list[str], list[list]]] | None = None,
+                 images: dict[str, str] | None = None, summary: dict | None = None) -> str | None:
+  """Attach once to a W&B run (resumed by `run_id`, else a new one of `job_type`), log `tables`
+  ({key: (columns, rows)}) and `images` ({key: PNG path}) at `step` (at least the run's own step;
+  None: W&B's next), add the non-None `summary` fields, finish. Returns the run's id, or None when
+  W&B is disabled or the run did not start. No JSONL: what is logged here is in the caller's files."""
+  if wandb_cfg.mode == "disabled":
+    return None
+  logger = MetricsLogger(workdir, wandb_cfg, config, run_id, job_type=job_type, jsonl=False)
+  if logger.run is None:
+    return None
+  import wandb  # already imported by MetricsLogger; named here for the table and image types
+
+  record = {k: wandb.Table(columns=list(cols), data=[list(r) for r in rows])
+            for k, (cols, rows) in (tables or {}).items()}
+  record.update({k: wandb.Image(p) for k, p in (images or {}).items()})
+  if record:
+    logger.run.log(record, **({} if step is None else {"step": max(step, logger.run.step)}))
+  if summary:
+    logger.run.summary.update({k: _py(v) for k, v in summary.items() if v is not None})
+  run_id = logger.run.id
+  logger.run.finish()
+  return run_id
