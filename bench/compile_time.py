@@ -1,6 +1,6 @@
 """Compile time of the train step at r = 4 and r = 64 (the block is a scan, so it should not grow with r).
 
-  python -m bench.compile_time [--recurrences 4,64] [--repeats 2] [--section compile_time]
+  python -m bench.compile_time [--recurrences 4,64] [--repeats 2] [--section compile_time] [--dry-run]
 
 The model of `bench.reference_speed` (d = 256, (2, 4⊗r, 2), batch 8 × 256); the step is lowered and
 compiled (never run) as the trainer compiles it: a traced number of iterations up to r. The values of r
@@ -10,20 +10,14 @@ ever adds time).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from bench.reference_speed import batch_of, reference_config, train_caller
-from bench.results import machine, write_section
+from bench.results import command, intro, parser, record, table
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--recurrences", default="4,64")
-  p.add_argument("--repeats", type=int, default=2)
-  p.add_argument("--note", default="", help="a sentence on the machine's state, for RESULTS.md")
-  p.add_argument("--section", default="compile_time")
-  args = p.parse_args()
+  args = parser(__doc__, "compile_time", recurrences="4,64", repeats=2).parse_args()
   c = reference_config()
   batch = batch_of(c.model.vocab_size)
   rs = [int(r) for r in args.recurrences.split(",")]
@@ -36,12 +30,12 @@ def main() -> None:
       times[r] = min(times[r], time.perf_counter() - t0)
       print(f"r = {r}: {time.perf_counter() - t0:.1f} s", flush=True)
   lines = ["## Train-step compile time against r (reference configuration)", "",
-           f"Machine: {machine()}. `python -m bench.compile_time --recurrences {args.recurrences} "
-           f"--repeats {args.repeats}` (lower + compile + initialise, after one untimed compile; the "
-           f"fastest of {args.repeats} interleaved rounds). {args.note}".rstrip(), "",
-           "| r | compile (s) |", "| --- | --- |", *[f"| {r} | {t:.1f} |" for r, t in times.items()],
+           intro(command("bench.compile_time", args, "recurrences", "repeats"),
+                 f" (lower + compile + initialise, after one untimed compile; the fastest of "
+                 f"{args.repeats} interleaved rounds).", args.note), "",
+           *table(["r", "compile (s)"], [[r, f"{t:.1f}"] for r, t in times.items()]),
            "", f"r = {rs[-1]} over r = {rs[0]}: {times[rs[-1]] / times[rs[0]]:.2f} (target ≤ 1.3)."]
-  write_section(args.section, "\n".join(lines))
+  record(args.section, lines, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,14 @@ prompt with the KV cache (`looped_models.generate`), at batch 1 and 8, fixed R =
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import jax
 import numpy as np
 
-from bench.reference_speed import (batch_of, forward_caller, forward_flops, reference_config, timed,
-                                   train_caller)
-from bench.results import machine, write_section
-
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense
+from bench.reference_speed import batch_of, forward_caller, reference_config, timed, train_caller
+from bench.results import intro, parser, peak_flops, record, share, table
+from looped_models.flops import train_flops
 
 
 def gpu_config(args, impl: str):
@@ -95,9 +92,7 @@ def measure(c, batch_size: int, train, args) -> dict:
   batch = batch_of(c.model.vocab_size, batch_size, args.seq)
   fwd_s = timed(forward_caller(c, batch, args.iters), args.repeats, args.warmup)
   tokens = batch_size * args.seq
-  flops = 3 * forward_flops(c.model, args.iters, batch_size, args.seq)
-  kind = jax.devices()[0].device_kind
-  peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
+  flops, peak = train_flops(c.model, batch_size, args.seq, args.iters), peak_flops()
   return {"impl": c.model.attention_impl, "batch": batch_size, "step_s": step_s,
           "tokens_per_s": tokens / step_s, "tflops": flops / step_s / 1e12,
           "mfu": flops / step_s / peak if peak else None, "forward_tokens_per_s": tokens / fwd_s}
@@ -124,24 +119,11 @@ def decode(c, args) -> list[dict]:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--d_model", type=int, default=1024)
-  p.add_argument("--d_ff", type=int, default=2816)
-  p.add_argument("--vocab", type=int, default=32768)
-  p.add_argument("--seq", type=int, default=1024)
-  p.add_argument("--iters", type=int, default=8)
-  p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--impls", default="auto,xla", help="model.attention_impl values to measure")
-  p.add_argument("--max_batch", type=int, default=256)
-  p.add_argument("--memory_fraction", type=float, default=0.9)
-  p.add_argument("--remat", action="store_true")
-  p.add_argument("--repeats", type=int, default=10)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--new", type=int, default=256, help="tokens generated per sequence when decoding")
-  p.add_argument("--decode_repeats", type=int, default=3)
-  p.add_argument("--smoke", action="store_true", help="tiny shapes, any backend, nothing recorded")
-  p.add_argument("--section", default="gpu_mfu")
-  args = p.parse_args()
+  args = parser(__doc__, "gpu_mfu", note=False, d_model=1024, d_ff=2816, vocab=32768, seq=1024,
+                iters=8, dtype="bfloat16", impls=("auto,xla", "model.attention_impl values to measure"),
+                max_batch=256, memory_fraction=0.9, remat=False, repeats=10, warmup=3,
+                new=(256, "tokens generated per sequence when decoding"), decode_repeats=3,
+                smoke=(False, "tiny shapes, any backend, nothing recorded")).parse_args()
   if args.smoke:
     args.d_model, args.d_ff, args.vocab, args.seq, args.iters = 128, 256, 256, 64, 2
     args.max_batch, args.repeats, args.warmup, args.impls = 4, 1, 1, "auto"
@@ -159,26 +141,24 @@ def main() -> None:
   cmd = " ".join(["python -m bench.gpu_mfu", *sys.argv[1:]])
   lines = [f"## GPU train-step MFU: (2, 4⊗{args.iters}, 2), d = {args.d_model}, swiglu {args.d_ff}, "
            f"vocab {args.vocab}, sequence {args.seq}, {args.dtype}{', remat' if args.remat else ''}",
-           "", f"Machine: {machine()}. `{cmd}` (median of {args.repeats} steps after {args.warmup} "
-           f"warm-ups; the largest power-of-two batch whose compiled step fits in "
-           f"{args.memory_fraction:.0%} of the device memory).", "",
-           "| attention | batch | step (s) | train tokens/s | model TFLOP/s | MFU | forward tokens/s |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
-  for r in rows:
-    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-    lines.append(f"| {r['impl']} | {r['batch']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
-                 f"{r['tflops']:.1f} | {mfu} | {r['forward_tokens_per_s']:,.0f} |")
+           "", intro(cmd, f" (median of {args.repeats} steps after {args.warmup} warm-ups; the largest "
+                     f"power-of-two batch whose compiled step fits in {args.memory_fraction:.0%} of the "
+                     f"device memory)."), "",
+           *table(["attention", "batch", "step (s)", "train tokens/s", "model TFLOP/s", "MFU",
+                   "forward tokens/s"],
+                  [[r["impl"], r["batch"], f"{r['step_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
+                    f"{r['tflops']:.1f}", share(r["mfu"]), f"{r['forward_tokens_per_s']:,.0f}"]
+                   for r in rows])]
   lines += ["", "Target: ≥ 40% MFU on an H100/H200. Model FLOPs: 3 × the forward's matmul FLOPs "
-            "(projections, concat adapter, unembedding, the causal half of QKᵀ and AV).", "",
+            "(projections, concat adapter, unembedding, the causal half of QKᵀ and AV; "
+            "`looped_models.flops.train_flops`).", "",
             f"Decoding, the same model (random initialisation): {args.new} greedy tokens after a 16-token "
             f"prompt, fixed R = {args.iters}, tokens/s of the decode loop (compile and prefill excluded; "
             f"median of {args.decode_repeats} runs).", "",
-            "| batch | cache | decode tokens/s | cache MiB |", "| --- | --- | --- | --- |"]
-  lines += [f"| {r['batch']} | {r['cache']} | {r['tokens_per_s']:,.0f} | {r['cache_mib']:,.1f} |"
-            for r in decoded]
-  print("\n".join(lines))
-  if not args.smoke:
-    write_section(args.section, "\n".join(lines))
+            *table(["batch", "cache", "decode tokens/s", "cache MiB"],
+                   [[r["batch"], r["cache"], f"{r['tokens_per_s']:,.0f}", f"{r['cache_mib']:,.1f}"]
+                    for r in decoded])]
+  record(args.section, lines, args.dry_run or args.smoke)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The reference configuration's train step with glibc's default allocator settings and with the
 framework's (rundir/host.py), each in its own process, in alternating rounds.
 
-  python -m bench.host_allocator [--rounds 2] [--repeats 8] [--warmup 3]
+  python -m bench.host_allocator [--rounds 2] [--repeats 8] [--warmup 3] [--dry-run]
 
 Each process compiles the train step of bench/reference_speed.py, runs `--warmup` calls, then times
 `--repeats` calls and counts the minor page faults of each. Writes the medians to bench/RESULTS.md.
@@ -17,40 +17,23 @@ import sys
 
 import numpy as np
 
+from bench.reference_speed import batch_of, interleaved, reference_config, train_caller
+from bench.results import command, intro, parser, record, table
 from rundir.host import ENV
 
 
 def child(repeats: int, warmup: int) -> None:
-  import resource
-  import time
-
-  import jax
-
-  from bench.reference_speed import batch_of, reference_config, train_caller
   c = reference_config()
-  call = train_caller(c, batch_of(c.model.vocab_size))
-  for _ in range(warmup):
-    jax.block_until_ready(call())
-  seconds, faults = [], []
-  for _ in range(repeats):
-    f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-    jax.block_until_ready(call())
-    seconds.append(time.perf_counter() - t0)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-  print(json.dumps({"seconds": seconds, "faults": faults}))
+  seconds, faults = interleaved({"train": train_caller(c, batch_of(c.model.vocab_size))}, repeats,
+                                warmup, medians=False)
+  print(json.dumps({"seconds": seconds["train"], "faults": faults["train"]}))
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--rounds", type=int, default=2)
-  p.add_argument("--repeats", type=int, default=8)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--note", default="", help="a sentence on the machine's state, for RESULTS.md")
-  p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-  args = p.parse_args()
+  args = parser(__doc__, "host_allocator", rounds=2, repeats=8, warmup=3,
+                child=(False, argparse.SUPPRESS)).parse_args()
   if args.child:
     return child(args.repeats, args.warmup)
-  from bench.results import machine, write_section
   runs = {"system": [], "tuned": []}
   for r in range(args.rounds):
     for allocator in runs:
@@ -64,16 +47,16 @@ def main() -> None:
   rounds = "; ".join(f"{a} " + ", ".join(f"{np.median(run['seconds']):.2f}" for run in v)
                      for a, v in runs.items())
   body = ["## Host allocator: the reference train step (r = 8, batch 8 × 256, float32)", "",
-          f"Machine: {machine()}. `python -m bench.host_allocator --rounds {args.rounds} --repeats "
-          f"{args.repeats} --warmup {args.warmup}`: one process per allocator setting and round, "
-          f"alternating; medians over all timed calls. {args.note}".rstrip(), "",
-          "| allocator | seconds per step | minor page faults per step | speed |",
-          "| --- | --- | --- | --- |",
-          f"| glibc defaults (`{ENV}=system`) | {med['system'][0]:.3f} | {med['system'][1]:,.0f} | 1.00× |",
-          f"| one arena, no mmap, no trim (rundir/host.py) | {med['tuned'][0]:.3f} | "
-          f"{med['tuned'][1]:,.0f} | {med['system'][0] / med['tuned'][0]:.2f}× |", "",
+          intro(command("bench.host_allocator", args, "rounds", "repeats", "warmup"),
+                ": one process per allocator setting and round, alternating; medians over all timed "
+                "calls.", args.note), "",
+          *table(["allocator", "seconds per step", "minor page faults per step", "speed"],
+                 [[f"glibc defaults (`{ENV}=system`)", f"{med['system'][0]:.3f}",
+                   f"{med['system'][1]:,.0f}", "1.00×"],
+                  ["one arena, no mmap, no trim (rundir/host.py)", f"{med['tuned'][0]:.3f}",
+                   f"{med['tuned'][1]:,.0f}", f"{med['system'][0] / med['tuned'][0]:.2f}×"]]), "",
           f"Per-round medians (s): {rounds}."]
-  write_section("host_allocator", "\n".join(body))
+  record(args.section, body, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Held-out loss against wall time of the Shakespeare preset (configs/lm_shakespeare.py).
 
   make shakespeare && python -m bench.lm_shakespeare [--workdir /tmp/lm_bench] [--config.KEY=VALUE ...]
+      [--dry_run]
 
 Trains the preset from scratch (a fresh work directory), then reads metrics.jsonl: every validation
 (held-out windows at r = 1, 2, 4, ... up to 4x the training maximum) with the seconds since training
@@ -16,25 +17,31 @@ import os
 import shutil
 import sys
 
+import jax
+import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
+
+from bench.results import intro, record, table
+from configs.recurrence import max_recurrence
+from rundir.logger import read_metrics
+from rundir.run import open_run
+from tasks.text import TextData
+from train.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/lm_shakespeare.py", "Preset.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/lm_shakespeare_bench", "Run directory (replaced).")
 _BUDGET = flags.DEFINE_float("budget_min", 15.0, "Wall-time budget of the loss target (minutes).")
 _TARGET = flags.DEFINE_float("target", 1.55, "Held-out nats per byte to reach within the budget.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the section instead of writing it into "
+                             "bench/RESULTS.md.")
 
 
 def split_losses(workdir: str, r: int, windows: int = 256, batch: int = 64) -> dict[str, float]:
   """Nats per byte at r iterations of the run's newest checkpoint on `windows` random windows of each
   split (seed 0): the same model on text it trained on and on held-out plays."""
-  import jax
-  import numpy as np
-  from flax import nnx
-
-  from tasks.text import TextData
-  from rundir.run import open_run
   run = open_run(workdir)
   data, n = TextData(run.cfg.task.path), run.cfg.task.train_length
   forward = jax.jit(lambda p, x: jax.nn.log_softmax(nnx.merge(run.graphdef, p)(x, r).logits_BSV, -1))
@@ -52,11 +59,6 @@ def split_losses(workdir: str, r: int, windows: int = 256, batch: int = 64) -> d
 
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
-  from bench.results import machine, write_section
-  from rundir.logger import read_metrics
-  from configs.recurrence import max_recurrence
-  from train.trainer import Trainer
-
   cfg = _CONFIG.value
   if os.path.isdir(_WORKDIR.value):
     shutil.rmtree(_WORKDIR.value)
@@ -75,12 +77,12 @@ def main(argv: list[str]) -> int:
   in_budget = [m for m in evals if m["elapsed_s"] <= 60 * _BUDGET.value]
   best_in_budget = min((npb(m, r_train) for m in in_budget), default=float("nan"))
   last = evals[-1]
-  n_params = sum(x.size for x in __import__("jax").tree.leaves(trainer.abstract_state["params"]))
+  n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state["params"]))
 
   m = cfg.model
   lines = [
       "## Shakespeare preset: held-out loss against wall time (`configs/lm_shakespeare.py`)", "",
-      f"Machine: {machine()}. `python -m bench.lm_shakespeare`. ({m.n_prelude}, {m.block_size}⊗r, "
+      intro("python -m bench.lm_shakespeare", f". ({m.n_prelude}, {m.block_size}⊗r, "
       f"{m.n_coda}), d = {m.d_model}, {m.n_heads} heads, {m.mlp} MLP of {m.d_ff}, injection "
       f"`{m.injection}`, norm `{m.norm}`, {n_params / 1e6:.2f}M parameters, byte-level, windows of "
       f"{cfg.task.train_length}, batch {cfg.train.batch_size}, {cfg.train.steps} steps, AdamW (lr "
@@ -88,13 +90,11 @@ def main(argv: list[str]) -> int:
       f"`{cfg.train.schedule}`); training "
       f"recurrence `{cfg.train.recurrence}` (mean {r_train}, cap {max_recurrence(cfg.train)}, "
       f"backprop depth {cfg.train.backprop_depth or 'all'}). Training throughput: median "
-      f"{sorted(tok_s)[len(tok_s) // 2]:,.0f} tokens/s.", "",
+      f"{sorted(tok_s)[len(tok_s) // 2]:,.0f} tokens/s."), "",
       "Held-out loss in nats per byte (BOS/EOS carry no bytes) at each recurrence r:", "",
-      "| step | minutes | " + " | ".join(f"r={r}" for r in rs) + " |",
-      "| --- | --- | " + " | ".join("---" for _ in rs) + " |"]
-  for e in evals:
-    lines.append(f"| {e['step']} | {e['elapsed_s'] / 60:.1f} | " +
-                 " | ".join(f"{npb(e, r):.3f}" for r in rs) + " |")
+      *table(["step", "minutes", *(f"r={r}" for r in rs)],
+             [[e["step"], f"{e['elapsed_s'] / 60:.1f}", *(f"{npb(e, r):.3f}" for r in rs)]
+              for e in evals])]
   checks = [
       (f"nats per byte at r = {r_train} within {_BUDGET.value:g} min <= {_TARGET.value}",
        best_in_budget <= _TARGET.value, f"{best_in_budget:.3f}"),
@@ -111,11 +111,9 @@ def main(argv: list[str]) -> int:
   lines += ["", f"The final model at r = {r_train} on 256 random windows of each split: {gap['train']:.3f} "
             f"nats per byte on the training plays, {gap['val']:.3f} on the held-out ones (different "
             f"plays: new speakers' names, a gap that grows with passes over the training text)."]
-  lines += ["", "| target | met | measured |", "| --- | --- | --- |"]
-  lines += [f"| {name} | {'yes' if ok else 'no'} | {value} |" for name, ok, value in checks]
-  body = "\n".join(lines)
-  write_section("lm_shakespeare", body)
-  print(body)
+  lines += ["", *table(["target", "met", "measured"],
+                       [[name, "yes" if ok else "no", value] for name, ok, value in checks])]
+  record("lm_shakespeare", lines, _DRY_RUN.value)
   return 0
 
 

@@ -1,7 +1,7 @@
 """Train step and forward passes at the configuration of the public Huginn PyTorch implementation's
 small benchmark, next to the machine's own fp32 matmul rate measured in the same run.
 
-  python -m bench.reference_speed [--repeats 10] [--warmup 3] [--section reference_speed]
+  python -m bench.reference_speed [--repeats 10] [--warmup 3] [--section reference_speed] [--dry-run]
 
 (2, 4⊗8, 2), d = 256, 4 heads, gated-SiLU MLP of width 869, vocabulary 512, tied embeddings, concat
 injection, sandwich norm, full causal attention, float32, batch 8 × 256 tokens, all 8 iterations
@@ -12,7 +12,7 @@ ratio; they only compare with figures measured on that machine.
 
 from __future__ import annotations
 
-import argparse
+import resource
 import time
 from typing import Callable
 
@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.results import machine, write_section
+from bench.results import command, intro, parser, record, table
 from configs.base import get_config
+from looped_models.flops import forward_flops
 from looped_models.model import init_model
 from tasks.metrics import masked_cross_entropy
 from train.step import make_optimizer, make_train_step
@@ -44,18 +45,6 @@ def reference_config(**overrides):
   return c
 
 
-def forward_flops(m, r: int, batch: int = BATCH, seq: int = SEQ) -> float:
-  """Matmul FLOPs of one forward pass: 2 per multiply-add of every projection, the concat adapter and
-  the unembedding, plus QK^T and AV over the causal half of the score matrix (the issue's accounting)."""
-  d, f = m.d_model, m.d_ff
-  layer = 4 * d * d + (3 if m.mlp == "swiglu" else 2) * d * f
-  applications = m.n_prelude + m.n_coda + m.block_size * r
-  adapter = {"concat": 2 * d * d, "gate": 2 * d * d}.get(m.injection, 0) * r
-  dense = 2 * batch * seq * (applications * layer + adapter + d * m.vocab_size)
-  attention = applications * 2 * batch * seq * seq * d  # 2 matmuls x 2 FLOPs x S^2/2 (causal) x D
-  return float(dense + attention)
-
-
 def timed(fn: Callable[[], object], repeats: int, warmup: int) -> float:
   """Median wall seconds of `fn()` (blocking on its result) after `warmup` untimed calls."""
   for _ in range(warmup):
@@ -66,6 +55,30 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return float(np.median(times))
+
+
+def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int, *,
+                on_round: Callable[[dict], None] | None = None, medians: bool = True) -> tuple[dict, dict]:
+  """({name: wall seconds}, {name: minor page faults}) of each call, medians (or, without `medians`,
+  the lists), every call once per round: `warmup` untimed rounds, then `repeats` timed ones (the
+  machine's speed drifts within minutes, so each median covers the same stretch of time). `on_round`
+  sees each round's seconds."""
+  for _ in range(warmup):
+    for call in calls.values():
+      jax.block_until_ready(call())
+  seconds, faults = {k: [] for k in calls}, {k: [] for k in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+      jax.block_until_ready(call())
+      seconds[name].append(time.perf_counter() - t0)
+      faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    if on_round:
+      on_round({k: v[-1] for k, v in seconds.items()})
+  if not medians:
+    return seconds, faults
+  median = lambda d: {k: float(np.median(v)) for k, v in d.items()}
+  return median(seconds), median(faults)
 
 
 def matmul_caller(rows: int, inner: int, cols: int) -> Callable[[], object]:
@@ -148,16 +161,14 @@ def forward_caller(c, batch: dict, r: int) -> Callable[[], object]:
   return call
 
 
+MATMUL = "matmul 2048²"
+
+
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--repeats", type=int, default=10)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--note", default="", help="a sentence on the machine's state, for RESULTS.md")
-  p.add_argument("--section", default="reference_speed")
-  args = p.parse_args()
+  args = parser(__doc__, "reference_speed", repeats=10, warmup=3).parse_args()
   c = reference_config()
   batch = batch_of(c.model.vocab_size)
-  f8, f32 = forward_flops(c.model, 8), forward_flops(c.model, 32)
+  f8, f32 = (forward_flops(c.model, BATCH, SEQ, r) for r in (8, 32))
   xla = reference_config(attention_impl="xla")
   rows = [("train step, r = 8", "train", train_caller(c, batch), 3 * f8),
           ("train step, r = 8, loop not unrolled (`model.unroll=0`)", "train",
@@ -166,45 +177,32 @@ def main() -> None:
           ("forward, r = 8", "forward8", forward_caller(c, batch, 8), f8),
           ("forward, r = 8, `model.attention_impl=xla`", "forward8", forward_caller(xla, batch, 8), f8),
           ("forward, r = 32", "forward32", forward_caller(c, batch, 32), f32)]
-  # Every program, and the matmul rates, once per round: the machine's speed drifts within minutes,
-  # so each figure is the median over the same stretch of time.
   layer_call, layer_flops = layer_matmuls(c.model)
-  calls = [matmul_caller(2048, 2048, 2048), layer_call] + [call for _, _, call, _ in rows]
-  for call in calls:
-    for _ in range(args.warmup):
-      jax.block_until_ready(call())
-  samples = [[] for _ in calls]
-  for _ in range(args.repeats):
-    for i, call in enumerate(calls):
-      t0 = time.perf_counter()
-      jax.block_until_ready(call())
-      samples[i].append(time.perf_counter() - t0)
-  seconds = [float(np.median(x)) for x in samples]
-  rate, layer_rate = 2 * 2048 ** 3 / seconds[0], layer_flops / seconds[1]
-  seconds = seconds[2:]
+  calls = {MATMUL: matmul_caller(2048, 2048, 2048), "layer": layer_call,
+           **{name: call for name, _, call, _ in rows}}
+  medians = interleaved(calls, args.repeats, args.warmup)[0]
+  rate, layer_rate = 2 * 2048 ** 3 / medians[MATMUL], layer_flops / medians["layer"]
+  seconds = [medians[name] for name, *_ in rows]
   print(f"matmul 2048^2 fp32: {rate / 1e9:.0f} GFLOP/s; the layer's matmuls at their shapes: "
         f"{layer_rate / 1e9:.0f} GFLOP/s", flush=True)
-  lines = []
-  for (name, key, _, flops), s in zip(rows, seconds):
-    ref = REFERENCE_S[key]
-    line = (f"| {name} | {s:.3f} | {BATCH * SEQ / s:,.0f} | {flops / s / 1e9:.0f} | "
-            f"{flops / s / rate:.0%} | {ref:.2f} ({BATCH * SEQ / ref:,.0f}) | {ref / s:.2f}× |")
-    print(line, flush=True)
-    lines.append(line)
+  cells = [[name, f"{s:.3f}", f"{BATCH * SEQ / s:,.0f}", f"{flops / s / 1e9:.0f}", f"{flops / s / rate:.0%}",
+            f"{REFERENCE_S[key]:.2f} ({BATCH * SEQ / REFERENCE_S[key]:,.0f})", f"{REFERENCE_S[key] / s:.2f}×"]
+           for (name, key, _, flops), s in zip(rows, seconds)]
+  tokens = BATCH * SEQ
   body = [f"## Reference configuration: (2, 4⊗8, 2), d = 256, swiglu 869, vocab 512, concat, sandwich, "
           f"float32, batch {BATCH} × {SEQ}", "",
-          f"Machine: {machine()}. `python -m bench.reference_speed --repeats {args.repeats} --warmup "
-          f"{args.warmup}` (every program compiled first, then {args.warmup} warm-up calls each, then "
-          f"{args.repeats} rounds that call each program, and the matmuls, once; medians). "
-          f"{args.note}".rstrip(), "",
+          intro(command("bench.reference_speed", args, "repeats", "warmup"),
+                f" (every program compiled first, then {args.warmup} warm-up calls each, then "
+                f"{args.repeats} rounds that call each program, and the matmuls, once; medians).",
+                args.note), "",
           f"fp32 matmul rate (jitted 2048² `jnp.dot`, in the same rounds): {rate / 1e9:.0f} GFLOP/s. "
-          f"Model GFLOP/s count the matmul FLOPs (causal half of the attention scores), the train step "
-          f"as 3× the forward's; % is of that matmul rate. The layer's own matmuls at their shapes "
-          f"([{BATCH * SEQ}, 256] × [256, 256] four times, [{BATCH * SEQ}, 256] × [256, 869] twice, [{BATCH * SEQ}, 869] × "
-          f"[869, 256]), each called alone: {layer_rate / 1e9:.0f} GFLOP/s ({layer_rate / rate:.0%} of "
-          f"the 2048² rate).", "",
-          "| program | seconds | tokens/s | GFLOP/s | % of matmul | reference s (tokens/s) | "
-          "speed vs reference |", "| --- | --- | --- | --- | --- | --- | --- |", *lines, "",
+          f"Model GFLOP/s count the matmul FLOPs (causal half of the attention scores, "
+          f"`looped_models.flops`), the train step as 3× the forward's; % is of that matmul rate. The "
+          f"layer's own matmuls at their shapes ([{tokens}, 256] × [256, 256] four times, [{tokens}, "
+          f"256] × [256, 869] twice, [{tokens}, 869] × [869, 256]), each called alone: "
+          f"{layer_rate / 1e9:.0f} GFLOP/s ({layer_rate / rate:.0%} of the 2048² rate).", "",
+          *table(["program", "seconds", "tokens/s", "GFLOP/s", "% of matmul", "reference s (tokens/s)",
+                  "speed vs reference"], cells), "",
           f"Unrolling the loop of 8 iterations (`model.unroll`, default 8: the backward pass keeps each "
           f"iteration's activations in place instead of copying them into and out of per-iteration "
           f"stacks) makes the train step {seconds[1] / seconds[0]:.2f}× faster in this run; CPU "
@@ -215,7 +213,7 @@ def main() -> None:
           "Reference: the public Huginn PyTorch implementation, eager, 2 threads, measured on a 2-core "
           "AMD EPYC machine (issue 15); the ratio column only means something on that machine. "
           "Targets: train step ≥ 1.5× (≤ 2.35 s there, about 48% of its matmul rate), forward ≥ 2×."]
-  write_section(args.section, "\n".join(body))
+  record(args.section, body, args.dry_run)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 variants of the same programs compiled in one process and timed in interleaved rounds, so a shared,
 loaded machine slows them alike and the ratios stay meaningful.
 
-  python -m bench.speed_ablations [--rounds 5] [--note "..."] [--section speed_ablations]
+  python -m bench.speed_ablations [--rounds 5] [--note "..."] [--section speed_ablations] [--dry-run]
 
 Variants (the model of `bench.reference_speed`, r = 8):
 - `before`: attention as einsum + float32 softmax written out in every layer, projections as matmuls
@@ -15,18 +15,13 @@ Variants (the model of `bench.reference_speed`, r = 8):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import resource
-import time
 
-import jax
-import numpy as np
-
-from bench.reference_speed import (BATCH, SEQ, batch_of, forward_caller, forward_flops, matmul_rate,
+from bench.reference_speed import (BATCH, SEQ, batch_of, forward_caller, interleaved, matmul_rate,
                                    reference_config, train_caller)
-from bench.results import machine, write_section
+from bench.results import command, intro, parser, record, table
 from looped_models import injection, layers
+from looped_models.flops import forward_flops
 
 
 @contextlib.contextmanager
@@ -46,11 +41,7 @@ def patched(*, explicit_attention: bool = False, flat: bool = True):
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--rounds", type=int, default=5)
-  p.add_argument("--note", default="", help="a sentence on the machine's state, for RESULTS.md")
-  p.add_argument("--section", default="speed_ablations")
-  args = p.parse_args()
+  args = parser(__doc__, "speed_ablations", rounds=5).parse_args()
   c = reference_config()
   batch = batch_of(c.model.vocab_size)
   before = dict(explicit_attention=True, flat=False)
@@ -68,39 +59,28 @@ def main() -> None:
     with patched(**patch):
       calls["forward r = 8: " + name] = forward_caller(c, batch, 8)
   rate = matmul_rate(repeats=5, warmup=2)
-  for call in calls.values():  # warm-up
-    jax.block_until_ready(call())
-  times = {k: [] for k in calls}
-  faults = {k: [] for k in calls}
-  for _ in range(args.rounds):
-    for name, call in calls.items():
-      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      t0 = time.perf_counter()
-      jax.block_until_ready(call())
-      times[name].append(time.perf_counter() - t0)
-      faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    print({k: round(v[-1], 3) for k, v in times.items()}, flush=True)
-  flops = {"train": 3 * forward_flops(c.model, 8), "forward r = 8": forward_flops(c.model, 8)}
-  lines = []
+  times, faults = interleaved(calls, args.rounds, 1, on_round=lambda t: print(
+      {k: round(v, 3) for k, v in t.items()}, flush=True))
+  f8 = forward_flops(c.model, BATCH, SEQ, 8)
+  flops = {"train": 3 * f8, "forward r = 8": f8}
+  cells = []
   for name, call in calls.items():
     prog = name.split(":")[0]
-    base = float(np.median(times[f"{prog}: before"]))
-    s = float(np.median(times[name]))
+    s, base = times[name], times[f"{prog}: before"]
     temp = call.compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
-    lines.append(f"| {name} | {s:.3f} | {BATCH * SEQ / s:,.0f} | {flops[prog] / s / rate:.0%} | "
-                 f"{base / s:.2f}× | {temp:,.0f} | {np.median(faults[name]) / 1e3:,.0f}k |")
-    print(lines[-1], flush=True)
+    cells.append([name, f"{s:.3f}", f"{BATCH * SEQ / s:,.0f}", f"{flops[prog] / s / rate:.0%}",
+                  f"{base / s:.2f}×", f"{temp:,.0f}", f"{faults[name] / 1e3:,.0f}k"])
   body = [f"## Speed ablations at the reference configuration (r = 8, batch {BATCH} × {SEQ}, float32)",
-          "", f"Machine: {machine()}. `python -m bench.speed_ablations --rounds {args.rounds}`: every "
-          f"program compiled in one process, then timed in {args.rounds} interleaved rounds after a "
-          f"warm-up (medians). {args.note}".rstrip(), "",
+          "", intro(command("bench.speed_ablations", args, "rounds"),
+                    f": every program compiled in one process, then timed in {args.rounds} interleaved "
+                    f"rounds after a warm-up (medians).", args.note), "",
           f"fp32 matmul rate in the same run: {rate / 1e9:.0f} GFLOP/s (the % column; train = 3× the "
           f"forward's matmul FLOPs, also for the ablations that skip work). Temp: XLA's temporary "
           f"buffer; faults: minor page faults per call (XLA's CPU runtime maps its temporaries afresh "
           f"each call).", "",
-          "| program: variant | seconds | tokens/s | % of matmul | speed vs before | temp MiB | "
-          "page faults |", "| --- | --- | --- | --- | --- | --- | --- |", *lines]
-  write_section(args.section, "\n".join(body))
+          *table(["program: variant", "seconds", "tokens/s", "% of matmul", "speed vs before",
+                  "temp MiB", "page faults"], cells)]
+  record(args.section, body, args.dry_run)
 
 
 if __name__ == "__main__":

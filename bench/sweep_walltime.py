@@ -1,7 +1,7 @@
 """Wall time of whole sweeps (train + evaluate + report for every trial) and trials per hour.
 
   python -m bench.sweep_walltime [--sweeps smoke,default] [--parallel 1] [--keep DIR]
-      [--trials NAME,NAME] [--no-cache]
+      [--trials NAME,NAME] [--no-cache] [--note "..."] [--dry-run]
 
 Each sweep runs from scratch with W&B offline, as `make run` does, in a temporary directory, or in
 DIR/SWEEP (which must not exist yet) with `--keep`, to read its report afterwards. `--trials` runs only
@@ -14,7 +14,6 @@ depends on the others' work.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -23,7 +22,8 @@ import sys
 import tempfile
 import time
 
-from bench.results import machine, write_section
+from bench.results import intro, parser, record, table
+from sweeps.status import trial_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,7 @@ def run(sweep: str, parallel: int, keep: str | None = None, trials: list[str] | 
     wall, cpu, load1 = time.perf_counter() - start, _cpu_s() - cpu0, os.getloadavg()[0]
     index = json.load(open(os.path.join(tmp, sweep, "sweep.json")))
     names = trials or [t["name"] for t in index["trials"]]
-    statuses = [json.load(open(os.path.join(tmp, sweep, n, "trial.json")))["status"] for n in names]
+    statuses = [trial_record(os.path.join(tmp, sweep, n))["status"] for n in names]
   return {"sweep": sweep, "wall_s": wall, "cpu_s": cpu, "trials": len(statuses),
           "done": statuses.count("done"), "exit": out.returncode, "cache": cache,
           "load": f"{load0:.1f} → {load1:.1f}", "subset": bool(trials),
@@ -74,11 +74,9 @@ def what_trials_do(configs: list[dict]) -> str:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--sweeps", default="smoke,default")
-  p.add_argument("--parallel", type=int, default=1)
-  p.add_argument("--keep", default=None, help="run in DIR/SWEEP and keep it (default: a temporary dir)")
-  p.add_argument("--trials", default=None, help="comma-separated trial names: run only these")
+  p = parser(__doc__, sweeps="smoke,default", parallel=1,
+             keep=(None, "run in DIR/SWEEP and keep it (default: a temporary dir)"),
+             trials=(None, "comma-separated trial names: run only these"))
   p.add_argument("--no-cache", action="store_true", help="without JAX's persistent compilation cache")
   args = p.parse_args()
   trials = args.trials.split(",") if args.trials else None
@@ -92,17 +90,15 @@ def main() -> None:
         ", compilation cache off" if not r["cache"] else "")
     cmd = (f"python -m bench.sweep_walltime --sweeps {r['sweep']} --parallel {args.parallel}"
            + (f" --trials {args.trials}" if trials else "") + (" --no-cache" if not r["cache"] else ""))
-    lines = [f"## Sweep wall time: `{r['sweep']}` ({what}), --parallel {args.parallel}",
-             "", f"Machine: {machine()}; load average {r['load']} (start → end). `{cmd}`. "
-             f"{r['what'][0].upper() + r['what'][1:]} CPU time: user + system of all the sweep's "
-             "processes.", "",
-             "| sweep | trials (done) | wall time | CPU time | trials per hour | exit status |",
-             "| --- | --- | --- | --- | --- | --- |",
-             f"| {r['sweep']} | {r['trials']} ({r['done']}) | {r['wall_s'] / 60:.1f} min | "
-             f"{r['cpu_s'] / 60:.1f} min | {3600 * r['trials'] / r['wall_s']:.0f} | {r['exit']} |"]
+    lines = [f"## Sweep wall time: `{r['sweep']}` ({what}), --parallel {args.parallel}", "",
+             intro(cmd, f"; load average {r['load']} (start → end). {r['what'][0].upper() + r['what'][1:]}"
+                   " CPU time: user + system of all the sweep's processes.", args.note), "",
+             *table(["sweep", "trials (done)", "wall time", "CPU time", "trials per hour", "exit status"],
+                    [[r["sweep"], f"{r['trials']} ({r['done']})", f"{r['wall_s'] / 60:.1f} min",
+                      f"{r['cpu_s'] / 60:.1f} min", f"{3600 * r['trials'] / r['wall_s']:.0f}", r["exit"]]])]
     name = f"sweep_walltime_{r['sweep']}_p{args.parallel}" + ("_subset" if trials else "") + (
         "_nocache" if not r["cache"] else "")
-    write_section(name, "\n".join(lines))
+    record(name, lines, args.dry_run)
 
 
 if __name__ == "__main__":
