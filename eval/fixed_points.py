@@ -15,11 +15,12 @@ Series (numpy, [R, k]; entry t = 0 of the successive series is NaN, there being 
 - residual_norm: mean token norm; with attention the metrics of `eval.attention_metrics`.
 Per layer: contraction_rate = exp(slope) of a least-squares line of log(successive_change) vs t over
 t = rate_skip.. up to the first change <= rate_floor (or non-finite); None with fewer than 3 points.
-A layer is converged at t when, for every t' >= t, successive_cos < eps_cos and either
+A layer is converged at t when, for every t' >= t, its series pass the fixed-point test of
+`looped_models.fixed_point` (the one halting uses per token): successive_cos < eps_cos and either
 successive_change < eps_rel or the norm grows at most ~linearly while the direction settles, as in a
-pre-norm block: successive_change * (t'+1) <= linear_slack with at least half of it outward growth
-(norm_growth >= successive_change / 2). converged_at = the first such t, and only if at least
-`min_stable` iterations satisfy it. degeneracy_min_cosine = min_l mean cos(X*_0, X*_l) (1 for k=1).
+pre-norm block: successive_change * (t'+1) < linear_slack (the test's linear-growth residual over a
+tail) with at least half of it outward growth (norm_growth >= successive_change / 2).
+converged_at = the first such t, and only if at least `min_stable` iterations satisfy it. degeneracy_min_cosine = min_l mean cos(X*_0, X*_l) (1 for k=1).
 Token classes at the last block layer over the tail t >= R - L, L = max(3, ceil(tail_frac*R)):
 - fixed_point: 1 - cos(X_t, X_{R-1}) <= tau for a share >= rho of the tail;
 - orbit: not fixed; at some lag 2 <= p <= max_lag, 1 - cos(X_t, X_{t-p}) <= tau for a share >= rho
@@ -45,6 +46,7 @@ import numpy as np
 
 from configs.errors import ConfigError
 from eval.attention_metrics import AttentionAccumulator
+from looped_models.fixed_point import settled
 
 TOKEN_CLASSES = ("fixed_point", "orbit", "slider", "unknown")
 REGIMES = ("cyclic", "degenerate", "orbit", "slider", "divergent", "unconverged")
@@ -202,8 +204,8 @@ def _converged_at(rel_R: np.ndarray, cos_R: np.ndarray, growth_R: np.ndarray,
                   th: dict[str, Any]) -> int | None:
   t_R = np.arange(len(rel_R))
   with np.errstate(invalid="ignore"):
-    linear = (rel_R * (t_R + 1) <= th["linear_slack"]) & (growth_R >= rel_R / 2)
-    ok = (cos_R < th["eps_cos"]) & ((rel_R < th["eps_rel"]) | linear)
+    ok = settled(rel_R, cos_R, growth_R, rel_R * (t_R + 1), eps_rel=th["eps_rel"],
+                 eps_cos=th["eps_cos"], eps_linear=th["linear_slack"])
   ok[0] = False
   start = int(np.nonzero(~ok)[0].max()) + 1
   return start if len(ok) - start >= th["min_stable"] else None

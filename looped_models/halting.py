@@ -5,14 +5,15 @@
 iterations after the last exit are really not computed. Criteria, per token, after iteration t >= 2
 (the first iteration has no predecessor, so no token can exit at t = 1):
 
-- `fixed_point` (eps = threshold): every block layer l has settled, by the evaluator's per-layer
-  criterion (`eval.fixed_points`) applied per token at iteration t: its direction turns by less than
-  eps, ||X_t/||X_t|| - X_{t-1}/||X_{t-1}|| || < eps, and its relative change
+- `fixed_point` (eps = threshold): every block layer passes the fixed-point test of
+  `looped_models.fixed_point` (the one the evaluator's convergence verdict uses), per token at
+  iteration t, with eps for all its bounds: its direction turns by less than eps,
+  ||X_t/||X_t|| - X_{t-1}/||X_{t-1}|| || < eps (1 - cos < eps^2 / 2), and its relative change
   ||X_t - X_{t-1}|| / ||X_t|| < eps, or it is a pre-norm stream growing linearly along a fixed
   direction (relative change falling only like 1/t): successive increments D_t = X_t - X_{t-1} agree,
   ||D_t - D_{t-1}|| / ||X_t|| < eps, and the change is mostly outward (norm growth >= rel / 2).
-  The evaluator tests linear growth over the whole tail (rel * t <= 1.5 at every later t); at one
-  iteration that bound would pass any outward jump early on, hence the test on increments here
+  This is the test's one-iteration form of linear growth; the evaluator, which sees the whole tail,
+  bounds rel * t instead, which at one iteration would pass any outward jump early on
   (`linear_growth=False`: the plain relative change);
 - `kl`: KL(p_{t-1} || p_t) < threshold between successive next-token distributions (Huginn's rule,
   KL taken as in its code; its paper uses 5e-4);
@@ -51,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from configs.errors import ConfigError
+from looped_models.fixed_point import one_threshold, settled
 
 CRITERIA = ("fixed_point", "kl", "cosine", "argmax_stable", "entropy", "oracle")
 LOOP_CRITERIA = CRITERIA[:-1]         # the ones `halt` and generation run; `oracle` is evaluation-only
@@ -100,18 +102,18 @@ def halt(model: Any, tokens_BS: jax.Array, *, criterion: str, threshold: float |
 
 def fixed_point_meets(new_kBSD: jax.Array, old_kBSD: jax.Array, delta_kBSD: jax.Array,
                       eps: jax.Array, linear_growth: bool = True) -> tuple[jax.Array, jax.Array]:
-  """([B, S] bool: every block layer has settled between iterations t-1 and t, this increment)."""
+  """([B, S] bool: every block layer passes the fixed-point test between iterations t-1 and t,
+  this increment); `delta_kBSD` is the previous increment (NaN at t = 2: no linear growth yet)."""
   new, old = new_kBSD.astype(jnp.float32), old_kBSD.astype(jnp.float32)
   n_new = jnp.maximum(jnp.linalg.norm(new, axis=-1), _TINY)
   n_old = jnp.maximum(jnp.linalg.norm(old, axis=-1), _TINY)
   step = new - old
   rel = jnp.linalg.norm(step, axis=-1) / n_new
   turn = jnp.linalg.norm(new / n_new[..., None] - old / n_old[..., None], axis=-1)
-  settled = rel < eps
-  if linear_growth:
-    steady = jnp.linalg.norm(step - delta_kBSD, axis=-1) / n_new < eps  # NaN at t = 2: False
-    settled |= steady & ((n_new - n_old) / n_new >= rel / 2)
-  return ((turn < eps) & settled).all(0), step
+  linear = jnp.linalg.norm(step - delta_kBSD, axis=-1) / n_new if linear_growth else None
+  # 1 - cos as half the squared turn: float32 would round 1 - dot / norms to 0 at small angles
+  ok_kBS = settled(rel, 0.5 * turn * turn, (n_new - n_old) / n_new, linear, **one_threshold(eps))
+  return ok_kBS.all(0), step
 
 
 def _one_minus_cos_BS(a_BSD: jax.Array, b_BSD: jax.Array) -> jax.Array:

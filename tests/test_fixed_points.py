@@ -275,3 +275,58 @@ def test_report_fields():
   d = rep.to_dict()
   assert set(d) >= {"regime", "token_classes", "layers", "degeneracy_min_cosine", "thresholds", "series"}
   assert set(d["layers"][0]) >= {"converged", "converged_at", "final_change", "contraction_rate"}
+
+
+def _one_token(kind, r=48, k=2, d=D, seed=11):
+  """[r, k, 1, 1, d]: a contraction onto P_l from outside, the norm shrinking (X_{l,t} = P_l + c_l^t n_l
+  with n_l mostly along P_l), or pre-norm linear growth whose direction settles
+  (X_{l,t} = (t+1) u_l + c_l^t n_l, n_l ⟂ u_l)."""
+  q = np.linalg.qr(_rng(seed).normal(size=(k, d, 2)))[0]
+  c_k1 = np.array([[0.6], [0.75]])[:k]
+  t = np.arange(r)[:, None, None]
+  if kind == "linear_growth":
+    x = (t + 1) * 3.0 * q[..., 0] + c_k1 ** t * q[..., 1]
+  else:
+    x = 3.0 * q[..., 0] + c_k1 ** t * (0.8 * q[..., 0] + 0.6 * q[..., 1])
+  return x[:, :, None, None, :]
+
+
+@pytest.mark.parametrize("kind", ["contracting", "linear_growth"])
+def test_evaluator_and_halting_agree_on_one_trajectory(kind):
+  """The evaluator's per-layer verdict and halting's per-token exit are one test: on one token, with
+  halting's threshold eps (eps_rel = eps, eps_cos = eps^2 / 2), layer l is converged from index t_l
+  (states[t] is iteration t + 1) and halting exits at iteration max_l t_l + 1, where the bound that
+  binds says it should."""
+  import jax
+  import jax.numpy as jnp
+  from types import SimpleNamespace
+  from looped_models.halting import criterion_step, initial_prev
+  eps, x = 1e-3, _one_token(kind)
+  r, k = x.shape[:2]
+  # Independently: the turn of the direction, and for the contraction also the relative change,
+  # falls below eps for good at index first_l (linear growth: rel ~ 1/t never does, its increments do).
+  u = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  turn_Rk = np.linalg.norm(np.diff(u, axis=0), axis=-1)[..., 0, 0]
+  rel_Rk = (np.linalg.norm(np.diff(x, axis=0), axis=-1) / np.linalg.norm(x[1:], axis=-1))[..., 0, 0]
+  def first(ok_Rk):  # index from which ok holds for good, per layer
+    return [1 + int(np.nonzero(~ok_Rk[:, l])[0].max()) + 1 for l in range(k)]
+  first_k = first((turn_Rk < eps) & ((rel_Rk < eps) if kind == "contracting" else True))
+  assert 5 <= max(first_k) <= r - 10 and first_k[0] != first_k[1]
+  if kind == "linear_growth":
+    assert (rel_Rk[-1] > 10 * eps).all()
+  else:  # the relative change is the bound that binds
+    assert first(turn_Rk < eps) < first_k
+
+  rep = analyze_trajectory(x, eps_rel=eps, eps_cos=eps ** 2 / 2)
+  assert [l.converged_at for l in rep.layers] == first_k
+
+  m = SimpleNamespace(block_size=k)
+  prev = initial_prev(m, "fixed_point", jnp.zeros((1, 1, x.shape[-1])))
+  step = jax.jit(lambda outs, prev, first: criterion_step("fixed_point", None, None, None, outs, prev,
+                                                          first, jnp.float32(eps)))
+  exit_t = None
+  for t in range(1, r + 1):
+    meets, prev = step(jnp.asarray(x[t - 1], jnp.float32), prev, jnp.array([t == 1]))
+    if exit_t is None and bool(meets[0, 0]):
+      exit_t = t
+  assert exit_t == max(first_k) + 1
