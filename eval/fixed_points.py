@@ -267,6 +267,49 @@ class _TailCounter:
     return {name: float(mask.sum() / n) for name, mask in zip(TOKEN_CLASSES, (fixed, orbit, slider, unknown))}
 
 
+def _first_pass(chunks: Chunks, want: dict[str, Any], th: dict[str, Any]
+                ) -> tuple[dict[str, list], bool, np.ndarray, dict[str, Any]]:
+  """Pass 1: successive changes and norms per (iteration, layer), whether all states are finite,
+  the final states [k, B, S, D] and the attention metrics ({} without attention)."""
+  series: dict[str, list] = {n: [] for n in ("rel", "rel_max", "cos_change", "growth", "norms")}
+  rel, rel_max, cos_change, growth, norms = series.values()
+  acc = AttentionAccumulator(th["sink_threshold"], th["map_batch"], th["map_iterations"],
+                             th["map_columns"])
+  prev_kBSD, finite, has_att = None, True, False
+  with np.errstate(all="ignore"):
+    for x_kBSD, a_kBHSS in _iterations(chunks, want):
+      nrm_kBS = _norm(x_kBSD)
+      norms.append(nrm_kBS.mean(axis=(1, 2)))
+      finite = finite and bool(np.isfinite(x_kBSD).all())
+      if prev_kBSD is None:
+        nan_k = np.full(x_kBSD.shape[0], np.nan)
+        rel.append(nan_k), rel_max.append(nan_k), cos_change.append(nan_k), growth.append(nan_k)
+      else:
+        d_kBS = _norm(x_kBSD - prev_kBSD) / np.maximum(nrm_kBS, _TINY)
+        rel.append(d_kBS.mean(axis=(1, 2))), rel_max.append(d_kBS.max(axis=(1, 2)))
+        cos_change.append((1 - _cos(x_kBSD, prev_kBSD)).mean(axis=(1, 2)))
+        growth.append(((nrm_kBS - prev_nrm_kBS) / np.maximum(nrm_kBS, _TINY)).mean(axis=(1, 2)))
+      if a_kBHSS is not None:
+        has_att = True
+        acc.add(a_kBHSS)
+      prev_kBSD, prev_nrm_kBS = x_kBSD, nrm_kBS
+  if len(norms) < 3:
+    raise TrajectoryError(f"a trajectory needs R >= 3 iterations, got R={len(norms)}")
+  return series, finite, prev_kBSD.copy(), acc.result() if has_att else {}
+
+
+def _regime(reason: str | None, layers: list[LayerReport], degeneracy: float,
+            classes: dict[str, float], th: dict[str, Any]) -> str:
+  if reason:
+    return "divergent"
+  if all(l.converged for l in layers):
+    return "cyclic" if degeneracy < th["degenerate_cos"] else "degenerate"
+  for name in ("orbit", "slider"):
+    if classes[name] >= th["regime_frac"]:
+      return name
+  return "unconverged"
+
+
 # --------------------------------------------------------------------------------------- analysis
 def analyze_stream(chunks: Chunks, *, tau: float = 0.05, rho: float = 0.9, eps_cos: float = 1e-4,
                    eps_rel: float = 1e-3, linear_slack: float = 1.5, min_stable: int = 3,
@@ -287,33 +330,8 @@ def analyze_stream(chunks: Chunks, *, tau: float = 0.05, rho: float = 0.9, eps_c
             map_batch=map_batch, map_iterations=map_iterations, map_columns=map_columns)
   _check_thresholds(th)
   want: dict[str, Any] = {}
-  # Pass 1: successive changes, norms, attention metrics, the final states.
-  rel, rel_max, cos_change, growth, norms = [], [], [], [], []
-  acc = AttentionAccumulator(sink_threshold, map_batch, map_iterations, map_columns)
-  prev_kBSD, finite, has_att = None, True, False
-  with np.errstate(all="ignore"):
-    for x_kBSD, a_kBHSS in _iterations(chunks, want):
-      nrm_kBS = _norm(x_kBSD)
-      norms.append(nrm_kBS.mean(axis=(1, 2)))
-      finite = finite and bool(np.isfinite(x_kBSD).all())
-      if prev_kBSD is None:
-        nan_k = np.full(x_kBSD.shape[0], np.nan)
-        rel.append(nan_k), rel_max.append(nan_k), cos_change.append(nan_k), growth.append(nan_k)
-      else:
-        d_kBS = _norm(x_kBSD - prev_kBSD) / np.maximum(nrm_kBS, _TINY)
-        rel.append(d_kBS.mean(axis=(1, 2))), rel_max.append(d_kBS.max(axis=(1, 2)))
-        cos_change.append((1 - _cos(x_kBSD, prev_kBSD)).mean(axis=(1, 2)))
-        growth.append(((nrm_kBS - prev_nrm_kBS) / np.maximum(nrm_kBS, _TINY)).mean(axis=(1, 2)))
-      if a_kBHSS is not None:
-        has_att = True
-        acc.add(a_kBHSS)
-      prev_kBSD, prev_nrm_kBS = x_kBSD, nrm_kBS
-  r = len(norms)
-  if r < 3:
-    raise TrajectoryError(f"a trajectory needs R >= 3 iterations, got R={r}")
-  final_kBSD = prev_kBSD.copy()
-  att = acc.result() if has_att else {}
-  del prev_kBSD, acc
+  series, finite, final_kBSD, att = _first_pass(chunks, want, th)
+  r = len(series["norms"])
   k, b, s = final_kBSD.shape[:3]
   # Pass 2: distances to X* and the tail classification of the last block layer.
   tail_len = min(r, max(3, math.ceil(tail_frac * r)))
@@ -331,7 +349,7 @@ def analyze_stream(chunks: Chunks, *, tau: float = 0.05, rho: float = 0.9, eps_c
   if t + 1 != r:
     raise TrajectoryError(f"chunks() replayed a different trajectory on the second pass (R={r} first)")
 
-  rel_Rk, cos_Rk, growth_Rk, norm_Rk = (np.stack(v) for v in (rel, cos_change, growth, norms))
+  rel_Rk, rel_max_Rk, cos_Rk, growth_Rk, norm_Rk = (np.stack(v) for v in series.values())
   layers = []
   for l in range(k):
     at = _converged_at(rel_Rk[:, l], cos_Rk[:, l], growth_Rk[:, l], th)
@@ -342,20 +360,11 @@ def analyze_stream(chunks: Chunks, *, tau: float = 0.05, rho: float = 0.9, eps_c
     degeneracy = min(float(_cos(final_kBSD[0], final_kBSD[l]).mean()) for l in range(k)) if k > 1 else 1.0
   classes = tail.classes((b, s))
   reason = _divergence(finite, norm_Rk.mean(axis=1), diverge_ratio)
-  if reason:
-    regime = "divergent"
-  elif all(l.converged for l in layers):
-    regime = "cyclic" if degeneracy < degenerate_cos else "degenerate"
-  elif classes["orbit"] >= regime_frac:
-    regime = "orbit"
-  elif classes["slider"] >= regime_frac:
-    regime = "slider"
-  else:
-    regime = "unconverged"
+  regime = _regime(reason, layers, degeneracy, classes, th)
   return FixedPointReport(
       regime=regime, token_classes=classes, layers=layers, degeneracy_min_cosine=degeneracy,
       thresholds=th, num_iterations=r, block_size=k, divergent_reason=reason,
-      successive_change=rel_Rk, successive_change_max=np.stack(rel_max), successive_cos=cos_Rk,
+      successive_change=rel_Rk, successive_change_max=rel_max_Rk, successive_cos=cos_Rk,
       norm_growth=growth_Rk, distance_to_fixed=np.stack(dist), distance_cos=np.stack(dist_cos),
       residual_norm=norm_Rk,
       **{name: att.get(name) for name in ("attention_change", "colsum_concentration", "sink_rate",
