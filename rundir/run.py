@@ -26,6 +26,8 @@ from rundir import distributed
 from looped_models import sharding
 from rundir.checkpoint import Checkpointer, saved_steps
 from rundir.workdir import RunDirError, check_reachable, path, read_json
+from tasks.text import TextData
+from tasks.tokenizers import TOKENIZER_FILE, HFTokenizer
 
 
 def config_files(workdir: str) -> list[str]:
@@ -111,7 +113,6 @@ def check_init_from(cfg: Any) -> int:
 
 def run_tokenizer(workdir: str, cfg: Any):
   """The run's own tokenizer.json (an imported model), else its text corpus's tokenizer, else None."""
-  from tasks.text import HFTokenizer, TextData, TOKENIZER_FILE
   own = path(workdir) / TOKENIZER_FILE
   if own.is_file():
     return HFTokenizer.from_file(str(own))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from configs.errors import ConfigError
+from tasks import DataError
+from tasks.text import TextData
 
 SYNTHETIC_TASKS = ("prefix_or", "prefix_parity", "var_chain", "addition")  # generated on the fly
 TASK_NAMES = (*SYNTHETIC_TASKS, "text")
@@ -209,7 +211,6 @@ class Text(Task):
   default_train_length, default_test_lengths = 256, ()
 
   def __init__(self, path: str, split: str = "train", data=None):
-    from tasks.text import DataError, TextData
     if not path:
       raise ConfigError("task.path", path, reason="the text task needs a prepared corpus directory "
                         "(python -m train.data prepare ... --out DIR)")

@@ -132,9 +132,9 @@ def test_pod_preset_dry_run_two_processes_of_four_devices(tmp_path):
   """configs/sweeps/tpu_pod.py's first steps on 8 fake devices in 2 processes with the pod's mesh
   (data x fsdp 4 x tensor 2), bf16, truncated backprop and accumulation; only the sizes shrink."""
   from test_text import write_texts
-  from tasks import text as data
+  from tasks import corpus, text as data
   write_texts(tmp_path / "texts", n_docs=4)
-  data.prepare([str(tmp_path / "texts" / "*.txt")], str(tmp_path / "corpus"), val_fraction=0.25,
+  corpus.prepare([str(tmp_path / "texts" / "*.txt")], str(tmp_path / "corpus"), val_fraction=0.25,
                progress=False)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import WORDS, text_config, write_texts
 from configs.errors import ConfigError
-from tasks import text as data
+from tasks import corpus, text as data
 from rundir.config import resolve
 from rundir.logger import read_metrics
 from tasks.synthetic import make_batch, task_of
@@ -47,10 +47,10 @@ def test_byte_prepare_writes_documents_split_and_checksums(corpus):
 
 
 def test_same_seed_same_split_other_seed_other_split(tmp_path):
-  a = data.split_documents(40, 0.1, seed=0)
-  assert a.sum() == 4 and (a == data.split_documents(40, 0.1, seed=0)).all()
-  assert (a != data.split_documents(40, 0.1, seed=1)).any()
-  assert data.split_documents(2, 0.01, seed=0).sum() == 1  # at least one document each
+  a = corpus.split_documents(40, 0.1, seed=0)
+  assert a.sum() == 4 and (a == corpus.split_documents(40, 0.1, seed=0)).all()
+  assert (a != corpus.split_documents(40, 0.1, seed=1)).any()
+  assert corpus.split_documents(2, 0.01, seed=0).sum() == 1  # at least one document each
 
 
 def test_bpe_lines_jsonl_and_a_brought_tokenizer(tmp_path):
@@ -58,7 +58,7 @@ def test_bpe_lines_jsonl_and_a_brought_tokenizer(tmp_path):
   with open(tmp_path / "docs.jsonl", "w") as f:
     for i in range(4):
       f.write(json.dumps({"text": f"jsonl document {i}: " + " ".join(WORDS[i:i + 12])}) + "\n")
-  meta = data.prepare([str(tmp_path / "t" / "*.txt"), str(tmp_path / "docs.jsonl")],
+  meta = corpus.prepare([str(tmp_path / "t" / "*.txt"), str(tmp_path / "docs.jsonl")],
                       str(tmp_path / "bpe"), tokenizer="bpe:300", lines=True, progress=False)
   assert meta["tokenizer"]["kind"] == "bpe" and meta["tokenizer"]["vocab_size"] == 300
   assert sum(meta["splits"][s]["documents"] for s in data.SPLITS) == 3 * 51 + 4  # lines + jsonl
@@ -68,7 +68,7 @@ def test_bpe_lines_jsonl_and_a_brought_tokenizer(tmp_path):
   tb = np.load(tmp_path / "bpe" / data.TOKEN_BYTES)
   assert tb[tok.bos_id] == 0 and int(tb[tok.encode_batch([text])[0]].sum()) == len(text.encode())
   # the trained tokenizer.json brought to another corpus
-  again = data.prepare([str(tmp_path / "docs.jsonl")], str(tmp_path / "file"),
+  again = corpus.prepare([str(tmp_path / "docs.jsonl")], str(tmp_path / "file"),
                        tokenizer=str(tmp_path / "bpe" / "tokenizer.json"), progress=False)
   assert again["tokenizer"]["kind"] == "file" and again["tokenizer"]["eos_id"] == tok.eos_id
   assert os.path.isfile(tmp_path / "file" / "tokenizer.json")
@@ -81,7 +81,7 @@ def test_vocabulary_over_65535_is_stored_as_uint32(tmp_path):
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok.save(str(tmp_path / "big.json"))
   (tmp_path / "a.txt").write_text("w1 w69999 w5")
-  meta = data.prepare([str(tmp_path / "a.txt")], str(tmp_path / "out"), tokenizer=str(tmp_path / "big.json"),
+  meta = corpus.prepare([str(tmp_path / "a.txt")], str(tmp_path / "out"), tokenizer=str(tmp_path / "big.json"),
                       val_fraction=0.0, progress=False)
   assert meta["dtype"] == "uint32"
   ids = np.fromfile(tmp_path / "out" / "train-00000.bin", np.uint32)
@@ -102,7 +102,7 @@ def test_prepare_bad_input_is_one_line_and_writes_nothing(tmp_path, setup, args,
   (tmp_path / "l.txt").write_bytes("caf\xe9".encode("latin-1"))
   out = tmp_path / "out"
   if setup == "exists":
-    data.prepare([str(tmp_path / "ok.txt")], str(out), progress=False)
+    corpus.prepare([str(tmp_path / "ok.txt")], str(out), progress=False)
   before = sorted(os.listdir(tmp_path)) + (sorted(os.listdir(out)) if out.exists() else [])
   proc = subprocess.run([sys.executable, "-m", "train.data", "prepare", "--out", str(out),
                          *[a.format(tmp=tmp_path) for a in args]], cwd=ROOT, capture_output=True,
