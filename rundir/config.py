@@ -6,10 +6,11 @@ from typing import Any
 
 import ml_collections
 
+from configs import recurrence
+from configs.base import get_config
 from configs.errors import ConfigError, check_choice, check_int
 from looped_models import validate_model_config
 from rundir import distributed
-from configs import recurrence
 from rundir.logger import WANDB_MODES
 from tasks.synthetic import task_of
 
@@ -36,7 +37,6 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def with_defaults(values: dict) -> ml_collections.ConfigDict:
   """`values` (a config as a dict, e.g. a stored config.json) over configs/base.py's defaults: keys
   added to the framework since the config was written take their defaults."""
-  from configs.base import get_config
   cfg = get_config()
 
   def merge(node, values: dict) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from rundir.workdir import path
+from rundir.workdir import config_files, path
 
 EVAL = "eval"
 _NAME = re.compile(r"^(\d+)(?:\.(\d+))?$")
@@ -57,6 +57,5 @@ def latest(workdir: str, name: str) -> str | None:
 
 def finished_config_path(workdir: str) -> str:
   """The config the run finished with: its newest config.N.json, else config.json."""
-  from rundir.run import config_files
   names = config_files(workdir) if path(workdir).is_dir() else []
   return str(path(workdir) / (names[-1] if names else "config.json"))

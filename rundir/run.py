@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any
 
 import jax
@@ -22,24 +21,20 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from rundir import distributed
 from looped_models import sharding
+from looped_models.config import SHAPE_KEYS
+from looped_models.model import abstract_model, init_model
+from rundir import distributed
 from rundir.checkpoint import Checkpointer, saved_steps
-from rundir.workdir import RunDirError, check_reachable, path, read_json
+from rundir.config import resolve, with_defaults
+from rundir.workdir import RunDirError, check_reachable, config_files, path, read_json
 from tasks.text import TextData
 from tasks.tokenizers import TOKENIZER_FILE, HFTokenizer
-
-
-def config_files(workdir: str) -> list[str]:
-  """config.json and the config.N.json a resumed run with changed keys wrote, oldest first."""
-  names = [p.name for p in path(workdir).iterdir() if re.fullmatch(r"config(\.\d+)?\.json", p.name)]
-  return sorted(names, key=lambda n: int(n.split(".")[1]) if n.count(".") == 2 else 0)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the run last ran with (the newest of config.json, config.1.json, ...), with keys
   added to the framework since then at their defaults."""
-  from rundir.config import with_defaults
   if not check_reachable(workdir).is_dir():
     raise RunDirError(f"run directory {workdir} does not exist")
   files = config_files(workdir)
@@ -70,7 +65,6 @@ class Run:
 
 def abstract_params(cfg: Any, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
   """The model's graph and its parameter shapes, each with the training rules' sharding on `mesh`."""
-  from looped_models.model import abstract_model
   graphdef, params = abstract_model(cfg.model, cfg.train.seed)
   shardings = sharding.tree_shardings(params, mesh)
   return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -98,7 +92,6 @@ def initial_params(cfg: Any, abstract: dict) -> dict:
 def check_init_from(cfg: Any) -> int:
   """The step `train.init_from` would start from, after checking that it is a run with a checkpoint
   of this model's shape (one line, before anything is compiled or written)."""
-  from looped_models.config import SHAPE_KEYS
   source = cfg.train.init_from
   other = load_run_config(source).model
   for key in SHAPE_KEYS:
@@ -126,8 +119,6 @@ def open_run(workdir: str, *, cfg: ml_collections.ConfigDict | None = None, init
   """Open the run in `workdir`: its config as finished (or `cfg`), the parameters of checkpoint
   `step` (default the newest; `init=True`: the model at initialisation, the random-init control)
   sharded onto `mesh` (default: the config's `mesh` over all devices), and its tokenizer."""
-  from rundir.config import resolve
-  from looped_models.model import init_model
   if cfg is None:
     if init:
       raise RunDirError("opening a model at initialisation needs its config")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -19,7 +20,9 @@ from looped_models.config import SHAPE_KEYS
 
 PathLike = str | os.PathLike
 
-STATUSES = ("running", "done", "failed", "diverged", "interrupted")
+# status.json's `status`: a run's (the trainer's, an evaluation's) and a sweep trial's alike; `pending`:
+# a sweep trial not started yet, or stopped and to be resumed (its other fields: sweeps/status.py).
+STATUSES = ("pending", "running", "done", "failed", "diverged", "interrupted")
 
 
 class RunDirError(Exception):
@@ -104,11 +107,19 @@ def record_config(workdir: str, cfg_dict: dict, old: dict | None) -> str | None:
   return str(file)
 
 
+def config_files(workdir: str) -> list[str]:
+  """config.json and the config.N.json a resumed run with changed keys wrote, oldest first."""
+  names = [p.name for p in path(workdir).iterdir() if re.fullmatch(r"config(\.\d+)?\.json", p.name)]
+  return sorted(names, key=lambda n: int(n.split(".")[1]) if n.count(".") == 2 else 0)
+
+
 def read_status(workdir: PathLike) -> dict | None:
   return read_json(path(workdir) / "status.json")
 
 
-def write_status(workdir: str, status: str, **fields: Any) -> None:
+def write_status(workdir: PathLike, status: str, **fields: Any) -> None:
+  """Set `status` and `fields` in status.json, keeping the fields other writers set (the trainer's
+  step and W&B id, a sweep's overrides and config, ...)."""
   assert status in STATUSES, status
   record = dict(read_status(workdir) or {})
   record.update(fields, status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
