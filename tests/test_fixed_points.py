@@ -1,13 +1,18 @@
-"""Tests for eval/fixed_points.py on synthetic trajectories with known dynamics."""
+"""Tests for eval/fixed_points.py on synthetic trajectories with known dynamics, and for the fixed-point
+test it shares with halting (looped_models/fixed_point.py)."""
 
 import json
+from types import SimpleNamespace
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs.errors import ConfigError
 from eval.fixed_points import (DEFAULT_THRESHOLDS, TOKEN_CLASSES, FixedPointReport, TrajectoryError,
                                analyze_stream, analyze_trajectory)
+from looped_models.halting import criterion_step, initial_prev
 
 R, K, B, S, D = 48, 3, 2, 4, 16
 
@@ -214,7 +219,6 @@ def test_attention_series_in_report():
 
 
 def test_jax_input_matches_numpy():
-  jnp = pytest.importorskip("jax.numpy")
   x = contracting(3.0 * _rng().normal(size=(2, B, S, D)), 0.6, r=24).astype(np.float32)
   a = analyze_trajectory(jnp.asarray(x)).to_dict()
   b = analyze_trajectory(x).to_dict()
@@ -297,10 +301,6 @@ def test_evaluator_and_halting_agree_on_one_trajectory(kind):
   halting's threshold eps (eps_rel = eps, eps_cos = eps^2 / 2), layer l is converged from index t_l
   (states[t] is iteration t + 1) and halting exits at iteration max_l t_l + 1, where the bound that
   binds says it should."""
-  import jax
-  import jax.numpy as jnp
-  from types import SimpleNamespace
-  from looped_models.halting import criterion_step, initial_prev
   eps, x = 1e-3, _one_token(kind)
   r, k = x.shape[:2]
   # Independently: the turn of the direction, and for the contraction also the relative change,
