@@ -3,7 +3,7 @@
   python -m bench.convert_memory [--d_model 2560] [--layers 2,8,2] [--shard_gb 1] [--dtype bfloat16]
 
 Writes a synthetic Raven directory (random bfloat16 weights, sharded safetensors with an index) into a
-temporary directory, then runs `python -m looped_models.convert from-raven` on it in a child process
+temporary directory, then runs `python -m convert from-raven` on it in a child process
 and records its wall time and peak resident memory (ru_maxrss of the child: file pages mapped from the
 shard being read count too). The import's bound is about 1.2 x the largest shard plus the model in its
 target dtype. Everything is deleted afterwards. Figures go to bench/RESULTS.md.
@@ -32,7 +32,7 @@ from looped_models import raven
 CHILD = """
 import json, sys, time
 import jax
-from looped_models import convert
+import convert
 def vm(key):
   return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
 jax.devices()
@@ -115,7 +115,7 @@ def main() -> None:
            f"{args.shard_gb} --dtype {args.dtype}`: a synthetic checkpoint ({pl}, {k}⊗r, {c}), d={d}, "
            f"f={rc['intermediate_size']}, V={rc['vocab_size']}, untied, q/k bias; "
            f"{gib(n_bytes)} in shards of at most {gib(largest)}; the import runs in a child process "
-           f"(`python -m looped_models.convert from-raven`, one CPU device).", "",
+           f"(`python -m convert from-raven`, one CPU device).", "",
            "| quantity | value |", "| --- | --- |",
            f"| import wall time (read, cast, place, orbax write) | {import_s:.1f} s |",
            f"| peak resident memory of the import process | {gib(peak)} |",

@@ -1,7 +1,7 @@
-"""The Huginn / Raven checkpoint layout (../shared/formats/huginn_raven.md) mapped onto model options
-and parameters: config.json fields <-> config keys, one safetensors tensor <-> parameter leaves.
+"""The Huginn / Raven checkpoint layout (docs/pretrained.md) mapped onto model options and parameters:
+config.json fields <-> config keys, one safetensors tensor <-> parameter leaves.
 
-Pure functions on dicts and NumPy arrays; reading and writing files is looped_models/convert.py's job.
+Pure functions on dicts and NumPy arrays; reading and writing files is the convert/ package's job.
 Parameter paths are tuples into the model's pure-dict parameter tree, e.g. ("block", 0, "attn",
 "query", "kernel"); PyTorch Linear weights are [out, in], the model's kernels [in, out].
 """

@@ -1,6 +1,6 @@
-"""Huginn / Raven import and export (looped_models/convert.py, raven.py) and the model options the
+"""Huginn / Raven import and export (convert/, looped_models/raven.py) and the model options the
 layout needs. Tiny Raven checkpoints are written here with random weights; the reference is a plain
-NumPy transcription of the forward pass in ../shared/formats/huginn_raven.md (float64)."""
+NumPy transcription of the forward pass in docs/pretrained.md (float64)."""
 
 import json
 import os
@@ -18,8 +18,10 @@ from safetensors.numpy import load_file, save_file
 
 from configs.base import get_config
 from configs.errors import ConfigError
+import convert
+from convert import importer, raven_files
 from looped_models import LoopedTransformer, validate_model_config
-from looped_models import convert, raven
+from looped_models import raven
 
 B, S = 2, 7
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,15 +238,18 @@ def test_round_trip_and_sharded_export(tmp_path):
 SHARDED = """
 import sys
 from jax.sharding import PartitionSpec as P
-from looped_models import convert, raven
+import convert
+from convert import importer, raven_files
+from looped_models import raven
 from looped_models.sharding import tree_shardings
 from looped_models.model import abstract_model
 hf, run = sys.argv[1:]
 assert convert.main(["from-raven", hf, "--out", run, "--mesh", "1,2,2"]) == 0
-rc, found = convert.read_config(hf), convert.scan_tensors(hf)
-_, abstract = abstract_model(convert.run_config(rc, "float32").model, 0)
-params = convert.stream_params(hf, rc, {k: found[k][2] for k in raven.expected_tensors(rc)}, abstract,
-                               tree_shardings(abstract, convert.make_mesh("1,2,2")), "float32")
+rc, found = raven_files.read_config(hf), raven_files.scan_tensors(hf)
+_, abstract = abstract_model(importer.run_config(rc, "float32").model, 0)
+params = raven_files.stream_params(hf, rc, {k: found[k][2] for k in raven.expected_tensors(rc)},
+                                   abstract, tree_shardings(abstract, importer.make_mesh("1,2,2")),
+                                   "float32")
 q, up = params["block"][0]["attn"]["query"]["kernel"], params["coda"][0]["mlp"]["up"]["kernel"]
 assert q.sharding.spec == P("fsdp", "tensor") and {s.data.shape for s in q.addressable_shards} == {(8, 8)}
 assert {s.data.shape for s in up.addressable_shards} == {(8, 12)}
@@ -273,14 +278,14 @@ def test_every_tensor_is_mapped():
   """Perturbing any one tensor of the checkpoint changes the logits."""
   rc = raven_cfg()
   tensors = random_tensors(rc, seed=2)
-  cfg = convert.run_config(raven.check_config(rc), "float32")
+  cfg = importer.run_config(raven.check_config(rc), "float32")
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: LoopedTransformer(cfg.model, rngs=nnx.Rngs(0))))
 
   def params_of(t):
     params = {}
     for name, w in t.items():
       for path, a in raven.to_params(name, w, rc):
-        convert._set(params, path, jnp.asarray(a))
+        raven_files.set_leaf(params, path, jnp.asarray(a))
     return params
 
   tokens, state = tokens_and_state(rc)
@@ -359,6 +364,17 @@ def test_bad_arguments_and_refused_export(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "model.rope_style='half'" in err and len(err.strip().splitlines()) == 1
   assert not (tmp_path / "hf2").exists()
+
+
+def test_command_line_runs_as_a_module(tmp_path):
+  """`python -m convert` is the command line: bad input exits 2 with one line on stderr."""
+  missing = str(tmp_path / "none")
+  proc = subprocess.run([sys.executable, "-m", "convert", "from-raven", missing, "--out",
+                         str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == [f"error: {missing} is not a directory"], proc.stderr
+  assert not (tmp_path / "run").exists()
 
 
 def test_eval_opens_imported_run(tmp_path):

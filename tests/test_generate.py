@@ -301,7 +301,7 @@ def test_an_imported_raven_checkpoint_generates_with_its_own_tokenizer(tmp_path)
   from tokenizers import Tokenizer, models, pre_tokenizers
 
   from eval.generate import run_generate
-  from looped_models import convert
+  import convert
   from test_convert import random_tensors, raven_cfg, write_raven
   words = ["<eos>", "<bos>"] + [f"w{i}" for i in range(27)]  # 29 ids, the model's vocabulary
   tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))

@@ -2,7 +2,7 @@
 run — without training it: every trial starts from that run's newest parameters
 (`train.init_from`, `train.steps = 0`) and evaluates them under its own settings.
 
-  python -m looped_models.convert from-raven ~/huginn --out runs/huginn
+  python -m convert from-raven ~/huginn --out runs/huginn
   python -m sweeps --config configs/sweeps/imported.py:runs/huginn --workdir runs \
       [--config.task.path=data/shakespeare --config.task.name=text ...]
 
