@@ -11,7 +11,6 @@ target dtype. Everything is deleted afterwards. Figures go to bench/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from bench.results import machine, write_section
+from bench.results import command, intro, parser, record, table
 from looped_models import raven
 
 
@@ -80,14 +79,8 @@ def write_checkpoint(path: str, rc: dict, shard_bytes: int) -> tuple[int, int, i
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--d_model", type=int, default=2560)
-  p.add_argument("--layers", default="2,8,2", help="p,k,c")
-  p.add_argument("--vocab", type=int, default=32000)
-  p.add_argument("--shard_gb", type=float, default=1.0)
-  p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--note", default="", help="machine state to record (e.g. 'shared, loaded')")
-  args = p.parse_args()
+  args = parser(__doc__, "convert_memory", d_model=2560, layers=("2,8,2", "p,k,c"), vocab=32000,
+                shard_gb=1.0, dtype="bfloat16").parse_args()
   rc = synthetic_config(args.d_model, tuple(int(x) for x in args.layers.split(",")), args.vocab)
   gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
   with tempfile.TemporaryDirectory(prefix="convert_bench") as tmp:
@@ -110,23 +103,20 @@ def main() -> None:
   d, (pl, k, c) = args.d_model, (rc["n_layers_in_prelude"], rc["n_layers_in_recurrent_block"],
                                   rc["n_layers_in_coda"])
   lines = [f"## Raven import: {n_params / 1e9:.2f}B parameters, bfloat16 files, target {args.dtype}", "",
-           f"Machine: {machine()}{'; ' + args.note if args.note else ''}. "
-           f"`python -m bench.convert_memory --d_model {d} --layers {pl},{k},{c} --vocab {args.vocab} --shard_gb "
-           f"{args.shard_gb} --dtype {args.dtype}`: a synthetic checkpoint ({pl}, {k}⊗r, {c}), d={d}, "
-           f"f={rc['intermediate_size']}, V={rc['vocab_size']}, untied, q/k bias; "
-           f"{gib(n_bytes)} in shards of at most {gib(largest)}; the import runs in a child process "
-           f"(`python -m convert from-raven`, one CPU device).", "",
-           "| quantity | value |", "| --- | --- |",
-           f"| import wall time (read, cast, place, orbax write) | {import_s:.1f} s |",
-           f"| peak resident memory of the import process | {gib(peak)} |",
-           f"| of which after start-up (python, jax, the converter: {gib(base)}) | "
-           f"{gib(peak - base)} |",
-           f"| bound: 1.2 × largest shard + model in {args.dtype} | {gib(bound)} |",
-           f"| model in {args.dtype} | {gib(model_bytes)} |",
-           f"| largest shard | {gib(largest)} |",
-           f"| run directory written | {gib(ckpt_bytes)} |",
-           f"| writing the synthetic checkpoint (not part of the import) | {write_s:.1f} s |"]
-  write_section("convert_memory", "\n".join(lines))
+           intro(command("bench.convert_memory", args, "d_model", "layers", "vocab", "shard_gb", "dtype"),
+                 f": a synthetic checkpoint ({pl}, {k}⊗r, {c}), d={d}, f={rc['intermediate_size']}, "
+                 f"V={rc['vocab_size']}, untied, q/k bias; {gib(n_bytes)} in shards of at most "
+                 f"{gib(largest)}; the import runs in a child process (`python -m convert from-raven`, "
+                 f"one CPU device).", args.note), "",
+           *table(["quantity", "value"], [
+               ["import wall time (read, cast, place, orbax write)", f"{import_s:.1f} s"],
+               ["peak resident memory of the import process", gib(peak)],
+               [f"of which after start-up (python, jax, the converter: {gib(base)})", gib(peak - base)],
+               [f"bound: 1.2 × largest shard + model in {args.dtype}", gib(bound)],
+               [f"model in {args.dtype}", gib(model_bytes)], ["largest shard", gib(largest)],
+               ["run directory written", gib(ckpt_bytes)],
+               ["writing the synthetic checkpoint (not part of the import)", f"{write_s:.1f} s"]])]
+  record(args.section, lines, args.dry_run)
 
 
 if __name__ == "__main__":
