@@ -46,10 +46,10 @@ def main() -> None:
   forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, args.train_iters).logits_BSV)
   fwd_bytes = peak_bytes(forward.lower(params, tokens).compile())
 
-  cap = Capture(graphdef, params, chunk=args.chunk)
-  s, e = cap._start(params, cap.keys, tokens, None)
-  chunk_bytes = peak_bytes(cap._advance.lower(params, s, e, batch["targets"], batch["mask"],
-                                              n=args.chunk, attention=True).compile())
+  st = Capture(graphdef, params, chunk=args.chunk).stepper
+  s, e = st._begin(params, st.keys, tokens)
+  chunk_bytes = peak_bytes(st._advance.lower(params, s, e, batch, n=args.chunk, at=None, layers=True,
+                                             attention=True).compile())
   full = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, args.R, return_states=True,
                                                      return_attention=True))
   full_bytes = peak_bytes(full.lower(params, tokens).compile())

@@ -1,13 +1,13 @@
 """Run a model's own forward pass for R iterations, chunk by chunk, for the analysis and the curves.
 
-Nothing here re-implements the block: `LoopedTransformer.iterate` runs `chunk` iterations at a time
-(returning that chunk's per-layer states and attention maps), so the device holds O(chunk) states,
-never all R. The trajectory is deterministic, so `analyze_stream` can replay it twice.
+Nothing here re-implements the block: `looped_models.stepper.Stepper` runs `chunk` iterations at a
+time (returning that chunk's per-layer states and attention maps, and each iteration's prediction
+and its counts), so the device holds O(chunk) states, never all R. The trajectory is deterministic,
+so `analyze_stream` can replay it twice.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Iterator
 
 import jax
@@ -16,13 +16,37 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from looped_models.sharding import place, to_host
-from tasks.metrics import text_counts
-from tasks.metrics import accuracy_counts
+from looped_models.stepper import Stepper
+from tasks.metrics import accuracy_counts, text_counts
+
+
+def prediction_read(token_bytes: np.ndarray | None = None):
+  """A stepper read: {"preds" [B, S] (argmax), the accuracy counts (`tasks.metrics.accuracy_counts`)
+  and, with `token_bytes` (text), "nats" and "bytes" (`text_counts`)}."""
+  def read(model, s_BSD, ctx, batch):
+    logits_BSV = model.decode(s_BSD, ctx)
+    preds_BS = logits_BSV.argmax(-1).astype(jnp.int32)
+    out = {"preds": preds_BS, **accuracy_counts(preds_BS, batch["targets"], batch["mask"])}
+    if token_bytes is not None:
+      out.update(text_counts(logits_BSV, batch["targets"], batch["mask"], token_bytes))
+    return out
+  return read
+
+
+@jax.jit
+def _random_state(e_BSD: jax.Array, key: jax.Array) -> jax.Array:
+  scale_BS1 = jnp.sqrt(jnp.mean(jnp.square(e_BSD.astype(jnp.float32)), -1, keepdims=True))
+  noise = jax.random.truncated_normal(key, -3.0, 3.0, e_BSD.shape, jnp.float32)
+  return (noise * scale_BS1).astype(e_BSD.dtype)
+
+
+def random_start(seed: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """A path-independence start: a truncated normal state of the per-token scale of e."""
+  return lambda s_BSD, e_BSD: _random_state(e_BSD, jax.random.key(seed))
 
 
 class Capture:
-  """Jitted pieces of one model for trajectory capture; `params` is the pure-dict parameter tree."""
+  """Trajectory capture of one model; `params` is the pure-dict parameter tree."""
 
   def __init__(self, graphdef: nnx.GraphDef, params: dict, *, chunk: int = 4, seed: int | list[int] = 0,
                token_bytes: np.ndarray | None = None, mesh: Mesh | None = None,
@@ -38,80 +62,24 @@ class Capture:
     and init scales): `params` with a leading axis of G models, `seed` a list of their G seeds, and
     every batch given to `run` with a leading axis of G too (each model its own tokens). `run` then
     yields every array with that leading axis, computed under `jax.vmap`."""
-    self.graphdef, self.chunk, self.mesh = graphdef, chunk, mesh
-    stacked = isinstance(seed, (list, tuple))
-    self.load(params, seed)
-
-    def start(params, key, tokens_BS, start_key):
-      """The injected input e and the initial state: the model's own (start_key None), or a random
-      one (truncated normal of the per-token scale of e: a path-independence start)."""
-      model = nnx.merge(graphdef, params)
-      ctx = model.context(tokens_BS.shape[1])
-      e_BSD = model.encode(tokens_BS, ctx)
-      if start_key is None:
-        return model.initial_state(e_BSD, key), e_BSD
-      scale_BS1 = jnp.sqrt(jnp.mean(jnp.square(e_BSD.astype(jnp.float32)), -1, keepdims=True))
-      noise = jax.random.truncated_normal(start_key, -3.0, 3.0, e_BSD.shape, jnp.float32)
-      return (noise * scale_BS1).astype(e_BSD.dtype), e_BSD
-
-    def advance(params, s_BSD, e_BSD, targets_BS, mask_BS, *, n: int, attention: bool):
-      """n iterations: the new state, per-layer states [n,k,B,S,D], attention [n,k,B,H,S,S], the
-      accuracy counts of the model's prediction after each of the n iterations, and those
-      predictions [n,B,S]."""
-      model = nnx.merge(graphdef, params)
-      ctx = model.context(s_BSD.shape[1])
-      trace = model.iterate(s_BSD, e_BSD, ctx, n, n, return_states=True, return_attention=attention)
-
-      def read(s):  # one iteration's prediction (and text loss), one logits tensor at a time
-        logits_BSV = model.decode(s, ctx)
-        extra = ({} if token_bytes is None else
-                 text_counts(logits_BSV, targets_BS, mask_BS, token_bytes))
-        return logits_BSV.argmax(-1).astype(jnp.int32), extra
-
-      preds_nBS, extra = jax.lax.map(read, trace.states_RkBSD[:, -1])
-      counts = jax.vmap(lambda p: accuracy_counts(p, targets_BS, mask_BS))(preds_nBS)
-      counts.update(extra)
-      att = trace.attention_RkBHSS
-      S = s_BSD.shape[1]
-      if att is not None and S > attention_rows:
-        att = att[..., np.linspace(0, S - 1, attention_rows).round().astype(int), :]
-      return trace.state_BSD, trace.states_RkBSD, att, counts, preds_nBS
-
-    if stacked:
-      one_start, one_advance = start, advance
-      start = jax.vmap(one_start, in_axes=(0, 0, 0, None))
-
-      def advance(params, s_BSD, e_BSD, targets_BS, mask_BS, *, n: int, attention: bool):
-        step = functools.partial(one_advance, n=n, attention=attention)
-        return jax.vmap(step)(params, s_BSD, e_BSD, targets_BS, mask_BS)
-    self._start = jax.jit(start)
-    self._advance = jax.jit(advance, static_argnames=("n", "attention"))
+    self.stepper = Stepper(graphdef, params, prediction_read(token_bytes), seed=seed, chunk=chunk,
+                           mesh=mesh, attention_rows=attention_rows)
 
   def load(self, params: dict, seed: int | list[int]) -> None:
     """Other parameters (and seeds) of the same shapes: the compiled programs are reused."""
-    self.params = params
-    self.keys = (jnp.stack([jax.random.key(s) for s in seed]) if isinstance(seed, (list, tuple))
-                 else jax.random.key(seed))
+    self.stepper.load(params, seed)
 
   def run(self, batch: dict, R: int, *, states: bool = True, attention: bool = False,
-          start_key: jax.Array | None = None
+          start_key: int | None = None
           ) -> Iterator[tuple[np.ndarray | None, np.ndarray | None, dict, np.ndarray]]:
     """Yield, per chunk of consecutive iterations, (states [n,k,B,S,D] or None,
     attention [n,k,B,H,S,S] or None, accuracy counts per iteration {name: [n]}, predictions [n,B,S])
-    as numpy. `start_key`: start from a random state instead of the model's own."""
-    batch = self.place(batch)
-    s_BSD, e_BSD = self._start(self.params, self.keys, batch["inputs"], start_key)
-    done = 0
-    while done < R:
-      n = min(self.chunk, R - done)
-      s_BSD, st, att, counts, preds = self._advance(self.params, s_BSD, e_BSD, batch["targets"],
-                                                    batch["mask"], n=n, attention=attention)
-      done += n
-      yield (to_host(st) if states else None, to_host(att) if attention else None,
-             jax.tree.map(to_host, counts), to_host(preds))
-
-  def place(self, batch: dict) -> dict:
-    return place(batch, self.mesh)
+    as numpy. `start_key` (an int): start from a random state instead of the model's own."""
+    start = None if start_key is None else random_start(start_key)
+    for out in self.stepper.run(batch, R, layers=states, attention=attention, start=start):
+      counts = dict(out.reads)
+      preds = counts.pop("preds")
+      yield out.layers_nkBSD, out.attention_nkBHSS, counts, preds
 
   def path_independence(self, batch: dict, R: int, starts: int, seed: int = 0) -> dict:
     """Run the same tokens for R iterations from the model's own initial state and from `starts`
@@ -127,7 +95,7 @@ class Capture:
 
     own = end(None)
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
-    cos_KBS = np.stack([(unit(own) * unit(end(jax.random.key(seed * 1000 + i)))).sum(-1)
+    cos_KBS = np.stack([(unit(own) * unit(end(seed * 1000 + i))).sum(-1)
                         for i in range(1, starts + 1)])
     return {"starts": starts, "min_cosine": float(np.nanmin(cos_KBS)),
             "mean_cosine": float(np.nanmean(cos_KBS)),
@@ -140,11 +108,12 @@ class Capture:
   def accuracy_curve(self, batch: dict, R: int) -> dict[str, np.ndarray]:
     """Exact-match and per-position accuracy after each of 1..R iterations ([R] arrays), the
     predictions behind them ([R, B, S]) and, for text, "loss" and "bits_per_byte" ([R])."""
-    parts = list(self.run(batch, R, states=False))
-    c = {k: np.concatenate([p[2][k] for p in parts]).astype(np.float64) for k in parts[0][2]}
+    c = self.stepper.reads(batch, R)
+    preds = c.pop("preds")
+    c = {k: v.astype(np.float64) for k, v in c.items()}
     out = {"exact_match": c["seq_right"] / np.maximum(c["seq_count"], 1),
            "per_position": c["pos_right"] / np.maximum(c["pos_count"], 1),
-           "predictions": np.concatenate([p[3] for p in parts])}
+           "predictions": preds}
     if "nats" in c:  # text: loss (nats per token) and bits per byte after each iteration count
       out["loss"] = c["nats"] / np.maximum(c["pos_count"], 1)
       out["bits_per_byte"] = c["nats"] / np.maximum(c["bytes"], 1) / np.log(2)
