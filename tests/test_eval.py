@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import tiny_config
 from eval.capture import Capture
@@ -19,7 +20,7 @@ from rundir.outputs import latest
 from rundir.config import resolve
 from looped_models.model import init_model
 from train.step import make_eval_step
-from tasks.metrics import fractions
+from tasks.metrics import accuracy_counts, fractions
 from tasks.synthetic import get_task, make_batch
 from train.trainer import Trainer
 from rundir.workdir import read_status
@@ -67,13 +68,19 @@ def test_streaming_equals_analysis_of_materialised_states():
       assert x == y
 
 
-def test_accuracy_curve_agrees_with_the_trainers_eval_step():
-  cfg, graphdef, params, batch, cap = setup_capture()
+@pytest.mark.parametrize("state_init", ["embed", "normal"])
+def test_accuracy_curve_agrees_with_the_trainers_eval_step(state_init):
+  cfg, graphdef, params, batch, cap = setup_capture(model__state_init=state_init)
   curve = cap.accuracy_curve(batch, 6)
-  step = jax.jit(make_eval_step(graphdef, max_iters=6, seed=0))
-  for r in (1, 4, 6):
-    assert curve["per_position"][r - 1] == pytest.approx(
-        fractions(jax.device_get(step(params, batch, jnp.int32(r))))["per_position"])
+  step = jax.jit(make_eval_step(graphdef, recurrences=(4, 1, 6), seed=0))
+  per_r = jax.device_get(step(params, batch))  # one pass of 6 iterations, read at 4, 1 and 6
+  model = nnx.merge(graphdef, params)
+  for i, r in enumerate((4, 1, 6)):
+    counts = {k: v[i] for k, v in per_r.items()}
+    assert curve["per_position"][r - 1] == pytest.approx(fractions(counts)["per_position"])
+    # ... and what a separate forward pass of r iterations predicts
+    alone = model(jnp.asarray(batch["inputs"]), r, key=jax.random.key(0)).logits_BSV.argmax(-1)
+    assert fractions(counts) == fractions(accuracy_counts(np.asarray(alone), batch["targets"], batch["mask"]))
 
 
 def test_plateau():

@@ -7,14 +7,16 @@ The train state is {"params", "opt_state", "step"}: exactly what a checkpoint ho
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from configs.errors import check_choice
+from looped_models import stepper
 from looped_models.model import abstract_model
 from looped_models.sharding import path_str
 from rundir.config import SCHEDULES
@@ -117,19 +119,27 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, *, max_iters: int, seed: int,
+def make_eval_step(graphdef: nnx.GraphDef, *, recurrences: Sequence[int], seed: int,
                    token_bytes=None) -> Callable:
-  """eval(params, batch, n_iters) -> accuracy counts at n_iters iterations (one compile per shape).
-  With `token_bytes` ([V] UTF-8 bytes per token id: text), also the summed loss in nats and the bytes
-  of the counted targets, for bits per byte."""
+  """eval(params, batch) -> accuracy counts and mean loss at each of `recurrences` iterations, every
+  count stacked over them in their order ([len(recurrences)]): one pass of max(recurrences)
+  iterations of `looped_models.stepper`, read at each (one compile per batch shape). With
+  `token_bytes` ([V] UTF-8 bytes per token id: text), also the summed loss in nats and the bytes of
+  the counted targets, for bits per byte."""
+  R, index = max(recurrences), np.array([r - 1 for r in recurrences])
 
-  def eval_step(params: dict, batch: dict, n_iters: jax.Array) -> dict:
-    model = nnx.merge(graphdef, params)
-    out = model(batch["inputs"], n_iters, max_iters=max_iters, key=jax.random.key(seed))
-    counts = accuracy_counts(out.logits_BSV.argmax(-1), batch["targets"], batch["mask"])
-    counts["loss"] = masked_cross_entropy(out.logits_BSV, batch["targets"], batch["mask"])
+  def read(model, s_BSD, ctx, batch):
+    logits_BSV = model.decode(s_BSD, ctx)
+    counts = accuracy_counts(logits_BSV.argmax(-1), batch["targets"], batch["mask"])
+    counts["loss"] = masked_cross_entropy(logits_BSV, batch["targets"], batch["mask"])
     if token_bytes is not None:
-      counts.update(text_counts(out.logits_BSV, batch["targets"], batch["mask"], token_bytes))
+      counts.update(text_counts(logits_BSV, batch["targets"], batch["mask"], token_bytes))
     return counts
+
+  def eval_step(params: dict, batch: dict) -> dict:
+    model = nnx.merge(graphdef, params)
+    out = stepper.trace(model, batch["inputs"], R, read, batch, key=jax.random.key(seed),
+                        at=stepper.read_mask(R, recurrences))
+    return jax.tree.map(lambda x: x[index], out.reads)
 
   return eval_step

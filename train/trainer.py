@@ -110,10 +110,10 @@ class Trainer:
                               backprop_depth=t.backprop_depth, seed=t.seed, grad_accum=t.grad_accum)
     self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding, rep),
                               out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
-    eval_fn = make_eval_step(self.graphdef, max_iters=max(t.eval_recurrences), seed=t.seed,
+    eval_fn = make_eval_step(self.graphdef, recurrences=t.eval_recurrences, seed=t.seed,
                              token_bytes=self.task.data.token_bytes if self.text else None)
     self.eval_step = jax.jit(eval_fn, in_shardings=(self.state_sharding["params"],
-                                                    self.batch_sharding, rep), out_shardings=rep)
+                                                    self.batch_sharding), out_shardings=rep)
     self._stop_signal: int | None = None
 
   # -- pieces -------------------------------------------------------------------------------------
@@ -165,8 +165,9 @@ class Trainer:
     for n in self.lengths:
       batch = self.global_batch(0, n, n, t.eval_batch_size, stream=1)
       best = (-1.0, 0)
-      for r in t.eval_recurrences:
-        counts = jax.device_get(self.eval_step(params, batch, jnp.int32(r)))
+      per_r = jax.device_get(self.eval_step(params, batch))  # one pass, read at every r
+      for i, r in enumerate(t.eval_recurrences):
+        counts = {k: v[i] for k, v in per_r.items()}
         acc = fractions(counts)
         for name, value in acc.items():
           out[f"eval/len{n}/iters{r}/{name}"] = value
@@ -186,8 +187,9 @@ class Trainer:
       prefix = "val/" if n == self.cfg.task.train_length else f"val/len{n}/"
       batch = self.global_batch(0, n, n, t.eval_batch_size, stream=1)
       best = (np.inf, 0)
-      for r in t.eval_recurrences:
-        c = jax.device_get(self.eval_step(params, batch, jnp.int32(r)))
+      per_r = jax.device_get(self.eval_step(params, batch))  # one pass, read at every r
+      for i, r in enumerate(t.eval_recurrences):
+        c = {k: v[i] for k, v in per_r.items()}
         loss = float(c["nats"]) / max(float(c["pos_count"]), 1.0)
         out[f"{prefix}iters{r}/loss"] = loss
         out[f"{prefix}iters{r}/bits_per_byte"] = float(c["nats"]) / max(float(c["bytes"]), 1.0) / np.log(2)
@@ -212,8 +214,9 @@ class Trainer:
 
   # -- the loop -----------------------------------------------------------------------------------
 
-  def run(self) -> dict[str, Any]:
-    """Train to `train.steps`, resuming from the newest checkpoint. Returns the final status record."""
+  def run(self, ends_run: bool = True) -> dict[str, Any]:
+    """Train to `train.steps`, resuming from the newest checkpoint. Returns the final status record.
+    `ends_run=False` (a sweep trial, evaluated next): status.json stays `running` when training is done."""
     cfg, t = self.cfg, self.cfg.train
     if self.is_main:
       path(self.workdir).mkdir(parents=True, exist_ok=True)
@@ -287,7 +290,8 @@ class Trainer:
         signal.signal(s, h)
     if self.is_main:
       logger.summary({k: v for k, v in final.items() if k != "error"})
-      write_status(self.workdir, status, step=step, error=final.get("error"),
+      write_status(self.workdir, "running" if status == "done" and not ends_run else status,
+                   step=step, error=final.get("error"),
                    final={k: v for k, v in final.items() if k.startswith(("eval/", "val/"))})
       logger.close(exit_code=0 if status == "done" else 1)
     return {"step": step, "exit_code": exit_code, **final, "status": status}
