@@ -17,7 +17,10 @@ import json
 from typing import Any
 
 from bench.results import machine, write_section
-from eval.halting import ratio
+from eval.halting import evaluate_halting
+from eval.halting_rows import DEFAULT_GRIDS, ratio
+from rundir.outputs import latest
+from rundir.run import load_run_config
 
 TARGET_SAVED, TARGET_ORACLE, TARGET_SPEEDUP = 0.40, 0.10, 1.5
 
@@ -132,14 +135,10 @@ def main() -> None:
   p.add_argument("--kl_grid", default="1e-2,1e-3,5e-4,1e-4,1e-5,1e-6,1e-7,1e-8",
                  help="KL thresholds (the default grid extended down to 1e-8 for the comparison)")
   args = p.parse_args()
-  from rundir.run import load_run_config
-
   cfg = load_run_config(args.workdir)
   if args.reuse:
-    from rundir.outputs import latest
     result = json.load(open(latest(args.workdir, "halting.json")))
   else:
-    from eval.halting import DEFAULT_GRIDS, evaluate_halting
     grids = {**DEFAULT_GRIDS, "kl": tuple(float(x) for x in args.kl_grid.split(","))}
     result = evaluate_halting(cfg, args.workdir, grids=grids, iterations=args.iterations,
                               slots=args.slots, repeats=args.repeats)

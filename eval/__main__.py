@@ -23,7 +23,18 @@ from rundir.host import tune_allocator
 tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (rundir/host.py)
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags
+from ml_collections import config_flags  # noqa: E402
+
+from configs.errors import ConfigError  # noqa: E402
+from configs.recurrence import max_recurrence  # noqa: E402
+from eval.evaluate import evaluate, with_text_data  # noqa: E402
+from eval.fixed_points import TrajectoryError  # noqa: E402
+from eval.generate import describe, parse_exit, read_prompts, run_generate  # noqa: E402
+from eval.halting import evaluate_halting  # noqa: E402
+from rundir.outputs import latest  # noqa: E402
+from rundir.run import load_run_config  # noqa: E402
+from rundir.workdir import RunDirError  # noqa: E402
+from tasks import DataError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Trial config (needed with --init).",
                                           lock_config=True)
@@ -65,7 +76,6 @@ def with_mesh(cfg):
   """`cfg` with `--mesh D,F,T` applied (the run's parameters are sharded onto that mesh)."""
   if not _MESH.value:
     return cfg
-  from configs.errors import ConfigError
   try:
     data, fsdp, tensor = (int(x) for x in _MESH.value.split(","))
   except ValueError:
@@ -77,12 +87,6 @@ def with_mesh(cfg):
 
 def halting_main() -> int:
   """`python -m eval halting --workdir runs/NAME`: halting.json, plots/halting_pareto.png, W&B."""
-  from configs.errors import ConfigError
-  from rundir.run import load_run_config
-  from eval.halting import evaluate_halting
-  from rundir.outputs import latest
-  from rundir.workdir import RunDirError
-
   try:
     if _INIT.value:
       raise RunDirError("halting evaluates a trained run; --init is not supported")
@@ -106,13 +110,6 @@ def halting_main() -> int:
 
 def generate_main() -> int:
   """`python -m eval generate --workdir runs/NAME --prompt TEXT`: print and record the generations."""
-  from configs.errors import ConfigError
-  from eval.generate import describe, parse_exit, read_prompts, run_generate
-  from tasks.text import DataError
-  from rundir.run import load_run_config
-  from configs.recurrence import max_recurrence
-  from rundir.workdir import RunDirError
-
   try:
     prompts = read_prompts(_PROMPT.value, _PROMPTS.value)
     cfg = with_mesh(load_run_config(_WORKDIR.value))
@@ -143,13 +140,6 @@ def main(argv: list[str]) -> int:
     return halting_main()
   if command == "generate":
     return generate_main()
-  from configs.errors import ConfigError
-  from eval.evaluate import evaluate, with_text_data
-  from rundir.run import load_run_config
-  from eval.fixed_points import TrajectoryError
-  from rundir.outputs import latest
-  from rundir.workdir import RunDirError
-
   try:
     if _INIT.value:
       if _CONFIG.value is None:

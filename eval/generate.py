@@ -16,7 +16,10 @@ import jax
 import numpy as np
 
 from configs.errors import ConfigError
+from eval import plots
 from looped_models.generate import Generator, GenerateOutput
+from rundir.outputs import output_dir
+from rundir.run import open_run
 from rundir.workdir import RunDirError, path
 
 RECORD = "generate.json"
@@ -79,7 +82,6 @@ def record(run: Any, prompts: Sequence[str], ids: Sequence[Sequence[int]], out: 
 
 def plot_iterations(rec: dict, png: str) -> str:
   """Iterations per generated token, one line per prompt (at most 8 drawn), against position."""
-  from eval import plots
   fig, ax = plots.plt.subplots(figsize=(7, 3))
   rows = rec["generations"][:8]
   for row, style in zip(rows, plots.line_styles(len(rows))):
@@ -98,8 +100,6 @@ def run_generate(workdir: str, prompts: Sequence[str], *, out: str | None, mesh:
                  cfg: Any = None, bos: bool = True, **options) -> tuple[dict, str]:
   """Open the run, generate, write the record and its plot; returns (record, its path). Under
   several processes each runs this alike and gets the record; process 0 alone writes it ("")."""
-  from rundir.outputs import output_dir
-  from rundir.run import open_run
   if out and path(out).exists():
     raise RunDirError(f"--out {out} exists; it is not overwritten (choose another name)")
   run = open_run(workdir, cfg=cfg, mesh=mesh)

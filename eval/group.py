@@ -6,7 +6,8 @@ same program on different parameters. `evaluate_group` compiles it once and runs
 under `jax.vmap` (G as many as `memory_bytes` of host trajectory allow); each trial's trajectory is
 computed once, kept on the host and analysed by the one fixed-point detector (`eval.fixed_points`).
 A model whose trajectory alone exceeds `memory_bytes` is run alone and its trajectory streamed twice,
-as `eval.evaluate` does.
+as `eval.evaluate` does. The guard, the default R, the batches and
+config.json are the evaluation driver's (`eval.driver`).
 
 Each trial gets what `python -m eval --init` writes, lighter: config.json and eval/0/fixed_points.json
 and .md with the same analysis and summary (`fp/*`), but no plots, no attention metrics (the regime
@@ -26,16 +27,16 @@ import ml_collections
 import numpy as np
 
 from configs.errors import ConfigError
-from rundir import outputs
 from eval.capture import Capture
-from eval.evaluate import default_iterations, markdown, summary_fields
+from eval.driver import check_control, eval_batch, iterations_of, record_config
 from eval.fixed_points import analyze_stream, analyze_trajectory
-from rundir.checkpoint import saved_steps
+from eval.summary import markdown, summary_fields
+from looped_models.model import abstract_model, init_model
+from rundir import outputs
 from rundir.config import resolve
 from rundir.logger import flatten
-from looped_models.model import abstract_model, init_model
-from tasks.synthetic import make_batch, task_of
-from rundir.workdir import RunDirError, check_compatible, path, write_json_atomic
+from rundir.workdir import path, write_json_atomic
+from tasks.synthetic import task_of
 
 VALUE_KEYS = ("train.seed", "model.init_std", "model.embed_std")  # they change parameter values only
 MEMORY_BYTES = 1 << 30  # host memory for the trajectories of one vmapped batch of trials
@@ -70,12 +71,9 @@ def evaluate_group(cfgs: list[ml_collections.ConfigDict], workdirs: list[str], *
     if not groupable(cfg.to_dict()):
       raise ConfigError("train.steps", cfg.train.steps,
                         reason="only random-init controls (train.steps=0, one process) evaluate as a group")
-    if saved_steps(wd):
-      raise RunDirError(f"{wd} holds a trained run; evaluate the random-init control elsewhere")
-    if path(wd).is_dir():
-      check_compatible(wd, cfg.to_dict())
+    check_control(cfg, wd)
   cfg0 = cfgs[0]
-  R = cfg0.eval.iterations or default_iterations(cfg0)  # resolve() refused 0 < R < 3
+  R = iterations_of(cfg0)  # resolve() refused 0 < R < 3
   B, S, m = cfg0.eval.batch_size, cfg0.task.train_length, cfg0.model
   graphdef, _ = abstract_model(m, 0)
   task = task_of(cfg0)
@@ -90,8 +88,7 @@ def evaluate_group(cfgs: list[ml_collections.ConfigDict], workdirs: list[str], *
     params = [init_model(c.model, c.train.seed)[1] for c in part]
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *params)
     seeds = [c.train.seed for c in part]
-    batches = [make_batch(task, seed=c.train.seed, step=0, batch_size=B, min_length=S, max_length=S,
-                          stream=1) for c in part]
+    batches = [eval_batch(task, c, S, B) for c in part]
     batch = {k: np.stack([b[k] for b in batches]) for k in ("inputs", "targets", "mask")}
     if capture is None:
       capture = Capture(graphdef, stacked, chunk=cfg0.eval.chunk, seed=seeds)
@@ -119,9 +116,7 @@ def evaluate_group(cfgs: list[ml_collections.ConfigDict], workdirs: list[str], *
 
 def _write(cfg: Any, workdir: str, summary: dict, report: Any, R: int, batch_size: int, group: int,
            wall_s: float) -> None:
-  path(workdir).mkdir(parents=True, exist_ok=True)
-  if not (path(workdir) / "config.json").exists():
-    write_json_atomic(path(workdir) / "config.json", cfg.to_dict())
+  record_config(cfg, workdir)
   outdir = outputs.output_dir(workdir, 0, "fixed_points.json")
   result = {"summary": summary, "step": 0, "init": True, "iterations": R, "batch_size": batch_size,
             "report": report.to_dict(), "accuracy_curves": {},

@@ -14,7 +14,8 @@ from flax import nnx
 
 from conftest import tiny_config
 from eval.capture import Capture
-from eval.evaluate import evaluate, plateau
+from eval.evaluate import evaluate
+from eval.summary import plateau
 from eval.fixed_points import REGIMES, analyze_stream, analyze_trajectory
 from rundir.outputs import latest
 from rundir.config import resolve

@@ -14,7 +14,8 @@ from flax import nnx
 
 from configs.errors import ConfigError
 from conftest import tiny_config
-from eval.halting import SUMMARY_FIGURES, evaluate_halting, halting_summary, oracle_exits
+from eval.halting import evaluate_halting, halting_summary
+from eval.halting_rows import SUMMARY_FIGURES, oracle_exits
 from rundir.outputs import latest
 from looped_models.halting import CRITERIA, halt
 from rundir.config import resolve
@@ -218,9 +219,10 @@ def test_evaluate_halting_end_to_end(tmp_path):
   # The evaluator's accuracy-curve predictions are the same trajectory (a trial hands them on).
   from eval.capture import Capture
   from eval.evaluate import load_params
-  from eval.halting import Runner, _eval_batches
+  from eval.driver import eval_batches
+  from eval.halting_runner import Runner
   graphdef, params, _ = load_params(resolve(cfg), workdir, False)
-  batch = _eval_batches(resolve(cfg))[8]
+  batch = eval_batches(resolve(cfg))[8]
   curve = Capture(graphdef, params, chunk=5, seed=0).accuracy_curve(batch, 12)
   np.testing.assert_array_equal(curve["predictions"],
                                 Runner(graphdef, params, 12, 0).trajectory(batch["inputs"]))
