@@ -1,4 +1,5 @@
 # `make run`: set up and run the main job.  `make test`: set up and run the tests.
+# `make smoke`: the two-trial smoke sweep (train, evaluate, report) into runs/smoke, in about a minute.
 # `make shakespeare`: fetch and prepare the Shakespeare corpus into data/shakespeare.
 PYTHON ?= python3
 VENV := .venv
@@ -15,6 +16,9 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python -m sweeps --config configs/sweeps/default.py --workdir runs --parallel 2
+
+smoke: $(STAMP)
+	$(BIN)/python -m sweeps --config configs/sweeps/smoke.py --workdir runs
 
 # The tests run on every core (pytest-xdist); an idle worker takes tests queued for the other
 # (worksteal), so the slow multi-process tests of one file do not run one after another. The 15
@@ -44,4 +48,4 @@ gpu-wheels: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.train_throughput
 
-.PHONY: setup run test bench shakespeare
+.PHONY: setup run smoke test bench shakespeare gpu-wheels
