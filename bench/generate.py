@@ -28,6 +28,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from bench.results import machine, write_section
+from looped_models.generate import Generator, cache_bytes
+from looped_models.model import abstract_model
+from rundir.run import open_run
+from tasks.text import TextData
 
 CRITERIA_GRIDS = {"fixed_point": (3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3), "kl": (1e-1, 3e-2, 1e-2, 1e-3, 1e-4),
                   "entropy": (1.0, 3e-1, 1e-1, 1e-2, 1e-3)}
@@ -63,7 +70,6 @@ def timed(gen, prompts, repeats: int = 3, **options) -> dict:
 
 def recompute_tokens_per_s(model, prompt: list[int], R: int, batch: int, length: int, n: int) -> float:
   """Greedy decoding without a cache: each token one full forward over a fixed `length` buffer."""
-  from flax import nnx
   graphdef, params = nnx.split(model)
 
   @jax.jit
@@ -155,17 +161,11 @@ def main() -> None:
   parser.add_argument("--section", default="generate",
                       help="the section of bench/RESULTS.md to write (e.g. generate_gpu on a GPU)")
   args = parser.parse_args()
-  from bench.results import machine, write_section
-  from looped_models.generate import Generator, cache_bytes
-  from tasks.text import TextData
-  from rundir.run import open_run
 
   run = open_run(args.workdir)
   model, m = run.model(), run.cfg.model
   context = 16 + args.new
   if context > m.max_len:  # a RoPE model's parameters do not depend on max_len
-    from flax import nnx
-    from looped_models.model import abstract_model
     longer = run.cfg.model.copy_and_resolve_references()
     longer.max_len = context
     model = nnx.merge(abstract_model(longer, 0)[0], nnx.state(model))

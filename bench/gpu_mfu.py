@@ -20,10 +20,14 @@ import sys
 
 import jax
 import numpy as np
+from flax import nnx
 
+from bench.generate import timed as timed_decode
 from bench.reference_speed import batch_of, forward_caller, reference_config, timed, train_caller
 from bench.results import intro, parser, peak_flops, record, share, table
 from looped_models.flops import train_flops
+from looped_models.generate import Generator
+from looped_models.model import init_model
 
 
 def gpu_config(args, impl: str):
@@ -100,11 +104,6 @@ def measure(c, batch_size: int, train, args) -> dict:
 
 def decode(c, args) -> list[dict]:
   """Decode tokens/s of the model of `c` (random initialisation, greedy, fixed R = args.iters)."""
-  from flax import nnx
-
-  from bench.generate import timed as timed_decode
-  from looped_models.generate import Generator
-  from looped_models.model import init_model
   gen = Generator(nnx.merge(*init_model(c.model, 0)))
   rows = []
   for batch in (1, 8):
