@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import looped_models
 from configs.base import get_config
 from configs.errors import ConfigError
 from looped_models import LoopedTransformer, validate_model_config
@@ -433,7 +432,9 @@ def test_default_config_validates():
   m.vocab_size = V
   validate_model_config(m)
   validate_model_config(tiny_config())
-  assert looped_models.validate_model_config is validate_model_config
+  m.n_heads = 0  # the same default config with one bad key is refused
+  with pytest.raises(ConfigError, match="model.n_heads"):
+    validate_model_config(m)
 
 
 @pytest.mark.parametrize("key,value,expected", [
@@ -470,7 +471,10 @@ def test_validation_d_model_not_divisible_by_heads():
 
 
 def test_validation_window_ignored_for_full_attention():
-  validate_model_config(tiny_config(attention="full", window=0))
+  """A window of 0 is an error with local attention and ignored with full attention."""
+  with pytest.raises(ConfigError, match="model.window"):
+    validate_model_config(tiny_config(attention="local", window=0))
+  validate_model_config(tiny_config(attention="full", window=0))  # raises nothing
 
 
 def test_sequence_longer_than_max_len_is_rejected():
