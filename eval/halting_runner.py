@@ -11,20 +11,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from looped_models.flops import pass_flops
+from looped_models.flops import forward_flops
 from looped_models.halting import halt_loop
 from looped_models.sharding import place, to_host
 from looped_models.stepper import Stepper
 
 
-def inference_flops(m: Any, batch: int, seq: int, *, iterations: int, loop_rows: int | None = None,
-                    decode_each: bool = False) -> float:
-  """Forward FLOPs of one batch: prelude and final decode of `batch` sequences, and `iterations` block
-  iterations over `loop_rows` rows (default: the batch), each with a decode when `decode_each`."""
-  f = pass_flops(m, seq)
-  loop_rows = batch if loop_rows is None else loop_rows
-  per_iter = f.iteration + (f.decode if decode_each else 0)
-  return float(batch * seq * (f.prelude + f.decode) + iterations * loop_rows * seq * per_iter)
+# Forward FLOPs of one batch (`looped_models.flops`: the causal half of attention, as the benchmarks).
+inference_flops = forward_flops
 
 
 class Runner:
