@@ -2,6 +2,7 @@
 at the training iteration count, from XLA's compiled memory analysis (arguments + outputs + temps).
 
   python -m bench.eval_memory [--d_model 256] [--seq 64] [--batch 8] [--train_iters 8] [--R 128] [--chunk 4]
+      [--dry-run]
 
 The evaluation's device peak is one chunk call: the state, the chunk's per-layer states and attention
 maps. The full trajectory is never on the device; the host keeps O(k·B·S·D) plus the small series.
@@ -9,13 +10,11 @@ maps. The full trajectory is never on the device; the host keeps O(k·B·S·D) p
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bench.results import machine, write_section
+from bench.results import command, intro, parser, record, table
 from configs.base import get_config
 from eval.capture import Capture
 from looped_models.model import init_model
@@ -28,14 +27,8 @@ def peak_bytes(compiled) -> int:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--d_model", type=int, default=256)
-  p.add_argument("--seq", type=int, default=64)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--train_iters", type=int, default=8)
-  p.add_argument("--R", type=int, default=128)
-  p.add_argument("--chunk", type=int, default=4)
-  args = p.parse_args()
+  args = parser(__doc__, "eval_memory", d_model=256, seq=64, batch=8, train_iters=8, R=128,
+                chunk=4).parse_args()
   m = get_config().model
   m.update(d_model=args.d_model, n_heads=args.d_model // 64, d_ff=4 * args.d_model, n_prelude=2,
            block_size=4, n_coda=2, max_len=args.seq, vocab_size=256, attention="full")
@@ -57,20 +50,19 @@ def main() -> None:
   host = 4 * (3 * k * B * S * D + 8 * B * S * D) + 4 * args.R * k * 2 * H * S * S
   mib = lambda b: f"{b / 2**20:.1f} MiB"
   lines = [f"## Fixed-point evaluation memory: R = {args.R} vs one forward pass at r = {args.train_iters}",
-           "", f"Machine: {machine()}. `python -m bench.eval_memory --d_model {args.d_model} --seq "
-           f"{args.seq} --batch {args.batch} --train_iters {args.train_iters} --R {args.R} --chunk "
-           f"{args.chunk}`; (2, 4⊗r, 2), XLA compiled memory (arguments + outputs + temporaries).", "",
-           "| program | device bytes | vs forward |", "| --- | --- | --- |",
-           f"| forward, r = {args.train_iters} | {mib(fwd_bytes)} | 1.00 |",
-           f"| evaluation chunk ({args.chunk} iterations, states + attention), R = {args.R} streamed | "
-           f"{mib(chunk_bytes)} | {chunk_bytes / fwd_bytes:.2f} |",
-           f"| (for contrast) all R = {args.R} states + attention at once | {mib(full_bytes)} | "
-           f"{full_bytes / fwd_bytes:.2f} |", "",
+           "", intro(command("bench.eval_memory", args, "d_model", "seq", "batch", "train_iters", "R",
+                             "chunk"),
+                     "; (2, 4⊗r, 2), XLA compiled memory (arguments + outputs + temporaries).", args.note),
+           "", *table(["program", "device bytes", "vs forward"], [
+               [f"forward, r = {args.train_iters}", mib(fwd_bytes), "1.00"],
+               [f"evaluation chunk ({args.chunk} iterations, states + attention), R = {args.R} streamed",
+                mib(chunk_bytes), f"{chunk_bytes / fwd_bytes:.2f}"],
+               [f"(for contrast) all R = {args.R} states + attention at once", mib(full_bytes),
+                f"{full_bytes / fwd_bytes:.2f}"]]), "",
            f"Host memory of the streaming analysis (previous/final states, lag ring, attention maps of "
            f"2 sequences for the similarity map): about {mib(host)}.",
            "Target: the evaluation needs at most 2x the forward pass's peak."]
-  print("\n".join(lines))
-  write_section("eval_memory", "\n".join(lines))
+  record(args.section, lines, args.dry_run)
 
 
 if __name__ == "__main__":
