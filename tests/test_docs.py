@@ -105,6 +105,8 @@ def localize(argv: list[str], tmp: str) -> list[str]:
       value = f"{tmp}/texts.jsonl" if value.endswith(".jsonl") else f"{tmp}/texts/*.txt"
     elif value == "runs" or value.startswith(("runs/", "data/")):
       value = f"{tmp}/{value}"
+    elif re.match(r"configs/.*\.py:runs/", value):  # a sweep file's argument: a run directory
+      value = value.replace(":runs/", f":{tmp}/runs/")
     elif value.startswith("gs://"):
       value = f"{tmp}/gs/{value[5:]}"
     elif key in ("--out", "--batch") and not value.startswith(("/", "~")):
