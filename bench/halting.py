@@ -2,7 +2,7 @@
 with the summary, the targets met or missed, and the comparison with the KL rule.
 
   python -m bench.halting --workdir runs/NAME [--iterations R] [--slots P] [--repeats 3]
-      [--section halting] [--title TEXT] [--reuse]
+      [--section halting] [--title TEXT] [--reuse] [--dry-run]
 
 Targets (at <= 0.5 points exact-match drop against fixed inference at R_fixed): the fixed-point
 criterion uses >= 40% fewer block iterations per token than R_fixed, comes within 10% of the oracle's
@@ -12,11 +12,10 @@ as it is (written by an earlier `python -m eval halting` on the same machine) in
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
-from bench.results import machine, write_section
+from bench.results import command, intro, parser, record, table
 from eval.halting import evaluate_halting
 from eval.halting_rows import DEFAULT_GRIDS, ratio
 from rundir.outputs import latest
@@ -50,15 +49,14 @@ def targets(s: dict) -> list[tuple[str, str, bool | None]]:
            speed >= TARGET_SPEEDUP)]
 
 
-def _row_line(r: dict, fixed: dict, R_fixed: int, lengths: list[str]) -> str:
+def _row_cells(r: dict, fixed: dict, R_fixed: int, lengths: list[str]) -> list[str]:
   drop = 100 * (fixed["exact_match"] - r["exact_match"])
   per_len = " / ".join(f"{r['lengths'][n]['exact_match']:.3f}" for n in lengths)
   loops = " / ".join(str(r["lengths"][n]["loop_iterations"]) for n in lengths)
-  return (f"| {r['criterion']} | {r['threshold']} | {r['mean_iterations']:.2f} | {r['max_iterations']} | "
-          f"{r['exact_match']:.4f} ({per_len}) | {drop:+.2f} | {1 - r['mean_iterations'] / R_fixed:.1%} | "
-          f"{loops} | {1 - r['flops'] / fixed['flops']:.1%} | "
-          f"{_f(ratio(fixed['wall_s'], r['wall_s']), '.2f')} | "
-          f"{_f(ratio(fixed['wall_s'], r.get('batch_wall_s')), '.2f')} |")
+  return [r["criterion"], r["threshold"], f"{r['mean_iterations']:.2f}", r["max_iterations"],
+          f"{r['exact_match']:.4f} ({per_len})", f"{drop:+.2f}", f"{1 - r['mean_iterations'] / R_fixed:.1%}",
+          loops, f"{1 - r['flops'] / fixed['flops']:.1%}", _f(ratio(fixed["wall_s"], r["wall_s"]), ".2f"),
+          _f(ratio(fixed["wall_s"], r.get("batch_wall_s")), ".2f")]
 
 
 def huginn(result: dict) -> str:
@@ -71,15 +69,15 @@ def huginn(result: dict) -> str:
           f"{drop:+.2f}-point drop.")
 
 
-def section(result: dict, title: str, command: str) -> str:
+def section(result: dict, title: str, cmd: str) -> str:
   s, fixed, oracle = result["summary"], result["fixed"], result["oracle"]
   lengths = [str(n) for n in result["lengths"]]
   kl = s["kl_best"]
   fixed_per_len = " / ".join(f"{fixed['lengths'][n]['exact_match']:.3f}" for n in lengths)
   lines = [f"## Adaptive halting: {title}", "",
-           f"Machine: {machine()}. `{command}` (median of {result['repeats']} timed calls per setting "
-           f"after an untimed compile/warm-up call that gives the accuracy and iterations; wall times "
-           f"on a shared CPU are noisy).", "",
+           intro(cmd, f" (median of {result['repeats']} timed calls per setting after an untimed "
+                 f"compile/warm-up call that gives the accuracy and iterations; wall times on a shared CPU "
+                 f"are noisy)."), "",
            f"Mix of all lengths ({', '.join(lengths)}; {result['batch_size']} sequences each). Halting cap "
            f"R = {s['R']}; R_fixed = {s['R_fixed']} (smallest r reaching the best exact match on length "
            f"{result['longest_test_length']}); fixed inference at R_fixed: exact match "
@@ -102,9 +100,8 @@ def section(result: dict, title: str, command: str) -> str:
               f"wall {_f(s['wall_speedup'], '.2f')}× (per-sequence exit, {s['slots']} slots) and "
               f"{_f(s['wall_speedup_batch'], '.2f')}× (one loop per batch)."
               if s["threshold"] is not None else "none."), "",
-           "| target | measured | met |", "| --- | --- | --- |"]
-  for name, measured, met in targets(s):
-    lines.append(f"| {name} | {measured} | {'—' if met is None else ('yes' if met else 'no')} |")
+           *table(["target", "measured", "met"], [[name, measured, "—" if met is None else (
+               "yes" if met else "no")] for name, measured, met in targets(s)])]
   lines += ["", "KL rule (Huginn): " + (
       f"best threshold within {s['max_drop_points']} points {kl['threshold']}: {kl['mean_iterations']:.2f} "
       f"iterations per token ({kl['iterations_saved_fraction']:.1%} fewer than R_fixed), drop "
@@ -116,24 +113,17 @@ def section(result: dict, title: str, command: str) -> str:
             "Every setting (exact match on the mix, then per length; drop in points against fixed at "
             "R_fixed; loop steps per length with per-sequence exit; speedups against the fixed "
             "baseline):", "",
-            "| criterion | threshold | mean it. | max it. | exact match | drop | it. saved | loop steps | "
-            "FLOPs saved | wall × (per-seq) | wall × (batch loop) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  lines += [_row_line(r, fixed, s["R_fixed"], lengths) for r in result["rows"]]
+            *table(["criterion", "threshold", "mean it.", "max it.", "exact match", "drop", "it. saved",
+                    "loop steps", "FLOPs saved", "wall × (per-seq)", "wall × (batch loop)"],
+                   [_row_cells(r, fixed, s["R_fixed"], lengths) for r in result["rows"]])]
   return "\n".join(lines)
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = parser(__doc__, "halting", note=False, iterations=int, slots=int, repeats=3, title=None,
+             reuse=False, kl_grid=("1e-2,1e-3,5e-4,1e-4,1e-5,1e-6,1e-7,1e-8",
+                                   "KL thresholds (the default grid extended down to 1e-8 for the comparison)"))
   p.add_argument("--workdir", required=True)
-  p.add_argument("--iterations", type=int, default=None)
-  p.add_argument("--slots", type=int, default=None)
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--section", default="halting")
-  p.add_argument("--title", default=None)
-  p.add_argument("--reuse", action="store_true")
-  p.add_argument("--kl_grid", default="1e-2,1e-3,5e-4,1e-4,1e-5,1e-6,1e-7,1e-8",
-                 help="KL thresholds (the default grid extended down to 1e-8 for the comparison)")
   args = p.parse_args()
   cfg = load_run_config(args.workdir)
   if args.reuse:
@@ -145,10 +135,8 @@ def main() -> None:
   m = cfg.model
   title = args.title or (f"({m.n_prelude}, {m.block_size}⊗r, {m.n_coda}), injection {m.injection}, norm "
                          f"{m.norm}, d={m.d_model}, `{cfg.task.name}` trained {cfg.train.steps} steps")
-  command = f"python -m bench.halting --workdir {args.workdir}" + "".join(
-      f" --{k} {v}" for k, v in (("iterations", args.iterations), ("slots", args.slots),
-                                 ("repeats", args.repeats), ("kl_grid", args.kl_grid)) if v is not None)
-  write_section(args.section, section(result, title, command))
+  cmd = command("bench.halting", args, "workdir", "iterations", "slots", "repeats", "kl_grid")
+  record(args.section, [section(result, title, cmd)], args.dry_run)
   print(json.dumps(result["summary"], indent=2))
 
 

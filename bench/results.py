@@ -22,15 +22,17 @@ def parser(doc: str, section: str | None = None, *, note: bool = True,
            **options: Any) -> argparse.ArgumentParser:
   """A script's parser: `doc` as its help, `--section` (default `section`, where given), `--note`,
   `--dry-run`, and one `--NAME` per option, NAME=default or NAME=(default, help): a bool default is a
-  flag, any other takes its type."""
+  flag, any other takes its type; a type as the default (NAME=int) means that type, default None."""
   p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   for name, value in options.items():
     default, help_ = value if isinstance(value, tuple) else (value, None)
     if isinstance(default, bool):
       p.add_argument(f"--{name}", action="store_true", help=help_)
+    elif isinstance(default, type):
+      p.add_argument(f"--{name}", type=default, default=None, help=help_)
     else:
-      p.add_argument(f"--{name}", type=type(default) if default is not None else str,
-                     default=default, help=help_)
+      p.add_argument(f"--{name}", type=str if default is None else type(default), default=default,
+                     help=help_)
   if note:
     p.add_argument("--note", default="", help="a sentence on the machine's state, for RESULTS.md")
   if section:
