@@ -31,7 +31,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +155,7 @@ def check_other(argv: list[str], where: str, tmp: str, jobs: list[dict], problem
       elif target not in ("run", "test"):  # the main job and the suite are not run here
         for cmd in make_recipe(target):
           jobs.append(plan(cmd, f"{where} (make {target})", tmp, smoke=target == "smoke"))
-  elif prog in ("pip", ".venv/bin/pip") or argv[:3] == ["python3", "-m", "pip"]:
+  elif prog == "pip":
     pins = dict(re.findall(r"^([\w.-]+)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
     for w in argv:
       m = re.match(r"([\w.-]+)(\[[\w,]+\])?==(\S+)$", w)
@@ -419,19 +418,16 @@ def _worker(spec_file: str) -> int:
           exec(compile(ast.Module([node], []), file, "exec"), {})
         except Exception as e:  # noqa: BLE001
           failures.append(f"{file}:{line}: {ast.unparse(node)}: {e!r}")
-  times, seen = [], set()
+  seen = set()
   for job in spec["jobs"]:
     if job["mode"] == "run" and json.dumps([job["module"], job["same"]]) in seen:
       continue  # a sweep listed again with another --parallel or --workdir: nothing new to check
     seen.add(json.dumps([job["module"], job["same"]]))
-    start = time.perf_counter()
     err = _run_in_process(job)
-    times.append((round(time.perf_counter() - start, 1), job["mode"], job["shown"][:100]))
     if err:
       failures.append(f"{job['where']}: `{job['shown']}` ({job['mode']}: {job['module']} "
                       f"{' '.join(job['args'])}): {err}")
   Path(spec_file + ".failures").write_text(json.dumps(failures))
-  Path(spec_file + ".times").write_text(json.dumps(times, indent=0))
   return 1 if failures else 0
 
 
