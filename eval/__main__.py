@@ -16,13 +16,11 @@ Exit status 2 with one line on stderr for bad input (missing run, corrupt checkp
 
 from __future__ import annotations
 
-import sys
-
 from rundir.host import tune_allocator
 
 tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (rundir/host.py)
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs.errors import ConfigError  # noqa: E402
@@ -31,10 +29,10 @@ from eval.evaluate import evaluate, with_text_data  # noqa: E402
 from eval.fixed_points import TrajectoryError  # noqa: E402
 from eval.generate import describe, parse_exit, read_prompts, run_generate  # noqa: E402
 from eval.halting import evaluate_halting  # noqa: E402
+from rundir.cli import BAD_INPUT, command as subcommand, report, require, run  # noqa: E402
 from rundir.outputs import latest  # noqa: E402
 from rundir.run import load_run_config  # noqa: E402
 from rundir.workdir import RunDirError  # noqa: E402
-from tasks import DataError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Trial config (needed with --init).",
                                           lock_config=True)
@@ -94,9 +92,8 @@ def halting_main() -> int:
     s = evaluate_halting(cfg, _WORKDIR.value, iterations=_ITERS.value, slots=_SLOTS.value,
                          repeats=_REPEATS.value)["summary"]
     where = latest(_WORKDIR.value, "halting.json")
-  except (ConfigError, RunDirError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except BAD_INPUT as e:
+    return report(e)
   if s["threshold"] is None:
     print(f"R_fixed={s['R_fixed']}: no fixed_point threshold within {s['max_drop_points']} points; "
           f"see {where}")
@@ -118,9 +115,8 @@ def generate_main() -> int:
         iterations=(max_recurrence(cfg.train) if _ITERS.value is None else _ITERS.value), exit=parse_exit(_EXIT.value),
         cache=_CACHE.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
         seed=_SEED.value, slots=_SLOTS.value)
-  except (ConfigError, RunDirError, DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except BAD_INPUT as e:
+    return report(e)
   if where:  # process 0 (the others generated the same)
     print(describe(rec))
     print(f"see {where}")
@@ -129,13 +125,8 @@ def generate_main() -> int:
 
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
-  command = argv[1] if argv[1:2] in (["halting"], ["generate"]) else None
-  if len(argv) > 1 + bool(command):
-    print(f"error: unexpected arguments {argv[1 + bool(command):]}", file=sys.stderr)
-    return 2
-  if not _WORKDIR.value:
-    print("error: --workdir is required", file=sys.stderr)
-    return 2
+  command, _ = subcommand(argv, {None: [], "halting": [], "generate": []})
+  require(_WORKDIR)
   if command == "halting":
     return halting_main()
   if command == "generate":
@@ -156,9 +147,8 @@ def main(argv: list[str]) -> int:
     summary = evaluate(cfg, _WORKDIR.value, init=_INIT.value, iterations=_ITERS.value,
                        batch_size=_BATCH.value, chunk=_CHUNK.value,
                        thresholds={"tau": _TAU.value, "rho": _RHO.value}, compare=_COMPARE.value)
-  except (ConfigError, RunDirError, TrajectoryError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except BAD_INPUT + (TrajectoryError,) as e:
+    return report(e)
   text = "" if "val/best_loss" not in summary else (
       f"; held-out loss {summary['val/best_loss']:.4f} at {summary['val/best_iters']} iterations")
   print(f"{summary['fp/regime']}: degeneracy {summary['fp/degeneracy_min_cosine']:.4f}{text}; "
@@ -167,4 +157,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  run(main, also=(TrajectoryError,))
