@@ -45,20 +45,22 @@ def load_params(cfg: Any, workdir: str, init: bool) -> tuple[Any, dict, int]:
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False,
              iterations: int | None = None, batch_size: int | None = None, chunk: int | None = None,
              thresholds: dict | None = None, log_wandb: bool = True, progress: bool = True,
-             predictions: dict | None = None, compare: str | None = None) -> dict:
+             predictions: dict | None = None, compare: str | None = None,
+             formats: tuple[str, ...] = plots.FORMATS, ev: Evaluation | None = None) -> dict:
   """Evaluate one run; returns the summary fields (also written to fixed_points.json).
   Unset arguments come from the config's `eval` section. `predictions`, when given, is filled with
   {size: the [R, B, S] predictions behind that size's accuracy curve} (a sweep trial hands them on to
   the halting evaluation, which uses the same batches). A text run is measured on held-out windows
   of its corpus: loss and bits per byte against iterations instead of accuracy, the PCA tokens
   labelled with their text, and, with `compare` (a control run's directory, e.g. a feedforward
-  model), that run's stage metrics beside this one's."""
+  model), that run's stage metrics beside this one's. `formats`: the plots' (eval.plots.save).
+  `ev`: the run already opened (`eval.suite`)."""
   cfg = resolve(cfg)
   R = iterations_of(cfg, iterations)
   if R < 3:
     raise RunDirError(f"--iterations={R}: the analysis needs at least 3 iterations")
   control = compare_stage_metrics(compare) if compare else None
-  ev = open_evaluation(cfg, workdir, init=init)
+  ev = ev or open_evaluation(cfg, workdir, init=init)
   text = is_text(cfg)
   capture = Capture(ev.run.graphdef, ev.run.params, chunk=chunk or cfg.eval.chunk, seed=cfg.train.seed,
                     token_bytes=ev.task.data.token_bytes if text else None, mesh=ev.run.mesh)
@@ -89,7 +91,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False
       tok = ev.run.tokenizer or ev.task.data.tokenizer()
       pca_tokens = [tok.token_text(int(i)) for i in train_batch["inputs"][0, -N_PCA_TOKENS:]]
     plot_paths = write_outputs(ev, summary, report, points, curves, text_curves, control, pca_tokens,
-                               R=R, batch_size=batch_size or cfg.eval.batch_size)
+                               R=R, batch_size=batch_size or cfg.eval.batch_size, formats=formats)
     if log_wandb:
       _publish(ev, summary, report, plot_paths, curves)
   return summary
@@ -115,19 +117,21 @@ def analyse(capture: Capture, batch: dict, R: int, thresholds: dict | None, bar:
 
 def write_outputs(ev: Evaluation, summary: dict, report: FixedPointReport, points: np.ndarray,
                   curves: dict, text_curves: dict, control: dict | None, pca_tokens: list | None, *,
-                  R: int, batch_size: int) -> dict[str, str]:
+                  R: int, batch_size: int, formats: tuple[str, ...] = plots.FORMATS) -> dict[str, str]:
   """fixed_points.json and .md, and the plots, under eval/STEP/ (never overwritten); the plots' paths."""
   cfg = ev.cfg
   outdir = ev.output_dir("fixed_points.json")
   plot_paths = plots.all_plots(report, points, curves, cfg.task.train_length,
-                               os.path.join(outdir, "plots"), labels=pca_tokens)
+                               os.path.join(outdir, "plots"), labels=pca_tokens, formats=formats)
   if text_curves:
     plot_paths["loss"] = plots.loss_curves({n: c["loss"] for n, c in text_curves.items()},
                                            os.path.join(outdir, "plots", "loss.png"),
-                                           cfg.task.train_length, max_recurrence(cfg.train))
+                                           cfg.task.train_length, max_recurrence(cfg.train),
+                                           formats=formats)
   if control is not None:
     plot_paths["stage_depth"] = plots.stage_by_depth(report, control,
-                                                     os.path.join(outdir, "plots", "stage_depth.png"))
+                                                     os.path.join(outdir, "plots", "stage_depth.png"),
+                                                     formats=formats)
   result = {"summary": summary, "step": ev.step, "init": ev.init, "iterations": R,
             "batch_size": batch_size, "curve_batch_size": cfg.train.eval_batch_size,
             "report": report.to_dict(), "accuracy_curves": {str(n): c.tolist() for n, c in curves.items()}}

@@ -53,8 +53,9 @@ import numpy as np
 from tqdm import tqdm
 
 from configs.errors import ConfigError
-from eval.driver import eval_batches, iterations_of, open_evaluation
+from eval.driver import Evaluation, eval_batches, iterations_of, open_evaluation
 from eval.halting_report import write_outputs
+from eval.plots import FORMATS
 from eval.halting_rows import (DEFAULT_GRIDS, HALVES, SUMMED, best_within, check_grids, cut,
                                flat_summary, half, metric_of, oracle_row, row_of, summarize,
                                with_halves)
@@ -81,7 +82,8 @@ def check_options(grids: dict | None, mode: str, repeats: int, slots: int | None
 def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dict | None = None,
                      iterations: int | None = None, slots: int | None = None, repeats: int = 3,
                      mode: str = "full", trajectories: dict | None = None, log_wandb: bool = True,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, formats: tuple[str, ...] = FORMATS,
+                     ev: Evaluation | None = None) -> dict:
   """Sweep every criterion over its grid on a trained run; write WORKDIR/eval/STEP/halting.json and
   plots/halting_pareto.png beside it (rundir.outputs), log to W&B; returns the whole result
   ({"summary", "rows", ...}).
@@ -93,7 +95,8 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   - "trial" (a sweep trial, kept cheap): per-sequence exit only, timing only the summary's settings
     (the best fixed_point and KL thresholds) against the fixed baseline on the whole batch.
   `trajectories`: {length: [R, B, S] predictions of the unfrozen run} on these eval batches, as
-  `eval.evaluate.evaluate(predictions=...)` collects them, instead of running them again."""
+  `eval.evaluate.evaluate(predictions=...)` collects them, instead of running them again.
+  `formats`: the Pareto plot's (eval.plots.save). `ev`: the run already opened (`eval.suite`)."""
   grids = check_options(grids, mode, repeats, slots)
   full = mode == "full"
   cfg = resolve(cfg)
@@ -101,7 +104,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
   if isinstance(R, bool) or not isinstance(R, int) or R < 2:
     raise ConfigError("halting.iterations", R, allowed="an integer >= 2")
   slots = min(slots or max(1, cfg.train.eval_batch_size // 8), cfg.train.eval_batch_size)
-  ev = open_evaluation(cfg, workdir)  # sharded onto the run's mesh; each process computes its rows
+  ev = ev or open_evaluation(cfg, workdir)  # sharded onto the run's mesh; each process computes its rows
   batches = eval_batches(cfg, ev.task)
   runner = Runner(ev.run.graphdef, ev.run.params, R, cfg.train.seed, mesh=ev.run.mesh)
   bar = tqdm(total=len(batches) * (2 + sum(len(v) for v in grids.values())), desc="halting", unit="run",
@@ -123,7 +126,7 @@ def evaluate_halting(cfg: ml_collections.ConfigDict, workdir: str, *, grids: dic
             "fixed": fixed, "oracle": oracle, "rows": rows, "fixed_curve": curve,
             "criteria": list(CRITERIA)}
   if ev.main:
-    write_outputs(ev, result, log_wandb)
+    write_outputs(ev, result, log_wandb, formats)
   return result
 
 

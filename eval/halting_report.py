@@ -9,18 +9,19 @@ import numpy as np
 
 from eval.driver import Evaluation
 from eval.halting_rows import flat_summary
-from eval.plots import plt, save
+from eval.plots import FORMATS, plt, save
 from looped_models.halting import LOOP_CRITERIA
 from rundir.workdir import path, write_json_atomic
 
 
-def write_outputs(ev: Evaluation, result: dict, log_wandb: bool) -> None:
+def write_outputs(ev: Evaluation, result: dict, log_wandb: bool,
+                  formats: tuple[str, ...] = FORMATS) -> None:
   """halting.json and the Pareto plot (eval/STEP/: a trial's and the CLI's never collide), then W&B."""
   outdir = ev.output_dir("halting.json")
   path(outdir).joinpath("plots").mkdir(parents=True, exist_ok=True)
   metric = result["summary"]["metric"]
   plot = pareto_plot(result["rows"], result["fixed"], result["oracle"], result["fixed_curve"],
-                     os.path.join(outdir, "plots", "halting_pareto.png"), metric)
+                     os.path.join(outdir, "plots", "halting_pareto.png"), metric, formats)
   write_json_atomic(os.path.join(outdir, "halting.json"), result)
   if log_wandb:
     cols = ["criterion", "threshold", "mean_iterations", "max_iterations", "exact_match",
@@ -30,7 +31,7 @@ def write_outputs(ev: Evaluation, result: dict, log_wandb: bool) -> None:
 
 
 def pareto_plot(rows: list[dict], fixed: dict, oracle: dict, curve: list[float], path: str,
-                metric: str = "exact_match") -> str:
+                metric: str = "exact_match", formats: tuple[str, ...] = FORMATS) -> str:
   """Accuracy (`metric`) on the mix against mean iterations per token: one line per criterion, the
   oracle, and fixed-iteration inference at every r (R_fixed marked)."""
   fig, ax = plt.subplots(figsize=(6.8, 4.4))
@@ -51,4 +52,4 @@ def pareto_plot(rows: list[dict], fixed: dict, oracle: dict, curve: list[float],
   ax.set(xscale="log", xlabel="mean iterations per token", ylabel=f"{label} (mix of all lengths)",
          title="Adaptive halting: accuracy against iterations")
   ax.legend(fontsize=8)
-  return save(fig, path)
+  return save(fig, path, formats)

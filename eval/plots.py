@@ -1,6 +1,7 @@
 """Figures of one evaluation, in one style (matplotlib, Agg): titles, axis labels with units, a legend or
 a colour bar on every multi-series figure, the Okabe-Ito colour-blind-safe palette. Each function
-writes PNG and SVG side by side and returns the PNG's path (or, given path=None, the figure)."""
+writes PNG and SVG side by side (its `formats`) and returns the PNG's path (or, given path=None, the
+figure)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ MUTED = ("#332288", "#88CCEE", "#44AA99", "#117733", "#999933", "#DDCC77", "#CC6
          "#AA4499", "#555555")
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-FORMATS = ("png", "svg")  # a sweep trial writes PNG only (sweeps/trial.py): SVG costs ~1 s a figure
+FORMATS = ("png", "svg")  # the default `formats`; a sweep trial asks for PNG only: SVG costs ~1 s a figure
 SIMILARITY_ITERATIONS = 8  # Blayney et al. show the attention similarity over the first 8 loops
 STAGE_SERIES = (("colsum_concentration", "ColSum concentration C", "C (0 uniform … 1 one column)"),
                 ("sink_rate", "Sink rate", "share of heads"),
@@ -35,15 +36,15 @@ STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.font
 plt.rcParams.update(STYLE)
 
 
-def save(fig, path: str | None) -> Any:
-  """Write `path` (PNG) and the same figure as SVG beside it (if in FORMATS), close the figure and
+def save(fig, path: str | None, formats: Sequence[str] = FORMATS) -> Any:
+  """Write `path` (PNG) and the same figure in the other `formats` beside it, close the figure and
   return `path`; with `path=None`, return the figure itself (to inspect it). A figure made with a
   layout engine (e.g. layout="constrained") keeps it; the others get tight_layout."""
   if fig.get_layout_engine() is None:
     fig.tight_layout()
   if path is None:
     return fig
-  for fmt in FORMATS:  # through etils.epath: a local folder or gs://
+  for fmt in formats:  # through etils.epath: a local folder or gs://
     with store_path(os.path.splitext(path)[0] + "." + fmt).open("wb") as f:
       fig.savefig(f, format=fmt, dpi=150)
   plt.close(fig)
@@ -70,7 +71,8 @@ def _positive(x: np.ndarray) -> np.ndarray:
   return np.where(np.isfinite(x) & (x > 0), x, np.nan)
 
 
-def _per_layer(report, rel_Rk, cos_Rk, ylabel: str, title: str, path: str) -> str:
+def _per_layer(report, rel_Rk, cos_Rk, ylabel: str, title: str, path: str,
+               formats: Sequence[str] = FORMATS) -> str:
   """One panel per block layer, log scale: relative norm (solid) and 1 − cos (dashed) over iterations."""
   k = report.block_size
   fig, axes = plt.subplots(1, k, figsize=(min(3.2 * k, 16), 3.2), sharey=True, squeeze=False)
@@ -82,23 +84,24 @@ def _per_layer(report, rel_Rk, cos_Rk, ylabel: str, title: str, path: str) -> st
     ax.legend(loc="best")
   axes[0][0].set_ylabel(ylabel)
   fig.suptitle(title)
-  return save(fig, path)
+  return save(fig, path, formats)
 
 
-def convergence(report, path: str) -> str:
+def convergence(report, path: str, *, formats: Sequence[str] = FORMATS) -> str:
   """Per-layer successive change ‖X_t − X_{t−1}‖/‖X_t‖ and 1 − cos, log scale, one panel per layer."""
   return _per_layer(report, report.successive_change, report.successive_cos,
                     "successive change (relative, log)", f"Convergence per block layer — regime "
-                    f"{report.regime}", path)
+                    f"{report.regime}", path, formats)
 
 
-def distance_to_fixed_point(report, path: str) -> str:
+def distance_to_fixed_point(report, path: str, *, formats: Sequence[str] = FORMATS) -> str:
   return _per_layer(report, report.distance_to_fixed, report.distance_cos,
                     "distance to X*_ℓ = X_ℓ,R (relative, log)",
-                    "Distance to the approximate fixed point per block layer", path)
+                    "Distance to the approximate fixed point per block layer", path, formats)
 
 
-def attention_similarity(report, path: str, iterations: int = SIMILARITY_ITERATIONS) -> str:
+def attention_similarity(report, path: str, iterations: int = SIMILARITY_ITERATIONS, *,
+                         formats: Sequence[str] = FORMATS) -> str:
   """The (layer, iteration)² cosine similarity of attention maps over the first `iterations`
   iterations (iteration-major: one block of k rows per iteration)."""
   k = report.block_size
@@ -116,10 +119,11 @@ def attention_similarity(report, path: str, iterations: int = SIMILARITY_ITERATI
   ax.set(xlabel=f"iteration t (k = {k} layers each)", ylabel=f"iteration t (k = {k} layers each)",
          title=f"Attention similarity, first {T} iterations")
   fig.colorbar(im, ax=ax, fraction=0.046, label="cosine similarity of attention maps")
-  return save(fig, path)
+  return save(fig, path, formats)
 
 
-def trajectory_pca(points_RkND: np.ndarray, path: str, labels: Sequence[str] | None = None) -> str:
+def trajectory_pca(points_RkND: np.ndarray, path: str, labels: Sequence[str] | None = None, *,
+                   formats: Sequence[str] = FORMATS) -> str:
   """PCA (of directions) of a few tokens' states through layers and iterations; the iteration is the
   colour (with its colour bar), the block layer the marker, and each token is labelled at its end
   (`labels`: one string per token, e.g. its decoded text; default "token i"). A cycle over layers
@@ -156,7 +160,7 @@ def trajectory_pca(points_RkND: np.ndarray, path: str, labels: Sequence[str] | N
   ax.set(xlabel=f"PC 1 ({share[0]:.0%} of variance)",
          ylabel=f"PC 2 ({share[1] if len(share) > 1 else 0:.0%} of variance)",
          title=f"Trajectories of {N} tokens through {R} iterations × {k} layers")
-  return save(fig, path)
+  return save(fig, path, formats)
 
 
 def _series(source: Any, name: str) -> np.ndarray | None:
@@ -164,7 +168,8 @@ def _series(source: Any, name: str) -> np.ndarray | None:
   return None if values is None else np.asarray(values, dtype=float)
 
 
-def stage_metrics(report, path: str, compare: Any = None, compare_label: str = "control") -> str:
+def stage_metrics(report, path: str, compare: Any = None, compare_label: str = "control", *,
+                  formats: Sequence[str] = FORMATS) -> str:
   """ColSum concentration, sink rate, mixing and residual norm against the iteration t, one line per
   block layer ℓ (by recurrence and by layer). `compare`: another run's metrics (a FixedPointReport,
   or a mapping with the same [R, k] series) overlaid dashed as a control."""
@@ -191,11 +196,11 @@ def stage_metrics(report, path: str, compare: Any = None, compare_label: str = "
     ax.set_xlabel("iteration t")
   fig.suptitle("Stages of inference by iteration and block layer"
                + (f" (dashed: {compare_label})" if compare is not None else ""))
-  return save(fig, path)
+  return save(fig, path, formats)
 
 
 def stage_by_depth(report, control: Mapping[str, Any], path: str | None,
-                   iterations: int = SIMILARITY_ITERATIONS) -> Any:
+                   iterations: int = SIMILARITY_ITERATIONS, *, formats: Sequence[str] = FORMATS) -> Any:
   """The stage metrics along the unrolled depth — block layer ℓ of iteration t at depth (t−1)·k + ℓ,
   the first `iterations` iterations — beside a control run's layers at its first iteration (e.g. a
   feedforward model: does the looped model repeat the feedforward stages in every iteration?)."""
@@ -221,10 +226,11 @@ def stage_by_depth(report, control: Mapping[str, Any], path: str | None,
   for ax in axes[1]:
     ax.set_xlabel("depth (layer applications; grey lines: iteration boundaries)")
   fig.suptitle("Stages of inference along depth: looped model against the control")
-  return save(fig, path)
+  return save(fig, path, formats)
 
 
-def accuracy_curves(curves: dict[int, np.ndarray], path: str, train_length: int) -> str:
+def accuracy_curves(curves: dict[int, np.ndarray], path: str, train_length: int, *,
+                    formats: Sequence[str] = FORMATS) -> str:
   fig, ax = plt.subplots(figsize=(6.4, 4))
   for (n, acc), st in zip(sorted(curves.items()), line_styles(len(curves))):
     ax.plot(np.arange(1, len(acc) + 1), acc, color=st["color"],
@@ -232,10 +238,11 @@ def accuracy_curves(curves: dict[int, np.ndarray], path: str, train_length: int)
   ax.set(xlabel="iterations r (log)", ylabel="exact match (share of sequences)", ylim=(-0.02, 1.02),
          xscale="log", title="Accuracy against iterations (extrapolation)")
   ax.legend(title="problem size")
-  return save(fig, path)
+  return save(fig, path, formats)
 
 
-def loss_curves(curves: dict[int, np.ndarray], path: str, train_length: int, train_recurrence: int) -> str:
+def loss_curves(curves: dict[int, np.ndarray], path: str, train_length: int, train_recurrence: int, *,
+                formats: Sequence[str] = FORMATS) -> str:
   """Held-out loss against iterations 1..R (text): does the model extrapolate in depth?"""
   fig, ax = plt.subplots(figsize=(6.4, 4))
   for (n, loss), st in zip(sorted(curves.items()), line_styles(len(curves))):
@@ -245,21 +252,23 @@ def loss_curves(curves: dict[int, np.ndarray], path: str, train_length: int, tra
   ax.set(xlabel="iterations r (log)", ylabel="held-out loss (nats per token)", xscale="log",
          title="Held-out loss against iterations (extrapolation in depth)")
   ax.legend(title="window (tokens)")
-  return save(fig, path)
+  return save(fig, path, formats)
 
 
 def all_plots(report, points_RkND, curves, train_length: int, outdir: str, *,
               labels: Sequence[str] | None = None, compare: Any = None,
-              similarity_iterations: int = SIMILARITY_ITERATIONS) -> dict[str, str]:
+              similarity_iterations: int = SIMILARITY_ITERATIONS,
+              formats: Sequence[str] = FORMATS) -> dict[str, str]:
   store_path(outdir).mkdir(parents=True, exist_ok=True)
-  out = {"convergence": convergence(report, os.path.join(outdir, "convergence.png")),
-         "distance": distance_to_fixed_point(report, os.path.join(outdir, "distance.png")),
-         "trajectory_pca": trajectory_pca(points_RkND, os.path.join(outdir, "trajectory_pca.png"),
-                                          labels=labels),
-         "stage_metrics": stage_metrics(report, os.path.join(outdir, "stage_metrics.png"),
-                                        compare=compare),
-         "accuracy": accuracy_curves(curves, os.path.join(outdir, "accuracy.png"), train_length)}
+  out_path = lambda name: os.path.join(outdir, f"{name}.png")
+  out = {"convergence": convergence(report, out_path("convergence"), formats=formats),
+         "distance": distance_to_fixed_point(report, out_path("distance"), formats=formats),
+         "trajectory_pca": trajectory_pca(points_RkND, out_path("trajectory_pca"), labels=labels,
+                                          formats=formats),
+         "stage_metrics": stage_metrics(report, out_path("stage_metrics"), compare=compare,
+                                        formats=formats),
+         "accuracy": accuracy_curves(curves, out_path("accuracy"), train_length, formats=formats)}
   if report.attention_similarity is not None:
     out["attention_similarity"] = attention_similarity(
-        report, os.path.join(outdir, "attention_similarity.png"), similarity_iterations)
+        report, out_path("attention_similarity"), similarity_iterations, formats=formats)
   return out

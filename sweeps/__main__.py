@@ -15,8 +15,19 @@ from rundir.host import tune_allocator
 
 tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (rundir/host.py)
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags
+from ml_collections import config_flags  # noqa: E402
+
+from configs.errors import ConfigError  # noqa: E402
+from rundir import distributed  # noqa: E402
+from rundir.logger import log_to_wandb  # noqa: E402
+from rundir.workdir import RunDirError, check_reachable  # noqa: E402
+from sweeps import report, wandb_export  # noqa: E402
+from sweeps.expand import base_config, expand, load_sweep_module, sweep_name  # noqa: E402
+from sweeps.records import load  # noqa: E402
+from sweeps.runner import Runner  # noqa: E402
+from sweeps.tables import HALTING_HEADER, halting_table, trial_table  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep file (configs/sweeps/NAME.py).",
                                           lock_config=True)
@@ -35,36 +46,22 @@ def log_sweep_to_wandb(base_cfg, sweep: str, sweep_dir: str, paths: dict) -> Non
   """A sweep-level W&B run (job_type sweep_report) with the comparison table and figures."""
   if base_cfg.wandb.mode == "disabled":
     return
-  import wandb
-
-  from sweeps.report import HALTING_HEADER, halting_table, load, trial_table
-  from rundir.logger import MetricsLogger
-
   cfg = base_cfg.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.wandb.group = cfg.wandb.group or sweep
     cfg.wandb.name = f"{sweep}-report"
-  logger = MetricsLogger(sweep_dir, cfg.wandb, {"sweep": sweep}, None, job_type="sweep_report",
-                         jsonl=False)
-  if logger.run is None:
-    return
   _, rows = load(sweep_dir)
   header, body = trial_table(rows)
-  tables = {"sweep/trials": wandb.Table(columns=["trial"] + header,
-                                        data=[[r["name"]] + c for r, c in zip(rows, body)])}
+  tables = {"sweep/trials": (["trial"] + header, [[r["name"]] + c for r, c in zip(rows, body)])}
   halting = halting_table(rows)
   if halting:
-    tables["sweep/halting"] = wandb.Table(columns=["trial"] + HALTING_HEADER, data=halting)
-  logger.run.log({**tables, **{f"sweep/{k}": wandb.Image(p) for k, p in paths.items() if p.endswith(".png")}})
-  logger.run.finish()
+    tables["sweep/halting"] = (["trial"] + HALTING_HEADER, halting)
+  log_to_wandb(sweep_dir, cfg.wandb, {"sweep": sweep}, job_type="sweep_report", tables=tables,
+               images={f"sweep/{k}": p for k, p in paths.items() if p.endswith(".png")})
 
 
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
-  from configs.errors import ConfigError
-  from sweeps import report
-  from rundir.workdir import RunDirError, check_reachable
-
   try:
     if len(argv) >= 2 and argv[1] == "report":
       if len(argv) != 3:
@@ -81,18 +78,15 @@ def main(argv: list[str]) -> int:
       raise RunDirError("--config configs/sweeps/NAME.py is required")
     if _PARALLEL.value < 1:
       raise ConfigError("--parallel", _PARALLEL.value, allowed=">= 1")
-    from sweeps.expand import expand, load_sweep_module, sweep_name
-    from sweeps.runner import Runner
-
-    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    path = spec = config_flags.get_config_filename(flags.FLAGS["config"])
     if not os.path.isfile(path) and ":" in path:  # FILE.py:ARG, the argument of get_config
       path = path.rsplit(":", 1)[0]
-    name = sweep_name(path)
-    trials = expand(_CONFIG.value, load_sweep_module(path))
+    name, module = sweep_name(path), load_sweep_module(path)
+    base = base_config(_CONFIG.value, module, config_flags.get_override_values(flags.FLAGS["config"]))
+    trials = expand(base, module)
     if export:
-      from sweeps import wandb_export
       out = _OUT.value or os.path.join(_WORKDIR.value, name, "wandb_sweep.yaml")
-      wandb_export.write(wandb_export.definition(name, path, trials, _WORKDIR.value, _CONFIG.value), out)
+      wandb_export.write(wandb_export.definition(name, spec, trials, _WORKDIR.value, base), out)
       print(f"W&B sweep definition: {out} ({len(trials)} trials)\nrun: wandb sweep {out}, then "
             "wandb agent ENTITY/PROJECT/SWEEP_ID on each machine (sharing --workdir)")
       return 0
@@ -103,18 +97,16 @@ def main(argv: list[str]) -> int:
       print(f"{len(trials)} trials in {os.path.join(_WORKDIR.value, name)}")
       return 0
     check_reachable(_WORKDIR.value)  # a bucket that cannot be reached: one line, before any trial
-    from rundir import distributed
-    distributed.initialize(_CONFIG.value.distributed)  # a pod: every host runs this same command
+    distributed.initialize(base.distributed)  # a pod: every host runs this same command
     runner = Runner(name, trials, _WORKDIR.value, parallel=_PARALLEL.value, force=_FORCE.value,
                     only=_TRIAL.value)
     statuses = runner.run()
   except (ConfigError, RunDirError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  import jax
   if jax.process_index() == 0:
     paths = report.write_report(runner.sweep_dir)
-    log_sweep_to_wandb(_CONFIG.value, name, runner.sweep_dir, paths)
+    log_sweep_to_wandb(base, name, runner.sweep_dir, paths)
     print(f"report: {paths['md']} (and {os.path.basename(paths['html'])})")
   if runner.stop_signal is not None:
     return 128 + runner.stop_signal

@@ -3,6 +3,10 @@
 A sweep file (configs/sweeps/NAME.py) defines `get_config()` — the base trial config — and
 `get_hyper(h)` returning a list of override dicts built with `sweeps.hyper` (`h`). Each override dict
 is one trial; its name is made from the override values (e.g. `k4-concat-sandwich-s0`).
+
+A sweep over an existing run (configs/sweeps/imported.py) also defines `over_run(config, run)`: its
+trials start from the config that run `train.init_from` last ran with (keys added since at their
+defaults), with `over_run` and then the command line's --config.KEY=VALUE applied (`base_config`).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from typing import Any
 import ml_collections
 
 from configs.errors import ConfigError
-from sweeps import hyper
 from rundir.config import resolve
+from rundir.run import load_run_config
+from sweeps import hyper
 
 # How an override key shows up in a trial name: a short prefix before the value ("" = value alone).
 NAME_PREFIX = {"model.block_size": "k", "model.injection": "", "model.norm": "", "train.seed": "s",
@@ -81,6 +86,17 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: dict[str, Any]) 
       raise ConfigError(key, value, reason="no such config key")
     node[leaf] = value
   return cfg
+
+
+def base_config(cfg: ml_collections.ConfigDict, module, overrides: dict[str, Any]
+                ) -> ml_collections.ConfigDict:
+  """The sweep's base config: `cfg` (the sweep file's get_config, with the command line's `overrides`
+  applied), or for a sweep file with `over_run`, the stored config of run `cfg.train.init_from` with
+  `over_run` and then `overrides` applied over it (RunDirError when that run does not exist)."""
+  if not hasattr(module, "over_run"):
+    return cfg
+  run = cfg.train.init_from
+  return apply_overrides(module.over_run(load_run_config(run), run), overrides)
 
 
 def expand(base: ml_collections.ConfigDict, module) -> list[Trial]:

@@ -2,7 +2,7 @@
 seeds (colour) and its agreement (number, and shade) against the hidden-weight std (x) and every
 other swept key (y: embedding std, width, ...), with a reference table (e.g. a paper's) marked.
 
-  data = phase_data(rows)            # rows as sweeps.report.load gives them; None without init_std
+  data = phase_data(rows)            # rows as sweeps.records.load gives them; None without init_std
   plot_phase(data, "report_phase.png", reference={("concat", "pre"): "cyclic", ...})
   header, body = reference_table(data, PAPER_RANDOM_INIT)  # how many boxes agree with the table
 
@@ -15,6 +15,9 @@ import collections
 from typing import Any, Mapping
 
 import numpy as np
+
+from eval.plots import plt, save
+from sweeps.records import DARK, REGIME_COLORS, cell_axes, value_of, verdict
 
 X_KEY = "model.init_std"
 PANEL_KEYS = ("model.injection", "model.norm")
@@ -39,7 +42,6 @@ def phase_data(rows: list[dict]) -> dict | None:
   """{"x": init stds (0 first), "y": tuples of the other swept keys' values, "y_keys", "panels":
   {(injection, norm): {"majority": [[regime]] (y by x), "agree": [[(count, seeds)]]}}}, or None
   when the sweep does not vary model.init_std. Ties go to the regime first seen."""
-  from sweeps.report import cell_axes, value_of, verdict
   axes = cell_axes(rows)
   if X_KEY not in axes:
     return None
@@ -70,7 +72,6 @@ def reference_table(data: dict, reference: Mapping[tuple, str], label: str = "pa
   of the panel's boxes (init std x other swept keys) have a majority regime that `agrees` with it,
   the init stds at which every box agrees, and the majority regimes counted over the boxes. Panels
   the sweep did not run are left out (an empty body when none matches)."""
-  from sweeps.report import REGIME_COLORS
   header = ["injection × norm", label, "boxes that agree", "init_std where all agree",
             "majority regimes (boxes)"]
   body = []
@@ -95,9 +96,6 @@ def plot_phase(data: dict, path: str | None, reference: Mapping[tuple, str] | No
   """One panel per injection x norm cell: the majority regime's colour, lighter where the seeds
   disagree, with "n/N" in each box; a reference regime per panel is named in its title and drawn
   as its frame colour. PNG and SVG (eval.plots.save); path=None returns the figure."""
-  from eval.plots import plt, save
-  from sweeps.report import DARK, REGIME_COLORS
-
   panels = data["panels"]
   injections = list(dict.fromkeys(p[0] for p in panels))
   norms = list(dict.fromkeys(p[1] for p in panels))

@@ -1,11 +1,11 @@
 """Run a sweep: every trial in runs/SWEEP/TRIAL/, resumable, failure-isolated, N at a time.
 
 Each trial runs as its own process (`python -m sweeps.trial`), so a crash or a NaN is recorded in the
-trial's `trial.json` and the sweep goes on. On SIGINT/SIGTERM the runner passes SIGTERM to its trials
-(each saves a checkpoint), marks them pending and stops. Rerunning the command skips done (and
-diverged) trials and resumes the rest from their checkpoints. With several JAX processes (a pod),
-every host runs the same command and trials run one after another in-process over the whole mesh;
-process 0's list of trials still to run is the one every host follows.
+trial's `status.json` (sweeps/status.py) and the sweep goes on. On SIGINT/SIGTERM the runner passes
+SIGTERM to its trials (each saves a checkpoint), marks them pending and stops. Rerunning the
+command skips done (and diverged) trials and resumes the rest from their checkpoints. With several
+JAX processes (a pod), every host runs the same command and trials run one after another in-process
+over the whole mesh; process 0's list of trials still to run is the one every host follows.
 """
 
 from __future__ import annotations
@@ -19,30 +19,21 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from configs.errors import ConfigError
-from sweeps.expand import Trial
-from sweeps.report import SEED
-from sweeps.trial import PARENT_ENV
+from eval.group import groupable, shape_key
 from rundir.logger import flatten
 from rundir.workdir import RunDirError, path, read_json, write_json_atomic
+from sweeps.expand import Trial
+from sweeps.records import SEED
+from sweeps.status import SKIP, set_trial, trial_record
+from sweeps.trial import PARENT_ENV, run_trial
 
-TRIAL_STATUSES = ("pending", "running", "done", "failed", "diverged")
-SKIP = ("done", "diverged")  # diverged trials are deterministic: rerunning them would diverge again
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def trial_record(trial_dir: str) -> dict:
-  return read_json(path(trial_dir) / "trial.json") or {"status": "pending"}
-
-
-def set_trial(trial_dir: str, **fields: Any) -> None:
-  record = trial_record(trial_dir)
-  record.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-  assert record["status"] in TRIAL_STATUSES, record["status"]
-  write_json_atomic(path(trial_dir) / "trial.json", record)
 
 
 def trial_config(trial: Trial, sweep: str) -> dict:
@@ -93,7 +84,6 @@ def units(trials: list[Trial], sweep: str, max_group: int = 64) -> list[list[Tri
   """The trials in the order they run, as units: one trial each, except random-init controls with
   `eval.vmap_trials` that share one program (`eval.group.shape_key`), which run as groups of up to
   `max_group` in one process."""
-  from eval.group import groupable, shape_key
   groups: dict[str, list[Trial]] = {}
   out: list[list[Trial]] = []
   for t in trials:
@@ -178,7 +168,6 @@ class Runner:
     todo = [t for t in self.selected if trial_record(self.trial_dir(t))["status"] not in SKIP
             or t.name in forced]
     if jax.process_count() > 1:  # every host runs the same trials, in step: process 0's list
-      from jax.experimental import multihost_utils
       names = {t.name for t in todo}
       mine = np.array([t.name in names for t in self.selected], np.int32)
       todo = [t for t, m in zip(self.selected, multihost_utils.broadcast_one_to_all(mine)) if m]
@@ -222,6 +211,8 @@ class Runner:
           continue
         log = open(self.log_file(dirs[0]), "a")
         configs = [trial_config(t, self.sweep) for t in unit]
+        for t, tdir, cfg in zip(unit, dirs, configs):  # before the trial process writes there too
+          set_trial(tdir, status="running", overrides=t.overrides, error=None, pid=None, config=cfg)
         # No Python code runs between fork and exec (no preexec_fn), so nothing of JAX's threads is
         # duplicated; its own session keeps a Ctrl-C for the runner, which stops the trials in order.
         proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", *dirs], stdin=subprocess.PIPE,
@@ -229,8 +220,8 @@ class Runner:
                                 start_new_session=True)
         proc.stdin.write(json.dumps(configs if len(unit) > 1 else configs[0]))
         proc.stdin.close()
-        for t, tdir, cfg in zip(unit, dirs, configs):
-          set_trial(tdir, status="running", overrides=t.overrides, error=None, pid=proc.pid, config=cfg)
+        for tdir in dirs:
+          set_trial(tdir, pid=proc.pid)
         running[unit[0].name] = (unit, proc, time.perf_counter(), log)
       for name, (unit, proc, start, log) in list(running.items()):
         if proc.poll() is None:
@@ -279,9 +270,6 @@ class Runner:
 
   def _run_in_process(self, todo: list[Trial], bar) -> dict[str, str]:
     """Multi-host: all processes run each trial together over the whole mesh."""
-    from sweeps.trial import run_trial
-    import ml_collections
-
     main = jax.process_index() == 0
     statuses: dict[str, str] = {}
     for trial in todo:

@@ -7,21 +7,40 @@ input, 3 diverged, 128+signal interrupted (checkpoint saved), anything else a cr
 
 `python -m sweeps.trial WORKDIR WORKDIR ...` with a JSON list of configs runs a group of random-init
 controls that share one program (`eval.vmap_trials`, see eval/group.py) and marks each trial done in
-its trial.json as soon as it is written, so that a group stopped halfway keeps what it finished.
+its status.json as soon as it is written, so that a group stopped halfway keeps what it finished.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import sys
-
-import ml_collections
-
 from rundir.host import tune_allocator
 
+if __name__ == "__main__":  # a trial process: before JAX is imported (rundir/host.py)
+  tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned
+
+import ctypes  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from absl import logging  # noqa: E402
+
+from configs.errors import ConfigError  # noqa: E402
+from eval.evaluate import evaluate  # noqa: E402
+from eval.fixed_points import TrajectoryError  # noqa: E402
+from eval.group import evaluate_group  # noqa: E402
+from eval.halting import halting_summary  # noqa: E402
+from rundir.outputs import latest  # noqa: E402
+from rundir.workdir import RunDirError, path, read_json  # noqa: E402
+from sweeps.status import set_trial  # noqa: E402
+from train.trainer import Trainer  # noqa: E402
+
 PARENT_ENV = "LOOPED_SWEEP_RUNNER_PID"  # the runner's pid, set for each trial process
+# A trial's plots as PNG alone: the report embeds PNGs and SVG costs about 1 s a figure
+# (`python -m eval` writes both).
+FORMATS = ("png",)
 
 
 def die_with_runner() -> None:
@@ -31,7 +50,6 @@ def die_with_runner() -> None:
   parent = os.environ.get(PARENT_ENV)
   if not parent or not sys.platform.startswith("linux"):
     return
-  import ctypes
   ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
   if os.getppid() != int(parent):  # the runner died before the line above
     os.kill(os.getpid(), signal.SIGTERM)
@@ -41,7 +59,6 @@ def use_compilation_cache(sweep_dir: str) -> None:
   """Trials of one sweep share compiled programs through JAX's persistent cache in the sweep's
   directory: seeds of a cell (and reruns after a stop) compile the same programs. Every program is
   stored, however fast it compiled: a trial compiles dozens of sub-second programs."""
-  import jax
   jax.config.update("jax_compilation_cache_dir", os.path.join(sweep_dir, ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
@@ -50,8 +67,6 @@ def control_trial(workdir: str) -> str | None:
   """A sibling trial of this sweep marked `eval.control` (e.g. a feedforward model) that has been
   evaluated already: this trial's stage metrics are drawn beside its own (sweep files list the
   control first, so that with --parallel 1 it is always done before the others)."""
-  from rundir.outputs import latest
-  from rundir.workdir import path, read_json
   me = path(workdir)
   for other in sorted(me.parent.iterdir(), key=lambda p: p.name):
     if other.name == me.name or not (other / "config.json").is_file():
@@ -63,27 +78,23 @@ def control_trial(workdir: str) -> str | None:
 
 
 def run_trial(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> tuple[int, dict]:
-  from eval.evaluate import evaluate
-  from train.trainer import Trainer
-
+  """Train, then evaluate; (exit status, the trainer's result or the evaluation's summary)."""
   if cfg.train.steps > 0:
-    result = Trainer(cfg, workdir).run()
+    result = Trainer(cfg, workdir).run(ends_run=False)  # done once evaluated, as the runner records
     if result["status"] != "done":
       return result["exit_code"], result
   predictions: dict = {}  # the accuracy curves' per-iteration predictions: the halting oracle's too
   summary = evaluate(cfg, workdir, init=cfg.train.steps == 0, progress=progress, predictions=predictions,
-                     compare=None if cfg.eval.control else control_trial(workdir))
+                     compare=None if cfg.eval.control else control_trial(workdir), formats=FORMATS)
   # The savings of adaptive halting, per trial (judged by exact match, or next-token accuracy on text).
   if cfg.eval.halting and cfg.train.steps > 0:
-    from eval.halting import halting_summary
-    summary.update(halting_summary(cfg, workdir, trajectories=predictions, progress=progress))
+    summary.update(halting_summary(cfg, workdir, trajectories=predictions, progress=progress,
+                                   formats=FORMATS))
   return 0, summary
 
 
 def run_group(cfgs: list[ml_collections.ConfigDict], workdirs: list[str]) -> int:
-  from eval.group import evaluate_group
-  from sweeps.runner import set_trial
-
+  """Evaluate a group of random-init controls in one program, each marked done once written."""
   def done(i: int, wall_s: float) -> None:
     set_trial(workdirs[i], status="done", wall_s=round(wall_s, 2), error=None)
     print(f"eval: {workdirs[i]} done ({i + 1}/{len(workdirs)})", flush=True)
@@ -93,19 +104,9 @@ def run_group(cfgs: list[ml_collections.ConfigDict], workdirs: list[str]) -> int
 
 
 def main() -> int:
-  tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (rundir/host.py)
-  from absl import logging
-
-  from configs.errors import ConfigError
-  from eval.fixed_points import TrajectoryError
-  from rundir.workdir import RunDirError
-
   die_with_runner()
-  from eval import plots
-  plots.FORMATS = ("png",)  # the report's figures come as SVG too; `python -m eval` writes a trial's
   logging.set_verbosity(logging.WARNING)
   workdirs = sys.argv[1:]
-  from rundir.workdir import path
   use_compilation_cache(str(path(workdirs[0]).parent))
   try:
     config = json.load(sys.stdin)

@@ -6,7 +6,7 @@
 
 The definition is a grid over one parameter, `trial` (the sweep's trial names: products, zips and
 chains alike), and the training command runs exactly that trial through the sweep runner, so it is
-trained, evaluated and recorded as `python -m sweeps` would (trial.json, resume, halting), in W&B
+trained, evaluated and recorded as `python -m sweeps` would (status.json, resume, halting), in W&B
 group NAME. The W&B agent builds the command line from `command`, replacing `${env}`, `${interpreter}`
 and `${args}` (`--trial=NAME --config.wandb.group=NAME --config.wandb.mode=online`).
 """
@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from rundir.workdir import path
 from sweeps.expand import Trial
 
 
@@ -56,7 +57,6 @@ def agent_command(defn: dict, trial: str, interpreter: str = sys.executable) -> 
 
 
 def write(defn: dict, file: str) -> str:
-  from rundir.workdir import path
   path(file).parent.mkdir(parents=True, exist_ok=True)
   path(file).write_text(yaml.safe_dump(defn, sort_keys=False))
   return file

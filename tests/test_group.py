@@ -97,7 +97,7 @@ def test_the_runner_runs_each_cell_as_one_process_and_reports_the_map(tmp_path):
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   root = tmp_path / "runs" / "vmapped"
-  records = {d.name: json.load(open(d / "trial.json")) for d in root.iterdir() if (d / "trial.json").exists()}
+  records = {d.name: json.load(open(d / "status.json")) for d in root.iterdir() if (d / "status.json").exists()}
   assert len(records) == 8 and all(r["status"] == "done" for r in records.values())
   for norm in ("pre", "peri"):  # one process per norm: its four trials share the pid
     assert len({r["pid"] for r in records.values() if r["overrides"]["model.norm"] == norm}) == 1

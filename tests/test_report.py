@@ -11,8 +11,9 @@ from conftest import tiny_config
 from eval import plots
 from rundir import outputs
 from eval.fixed_points import analyze_trajectory
-from sweeps import report
-from rundir.workdir import write_json_atomic
+from sweeps import figures, records, report, tables
+from rundir.workdir import read_status, write_json_atomic
+from sweeps.status import set_trial
 
 # (block size, d_model, seed) -> (regime, accuracy at size 16, converged_at per layer, saved fraction)
 TRIALS = {(1, 16, 0): ("degenerate", 0.50, [4], 0.25), (1, 16, 1): ("degenerate", 0.70, [6], 0.75),
@@ -34,7 +35,7 @@ def fake_sweep(root) -> str:
     trials.append({"name": name, "overrides": overrides, "config": cfg})
     tdir = os.path.join(sweep_dir, name)
     os.makedirs(tdir)
-    write_json_atomic(os.path.join(tdir, "trial.json"), {"status": "done", "wall_s": 1.0})
+    set_trial(tdir, status="done", wall_s=1.0, overrides=overrides, config=cfg)
     write_json_atomic(os.path.join(tdir, "config.json"), cfg)
     summary = {"fp/regime": regime, "fp/degeneracy_min_cosine": 1.0 if k == 1 else 0.5 + seed / 10,
                "acc/len16/best": acc, "acc/len16/best_iters": 3, "acc/len8/best": 1.0,
@@ -60,12 +61,12 @@ def fake_sweep(root) -> str:
 
 
 def test_cells_group_every_axis_but_the_seed_and_aggregate_seeds(tmp_path):
-  _, rows = report.load(fake_sweep(tmp_path))
-  groups = report.cells(rows)
-  assert report.cell_axes(rows) == ["model.block_size", "model.d_model"]
+  _, rows = records.load(fake_sweep(tmp_path))
+  groups = records.cells(rows)
+  assert records.cell_axes(rows) == ["model.block_size", "model.d_model"]
   assert list(groups) == [(1, 16), (1, 32), (2, 16), (2, 32)]  # d_model is not counted as a seed
   assert all(len(m) == 2 for m in groups.values())
-  header, body = report.cell_table(rows)
+  header, body = tables.cell_table(rows)
   table = {(r[0], r[1]): dict(zip(header, r)) for r in body}
   assert table[("1", "16")]["regime (agreement)"] == "degenerate 2/2"
   assert table[("1", "32")]["regime (agreement)"] in ("degenerate 1/2, orbit 1/2",
@@ -77,7 +78,7 @@ def test_cells_group_every_axis_but_the_seed_and_aggregate_seeds(tmp_path):
   assert table[("2", "32")]["degeneracy cos"] == "0.5500 ± 0.0500"
   assert table[("1", "16")]["halting: it. saved"] == "50.0% ± 25.0%"
   assert table[("1", "32")]["halting: it. saved"] == "50.0% (1/2)"
-  grids = report.regime_grids(rows)  # one grid per value of the axes other than injection x norm
+  grids = tables.regime_grids(rows)  # one grid per value of the axes other than injection x norm
   assert set(grids) == {"block_size = 1, d_model = 16", "block_size = 1, d_model = 32",
                         "block_size = 2, d_model = 16", "block_size = 2, d_model = 32"}
   paths = report.write_report(str(tmp_path / "mix"))
@@ -99,8 +100,8 @@ def _legend_matches_lines(ax) -> list[str]:
 
 
 def test_report_figures_have_a_legend_entry_per_trial(tmp_path):
-  _, rows = report.load(fake_sweep(tmp_path))
-  fig = report._plot_trials(rows, report._longest_curve, "exact match", "Extrapolation", False, None)
+  _, rows = records.load(fake_sweep(tmp_path))
+  fig = figures.plot_trials(rows, figures.longest_curve, "exact match", "Extrapolation", False, None)
   panels = [ax for ax in fig.axes if ax.get_lines()]
   assert [ax.get_title() for ax in panels] == ["block_size = 1", "block_size = 2"]
   for ax in panels:
@@ -108,13 +109,13 @@ def test_report_figures_have_a_legend_entry_per_trial(tmp_path):
     assert len(texts) == 4 and texts[-1] == "32, seed 1"  # d_model 32, seed 1
     colors = {l.get_color() for l in ax.get_lines()}
     assert len(colors) == 2  # one colour per cell, seeds told apart by line style
-  fig = report._plot_grids(report.regime_grids(rows), None)
+  fig = figures.plot_grids(tables.regime_grids(rows), None)
   legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
   assert set(legend_texts) == {"cyclic", "degenerate"}  # the colours shown: each cell's most common
   # beyond MAX_TRIAL_LINES trials a one-line-per-trial figure is not drawn (e.g. the regime map)
   many = [{**r, "overrides": {**r["overrides"], "train.seed": i}} for i in range(9) for r in rows]
-  assert len(many) > report.MAX_TRIAL_LINES
-  assert report._plot_trials(many, report._longest_curve, "exact match", "x", False, None) is None
+  assert len(many) > figures.MAX_TRIAL_LINES
+  assert figures.plot_trials(many, figures.longest_curve, "exact match", "x", False, None) is None
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +234,7 @@ def test_phase_diagram_of_known_regimes():
   ax_none, ax_concat = fig.axes[0], fig.axes[1]
   assert ax_concat.get_title() == "concat + peri (paper: unconverged)" and ax_none.get_title() == "none + peri"
   boxes = [p for p in ax_concat.patches]
-  assert [to_hex(p.get_facecolor()) for p in boxes] == [report.REGIME_COLORS[r].lower() for r in
+  assert [to_hex(p.get_facecolor()) for p in boxes] == [records.REGIME_COLORS[r].lower() for r in
                                                         ("cyclic", "cyclic", "divergent") * 2]
   assert [t.get_text() for t in ax_concat.texts] == ["2/3", "2/3", "3/3", "3/3", "3/3", "3/3"]
   assert boxes[0].get_alpha() < boxes[3].get_alpha() == 1.0  # disagreement drawn lighter
@@ -266,7 +267,10 @@ def test_report_of_an_init_scale_sweep_compares_with_the_papers_table(tmp_path):
                         train__seed=seed).to_dict()
       trials.append({"name": name, "overrides": overrides, "config": cfg})
       os.makedirs(sweep_dir / name / "eval" / "40")
-      write_json_atomic(str(sweep_dir / name / "trial.json"), {"status": "done", "wall_s": 1.0})
+      # a sweep directory written before status.json held the sweep's fields: they are in trial.json
+      write_json_atomic(str(sweep_dir / name / "trial.json"), {"status": "done", "wall_s": 1.0,
+                                                               "overrides": overrides})
+      write_json_atomic(str(sweep_dir / name / "status.json"), {"status": "done", "step": 40})
       write_json_atomic(str(sweep_dir / name / "config.json"), cfg)
       write_json_atomic(str(sweep_dir / name / "eval" / "40" / "fixed_points.json"),
                         {"summary": {"fp/regime": regime}, "accuracy_curves": {"8": [1.0] * R},
@@ -279,3 +283,24 @@ def test_report_of_an_init_scale_sweep_compares_with_the_papers_table(tmp_path):
   assert "| concat + peri | not converged | 1/2 | 1/√fan_in | cyclic 1, orbit 1 |" in md
   html = open(paths["html"]).read()
   assert "<h2>Against the paper's random-init table</h2>" in html and "<td>concat + peri</td>" in html
+  # the trial records were read from trial.json (regimes above, not "pending"); the next update of a
+  # trial moves them into status.json, beside the run's own fields
+  trial = str(sweep_dir / "pre-0.0-s0")
+  set_trial(trial, status="pending", error="forced")
+  assert not os.path.exists(os.path.join(trial, "trial.json"))
+  assert read_status(trial) == {**read_status(trial), "status": "pending", "error": "forced",
+                                "wall_s": 1.0, "step": 40, "overrides": {
+                                    "model.injection": "concat", "model.norm": "pre",
+                                    "model.init_std": 0.0, "train.seed": 0}}
+
+
+def test_figures_are_written_in_the_formats_asked_for(tmp_path):
+  assert plots.FORMATS == ("png", "svg")  # the default
+  for name, formats in (("both", plots.FORMATS), ("png_only", ("png",))):
+    fig, ax = plots.plt.subplots()
+    ax.plot([1, 2], label="x")
+    assert plots.save(fig, str(tmp_path / f"{name}.png"), formats) == str(tmp_path / f"{name}.png")
+  written = sorted(f for f in os.listdir(tmp_path) if f.endswith((".png", ".svg")))
+  assert written == ["both.png", "both.svg", "png_only.png"]
+  plots.accuracy_curves({8: np.ones(3)}, str(tmp_path / "acc.png"), 8, formats=("png",))
+  assert not os.path.exists(tmp_path / "acc.svg") and os.path.getsize(tmp_path / "acc.png") > 1000

@@ -15,10 +15,12 @@ from configs.errors import ConfigError
 from rundir.outputs import latest
 from looped_models.config import validate_model_config
 from sweeps import hyper
-from sweeps.expand import apply_overrides, expand, load_sweep_module, trial_name
-from sweeps.report import load, regime_grids
-from sweeps.runner import next_trial, program_key, trial_record, units
-from rundir.workdir import RunDirError, read_status
+from rundir.workdir import RunDirError, read_status, write_json_atomic
+from sweeps.expand import apply_overrides, base_config, expand, load_sweep_module, trial_name
+from sweeps.records import load
+from sweeps.runner import Runner, next_trial, program_key, trial_config, units
+from sweeps.status import set_trial, trial_record
+from sweeps.tables import regime_grids
 from wandb_records import offline_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +112,10 @@ def test_sigkilled_runner_resumes_skipping_finished_trials(tmp_path):
   assert trial_record(str(first)) == done_record  # skipped, not rerun
   for name in ("k1-pre", "k2-pre", "k3-pre"):
     assert trial_record(str(sweep_dir / name))["status"] == "done"
-    assert latest(str(sweep_dir / name), "fixed_points.json").startswith(str(sweep_dir / name / "eval"))
+    fp = latest(str(sweep_dir / name), "fixed_points.json")
+    assert fp.startswith(str(sweep_dir / name / "eval"))
+    figures = os.listdir(os.path.join(os.path.dirname(fp), "plots"))  # a trial's: PNG alone
+    assert "convergence.png" in figures and not [f for f in figures if f.endswith(".svg")]
     assert read_status(str(sweep_dir / name))["step"] == 12
 
   # the report, from disk alone
@@ -122,7 +127,7 @@ def test_sigkilled_runner_resumes_skipping_finished_trials(tmp_path):
   _, rows = load(str(sweep_dir))
   grids = regime_grids(rows)
   assert set(grids) == {"block_size = 1", "block_size = 2", "block_size = 3"}
-  assert os.path.exists(sweep_dir / "report_regimes.png")
+  assert os.path.exists(sweep_dir / "report_regimes.png") and os.path.exists(sweep_dir / "report_regimes.svg")
   os.remove(sweep_dir / "report.md")
   again = sweeps_cli("report", str(sweep_dir))
   assert again.returncode == 0 and open(sweep_dir / "report.md").read() == report
@@ -278,8 +283,6 @@ def test_export_wandb_runs_one_trial_as_an_agent_and_a_changed_config_is_refused
 
 
 def test_force_reruns_a_changed_trial_and_sweep_json_keeps_every_invocation(tmp_path):
-  from sweeps.runner import Runner, set_trial, trial_config
-
   module = load_sweep_module(os.path.join(ROOT, "tests/sweeps/tiny.py"))
   trials = expand(module.get_config(), module)
   runner = Runner("tiny", trials, str(tmp_path), argv=["first"])
@@ -308,3 +311,46 @@ def test_boolean_overrides_name_a_trial_by_their_key():
   from sweeps.expand import trial_name
   assert trial_name({"model.block_size": 12, "eval.control": True}) == "k12-control"
   assert trial_name({"eval.control": False}) == "no-control"
+
+
+def test_a_sweep_directory_written_with_trial_json_is_resumed(tmp_path):
+  """Before status.json held a trial's sweep fields they were in TRIAL/trial.json: such a directory
+  is read as it was (done trials skipped, a changed config refused)."""
+  module = load_sweep_module(os.path.join(ROOT, "tests/sweeps/tiny.py"))
+  trials = expand(module.get_config(), module)
+  runner = Runner("tiny", trials, str(tmp_path), only=["k1-pre"])
+  tdir = runner.trial_dir(trials[0])
+  os.makedirs(tdir)
+  write_json_atomic(os.path.join(tdir, "trial.json"), {
+      "status": "done", "overrides": trials[0].overrides, "config": trial_config(trials[0], "tiny"),
+      "wall_s": 3.0, "error": None})
+  write_json_atomic(os.path.join(tdir, "status.json"), {"status": "running", "step": 12})
+  record = trial_record(tdir)
+  assert (record["status"], record["wall_s"], record["step"]) == ("done", 3.0, 12)
+  assert runner.run() == {"k1-pre": "done"}  # skipped: nothing started
+  assert os.path.exists(os.path.join(tdir, "trial.json")) and read_status(tdir)["status"] == "running"
+  longer = expand(apply_overrides(module.get_config(), {"train.steps": 14}), module)
+  with pytest.raises(RunDirError, match="train.steps: 12 -> 14"):
+    Runner("tiny", longer, str(tmp_path)).check_changed()
+
+
+def test_a_sweep_over_an_existing_run_starts_from_its_config(tmp_path):
+  """configs/sweeps/imported.py:RUN: the run's own config, the file's settings over it (no training,
+  no halting), then the command line's."""
+  run = str(tmp_path / "run")
+  os.makedirs(run)
+  write_json_atomic(os.path.join(run, "config.json"),
+                    tiny_config(model__block_size=3, eval__halting=True, wandb__group="old").to_dict())
+  module = load_sweep_module(os.path.join(ROOT, "configs/sweeps/imported.py"))
+  base = base_config(module.get_config(run), module, {"eval.batch_size": 3})
+  assert (base.model.block_size, base.train.init_from, base.train.steps) == (3, run, 0)
+  assert (base.eval.halting, base.eval.batch_size, base.wandb.group) == (False, 3, "")
+  trials = expand(base, module)
+  assert [t.name for t in trials] == ["R32-starts0", "R32-starts3", "R128-starts0", "R128-starts3"]
+  assert not any(t.invalid for t in trials) and trials[0].config.model.block_size == 3
+  out = sweeps_cli("--config", f"configs/sweeps/imported.py:{run}", "--dry-run",
+                   "--config.eval.batch_size=3")
+  assert out.returncode == 0 and "4 trials" in out.stdout, out.stderr[-2000:]
+  out = sweeps_cli("--config", f"configs/sweeps/imported.py:{tmp_path}/nope", "--dry-run")
+  assert out.returncode == 2 and "does not exist" in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1
