@@ -7,8 +7,10 @@ An evaluator (fixed points `eval.evaluate`, halting `eval.halting`, a group of r
 - opens the run once (`open_evaluation`: `rundir.run.open_run`, sharded onto the run's mesh, the
   control's config.json written once);
 - builds its batches (`eval_batch`, `eval_batches`: deterministic, as the trainer's evaluation);
-- writes its files under WORKDIR/eval/STEP/ (`write_outputs`) and logs to W&B once (`publish`:
-  `rundir.logger.log_to_wandb`, into the run's own W&B run).
+- writes its files under WORKDIR/eval/STEP/ (`Evaluation.output_dir`) and logs to W&B once
+  (`Evaluation.publish`: `rundir.logger.log_to_wandb`, into the run's own W&B run).
+Several evaluators of one run share one `Evaluation` (`eval.suite`): the run opened once, and their
+W&B records gathered and logged once (`defer`, `flush`).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class Evaluation:
   run: Run
   task: Any
   init: bool = False
+  defer: bool = False   # W&B records gathered by `publish` and logged once by `flush`
+  pending: dict = dataclasses.field(default_factory=lambda: {"tables": {}, "images": {}, "summary": {}})
 
   @property
   def step(self) -> int:
@@ -94,7 +98,12 @@ class Evaluation:
   def publish(self, *, tables: dict | None = None, images: dict | None = None,
               summary: dict | None = None) -> None:
     """Log once to the run's own W&B run (resumed by the id in status.json) or, for a random-init
-    control without one, a new run whose id status.json then keeps; nothing when W&B is disabled."""
+    control without one, a new run whose id status.json then keeps; nothing when W&B is disabled.
+    With `defer`, gathered until `flush` (several evaluators of one run, logged once)."""
+    if self.defer:
+      for key, value in (("tables", tables), ("images", images), ("summary", summary)):
+        self.pending[key].update(value or {})
+      return
     status = read_status(self.workdir) or {}
     run_id = log_to_wandb(self.workdir, self.cfg.wandb, self.cfg.to_dict(),
                           run_id=status.get("wandb_run_id"),
@@ -103,16 +112,23 @@ class Evaluation:
     if run_id and status.get("wandb_run_id") is None and self.init:
       write_status(self.workdir, "done", wandb_run_id=run_id, step=0)
 
+  def flush(self) -> None:
+    """Log what the deferred evaluators gathered, once (nothing if they gathered nothing)."""
+    self.defer, pending = False, self.pending
+    if any(pending.values()):
+      self.publish(**pending)
 
-def open_evaluation(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False) -> Evaluation:
+
+def open_evaluation(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool = False,
+                    defer: bool = False) -> Evaluation:
   """Open `workdir` for evaluation (`cfg` resolved): distributed set up, the guard of a random-init
   control, the run opened onto its mesh (the newest checkpoint, or the model at initialisation),
-  and the control's config.json written by process 0."""
+  and the control's config.json written by process 0. `defer`: W&B logged once, by `flush`."""
   distributed.initialize(cfg.distributed)
   if init:
     check_control(cfg, workdir)
   run = open_run(workdir, cfg=cfg, init=init)
-  ev = Evaluation(cfg, workdir, run, task_of(cfg), init)
+  ev = Evaluation(cfg, workdir, run, task_of(cfg), init, defer)
   if ev.main:
     path(workdir).mkdir(parents=True, exist_ok=True)
     if init:

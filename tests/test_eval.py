@@ -15,6 +15,7 @@ from flax import nnx
 from conftest import tiny_config
 from eval.capture import Capture
 from eval.evaluate import evaluate
+from eval.suite import evaluate_run
 from eval.summary import plateau
 from eval.fixed_points import REGIMES, analyze_stream, analyze_trajectory
 from rundir.outputs import latest
@@ -112,6 +113,19 @@ def test_end_to_end_trained_model(tmp_path):
   run = offline_run(str(tmp_path / "wandb"), read_status(workdir)["wandb_run_id"])
   assert run["summary"]["fp/regime"] == summary["fp/regime"]
   assert "fp/layer1/converged_at" in run["summary"] and "train/loss" in run["summary"]
+
+  # A trial's whole evaluation: fixed points and halting on the same predictions, the run opened
+  # once, one W&B record for both (into the same run).
+  both = evaluate_run(resolve(cfg), workdir, halting=True, iterations=16, batch_size=4, progress=False)
+  assert both["fp/regime"] == summary["fp/regime"] and both["acc/len8/best"] == summary["acc/len8/best"]
+  for name in ("fixed_points.json", "halting.json"):  # beside each other, the first evaluation kept
+    assert latest(workdir, name) == os.path.join(workdir, "eval", "120.1", name)
+  assert json.load(open(latest(workdir, "halting.json")))["R"] == 16
+  sessions = run["parts"]
+  run = offline_run(str(tmp_path / "wandb"), read_status(workdir)["wandb_run_id"])
+  assert run["parts"] == sessions + 1  # attached once for both
+  assert run["summary"]["halting/R_fixed"] == both["halting/R_fixed"]
+  assert run["summary"]["fp/regime"] == both["fp/regime"] and "train/loss" in run["summary"]
 
 
 def cli(*args):
