@@ -9,18 +9,17 @@ Exit status: 0 when every trial is done, 1 when some failed or diverged (the rep
 from __future__ import annotations
 
 import os
-import sys
 
 from rundir.host import tune_allocator
 
 tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (rundir/host.py)
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs.errors import ConfigError  # noqa: E402
-from rundir import distributed  # noqa: E402
+from rundir import cli, distributed  # noqa: E402
 from rundir.logger import log_to_wandb  # noqa: E402
 from rundir.workdir import RunDirError, check_reachable  # noqa: E402
 from sweeps import report, wandb_export  # noqa: E402
@@ -101,9 +100,8 @@ def main(argv: list[str]) -> int:
     runner = Runner(name, trials, _WORKDIR.value, parallel=_PARALLEL.value, force=_FORCE.value,
                     only=_TRIAL.value)
     statuses = runner.run()
-  except (ConfigError, RunDirError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except cli.BAD_INPUT as e:
+    return cli.report(e)
   if jax.process_index() == 0:
     paths = report.write_report(runner.sweep_dir)
     log_sweep_to_wandb(base, name, runner.sweep_dir, paths)
@@ -114,4 +112,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(main)
