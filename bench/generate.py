@@ -21,7 +21,6 @@ section of bench/RESULTS.md (`--section`).
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bench.results import machine, write_section
+from bench.results import machine, parser, record, table
 from looped_models.generate import Generator, cache_bytes
 from looped_models.model import abstract_model
 from rundir.run import open_run
@@ -99,8 +98,8 @@ def quality(args, model, gen, calib: np.ndarray, held: np.ndarray, L: int) -> tu
   small = min(r for r in fixed if fixed[r][0] <= 1.01 * fixed[best][0])
   lines = [f"Teacher-forced next-token loss (nats/token) on {args.windows} windows of {L} tokens from "
            "each half of the validation split (calibration | held out).", "",
-           "| fixed R | calibration | held out |", "|---|---|---|"]
-  lines += [f"| {r} | {fixed[r][0]:.4f} | {fixed[r][1]:.4f} |" for r in fixed]
+           *table(["fixed R", "calibration", "held out"],
+                  [[r, f"{fixed[r][0]:.4f}", f"{fixed[r][1]:.4f}"] for r in fixed])]
   lines += ["", f"R_best = {best} (calibration), R_small = {small}: the smallest R within 1% of it.", ""]
 
   _, _, oracle_run = forced_loss(gen, held, iterations=args.cap, track_oracle=True)
@@ -108,8 +107,8 @@ def quality(args, model, gen, calib: np.ndarray, held: np.ndarray, L: int) -> tu
   target = 1.01 * fixed[small][0]
   lines += [f"Per-token exit, cap R = {args.cap}, exact cache; threshold: the largest whose calibration "
             f"loss is within 1% of fixed R_small's ({target:.4f}).", "",
-            "| criterion | threshold | calibration loss | held-out loss | held out vs R_small | mean "
-            "iterations (held out) |", "|---|---|---|---|---|---|"]
+            *table(["criterion", "threshold", "calibration loss", "held-out loss", "held out vs R_small",
+                    "mean iterations (held out)"], [])]
   chosen = {}
   for criterion, grid in CRITERIA_GRIDS.items():
     for thr in grid:  # largest first
@@ -126,7 +125,7 @@ def quality(args, model, gen, calib: np.ndarray, held: np.ndarray, L: int) -> tu
   lines += ["", f"Oracle (decoding setting, fixed R = {args.cap}): mean {oracle_mean:.2f} iterations per "
             "token (first iteration after which the greedy prediction no longer changes).", ""]
 
-  lines += ["| cache | R | held-out loss |", "|---|---|---|"]
+  lines += table(["cache", "R", "held-out loss"], [])
   for R in (2, 4, args.cap):
     for cache in ("exact", "latest"):
       loss, _, _ = forced_loss(gen, held, iterations=R, cache=cache)
@@ -145,22 +144,17 @@ def quality(args, model, gen, calib: np.ndarray, held: np.ndarray, L: int) -> tu
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/shakespeare")
-  parser.add_argument("--windows", type=int, default=32,
-                      help="validation windows per half (calibration, held out); 8 proved too few "
-                      "to choose R_small and the thresholds reliably (bench/RESULTS.md)")
-  parser.add_argument("--cap", type=int, default=16, help="R_cap of the quality study")
-  parser.add_argument("--new", type=int, default=240)
-  parser.add_argument("--recompute-tokens", type=int, default=32)
-  parser.add_argument("--speed-only", action="store_true",
-                      help="only the decode speed tables, with --r-small and --threshold as given (e.g. "
-                      "what a CPU run of the quality study chose): for a GPU's short lease")
-  parser.add_argument("--r-small", type=int, default=2)
-  parser.add_argument("--threshold", type=float, default=0.3, help="the fixed_point threshold")
-  parser.add_argument("--section", default="generate",
-                      help="the section of bench/RESULTS.md to write (e.g. generate_gpu on a GPU)")
-  args = parser.parse_args()
+  p = parser(__doc__, "generate", note=False, workdir="runs/shakespeare",
+             windows=(32, "validation windows per half (calibration, held out); 8 proved too few to "
+                      "choose R_small and the thresholds reliably (bench/RESULTS.md)"),
+             cap=(16, "R_cap of the quality study"), new=240,
+             threshold=(0.3, "the fixed_point threshold"))
+  p.add_argument("--recompute-tokens", type=int, default=32)
+  p.add_argument("--speed-only", action="store_true",
+                 help="only the decode speed tables, with --r-small and --threshold as given (e.g. "
+                 "what a CPU run of the quality study chose): for a GPU's short lease")
+  p.add_argument("--r-small", type=int, default=2)
+  args = p.parse_args()
 
   run = open_run(args.workdir)
   model, m = run.model(), run.cfg.model
@@ -185,7 +179,7 @@ def main() -> None:
   thr = chosen.get("fixed_point")
   lines += ["", f"Target: adaptive exit (cap {args.cap}, `latest` cache) against fixed R_small = {small}, "
             f"decode tokens/s of {args.new} greedy tokens after a 16-token prompt.", "",
-            "| batch | fixed R_small | criterion | adaptive | ratio | mean iterations |", "|---|---|---|---|---|---|"]
+            *table(["batch", "fixed R_small", "criterion", "adaptive", "ratio", "mean iterations"], [])]
   for batch in (1, 8):
     ps = [[int(t) for t in w[:16]] for w in (held[np.arange(batch) % len(held)])]
     opts = dict(max_new=args.new, slots=batch, context=16 + args.new, cache="latest")
@@ -201,9 +195,9 @@ def main() -> None:
             "runs). Recompute: "
             f"one full forward of the {16 + args.new}-token buffer per token (measured over "
             f"{args.recompute_tokens} tokens). Adaptive: fixed_point {thr} with cap R.", "",
-            "| batch | R | exact | latest | adaptive | recompute | exact cache MiB | latest cache MiB | "
-            "adaptive mean iterations | adaptive block FLOPs executed / fixed |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            *table(["batch", "R", "exact", "latest", "adaptive", "recompute", "exact cache MiB",
+                    "latest cache MiB", "adaptive mean iterations", "adaptive block FLOPs executed / fixed"],
+                   [])]
   for batch in (1, 8):
     ps = [[int(t) for t in w[:16]] for w in (held[np.arange(batch) % len(held)])]
     for R in (4, 16, 32):
@@ -218,11 +212,9 @@ def main() -> None:
           f" | {mib('latest'):.1f} | {ad['mean_iterations'] if ad else float('nan'):.2f} | "
           f"{ad['block_flops_executed'] / la['block_flops_executed'] if ad else float('nan'):.2f} |")
       print(lines[-1], flush=True)
-  body = "\n".join(lines)
-  print(body)
   where = "" if args.section == "generate" else f" ({jax.devices()[0].device_kind})"
-  write_section(args.section, f"## Generation: per-token exit and decode speed{where} "
-                "(`python -m bench.generate`)\n\n" + body)
+  record(args.section, [f"## Generation: per-token exit and decode speed{where} (`python -m bench.generate`)",
+                        "", *lines], args.dry_run)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from flax import nnx
 
 from bench.results import command, intro, parser, record, table
 from configs.base import get_config
-from looped_models.flops import forward_flops
+from looped_models.flops import forward_flops, train_flops
 from looped_models.model import init_model
 from tasks.metrics import masked_cross_entropy
 from train.step import make_optimizer, make_train_step
@@ -168,12 +168,13 @@ def main() -> None:
   args = parser(__doc__, "reference_speed", repeats=10, warmup=3).parse_args()
   c = reference_config()
   batch = batch_of(c.model.vocab_size)
-  f8, f32 = (forward_flops(c.model, BATCH, SEQ, r) for r in (8, 32))
+  f8, f32 = forward_flops(c.model, BATCH, SEQ, 8), forward_flops(c.model, BATCH, SEQ, 32)
+  t8 = train_flops(c.model, BATCH, SEQ, 8)
   xla = reference_config(attention_impl="xla")
-  rows = [("train step, r = 8", "train", train_caller(c, batch), 3 * f8),
+  rows = [("train step, r = 8", "train", train_caller(c, batch), t8),
           ("train step, r = 8, loop not unrolled (`model.unroll=0`)", "train",
-           train_caller(reference_config(unroll=0), batch), 3 * f8),
-          ("train step, r = 8, `model.attention_impl=xla`", "train", train_caller(xla, batch), 3 * f8),
+           train_caller(reference_config(unroll=0), batch), t8),
+          ("train step, r = 8, `model.attention_impl=xla`", "train", train_caller(xla, batch), t8),
           ("forward, r = 8", "forward8", forward_caller(c, batch, 8), f8),
           ("forward, r = 8, `model.attention_impl=xla`", "forward8", forward_caller(xla, batch, 8), f8),
           ("forward, r = 32", "forward32", forward_caller(c, batch, 32), f32)]

@@ -43,6 +43,7 @@ def parser(doc: str, section: str | None = None, *, note: bool = True,
 
 
 def machine() -> str:
+  """The host, its CPU cores, the devices, jax's version and today's date, in one line."""
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", dev.platform)
   return (f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores, {dev.platform} x{jax.device_count()}"
@@ -95,6 +96,7 @@ def record(section: str, lines: Iterable[str], dry_run: bool = False) -> str:
 
 
 def write_section(name: str, body: str) -> None:
+  """Replace section `name` of bench/RESULTS.md (between its markers) by `body`, or append it."""
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
   text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
   block = f"{begin}\n{body.strip()}\n{end}"

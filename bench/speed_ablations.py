@@ -21,7 +21,7 @@ from bench.reference_speed import (BATCH, SEQ, batch_of, forward_caller, interle
                                    reference_config, train_caller)
 from bench.results import command, intro, parser, record, table
 from looped_models import injection, layers
-from looped_models.flops import forward_flops
+from looped_models.flops import forward_flops, train_flops
 
 
 @contextlib.contextmanager
@@ -61,8 +61,8 @@ def main() -> None:
   rate = matmul_rate(repeats=5, warmup=2)
   times, faults = interleaved(calls, args.rounds, 1, on_round=lambda t: print(
       {k: round(v, 3) for k, v in t.items()}, flush=True))
-  f8 = forward_flops(c.model, BATCH, SEQ, 8)
-  flops = {"train": 3 * f8, "forward r = 8": f8}
+  flops = {"train": train_flops(c.model, BATCH, SEQ, 8),
+           "forward r = 8": forward_flops(c.model, BATCH, SEQ, 8)}
   cells = []
   for name, call in calls.items():
     prog = name.split(":")[0]
