@@ -59,7 +59,8 @@ from eval.plots import FORMATS
 from eval.halting_rows import (DEFAULT_GRIDS, HALVES, SUMMED, best_within, check_grids, cut,
                                flat_summary, half, metric_of, oracle_row, row_of, summarize,
                                with_halves)
-from eval.halting_runner import Runner, inference_flops, median_time
+from eval.halting_runner import Runner, median_time
+from looped_models.flops import forward_flops
 from looped_models.halting import CRITERIA, DECODING_CRITERIA
 from rundir.config import resolve
 from tasks.metrics import accuracy_counts, fractions
@@ -171,7 +172,7 @@ def fixed_runs(runner: Runner, batches: dict[int, dict], R_fixed: int, m: Any, f
     logits = runner.host(jax.block_until_ready(whole()))
     fixed_len[n] = {"preds": logits.argmax(-1), "loop_iterations": R_fixed,
                     "exit": np.full(b["inputs"].shape, R_fixed),
-                    "flops": inference_flops(m, *b["inputs"].shape, iterations=R_fixed),
+                    "flops": forward_flops(m, *b["inputs"].shape, iterations=R_fixed),
                     "wall_s": None, "batch_wall_s": None}
     fixed_calls[n] = {"batch_wall_s": whole}
     if full:
@@ -214,13 +215,13 @@ def run_setting(runner: Runner, b: dict, criterion: str, thr: Any, m: Any, full:
   loop = int(out.iterations)
   fig = {"preds": np.asarray(out.logits_BSV).argmax(-1), "exit": np.asarray(out.exit_BS),
          "loop_iterations": loop, "wall_s": None,
-         "flops": inference_flops(m, B, S, iterations=loop, loop_rows=min(slots, B), decode_each=each)}
+         "flops": forward_flops(m, B, S, iterations=loop, loop_rows=min(slots, B), decode_each=each)}
   calls, batch = {"wall_s": per_seq}, None
   if full:  # one loop over the whole batch (the same call when slots >= B)
     whole_call = per_seq if slots >= B else runner.halting(b["inputs"], criterion, thr)
     whole = out if slots >= B else runner.host(jax.block_until_ready(whole_call()))
     fig.update(batch_loop_iterations=int(whole.iterations), batch_wall_s=None,
-               batch_flops=inference_flops(m, B, S, iterations=int(whole.iterations), decode_each=each))
+               batch_flops=forward_flops(m, B, S, iterations=int(whole.iterations), decode_each=each))
     batch = {"preds": np.asarray(whole.logits_BSV).argmax(-1), "exit": np.asarray(whole.exit_BS),
              "exit_agreement": float((fig["exit"] == np.asarray(whole.exit_BS)).mean())}
     calls["batch_wall_s"] = whole_call

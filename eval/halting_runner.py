@@ -1,5 +1,5 @@
 """Jitted inference for the halting evaluation: the unfrozen trajectory's predictions (through
-`looped_models.stepper`), fixed-r inference and adaptive halting; their FLOPs and wall time."""
+`looped_models.stepper`), fixed-r inference and adaptive halting; their wall time."""
 
 from __future__ import annotations
 
@@ -11,14 +11,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from looped_models.flops import forward_flops
 from looped_models.halting import halt_loop
 from looped_models.sharding import place, to_host
 from looped_models.stepper import Stepper
-
-
-# Forward FLOPs of one batch (`looped_models.flops`: the causal half of attention, as the benchmarks).
-inference_flops = forward_flops
 
 
 class Runner:
