@@ -336,14 +336,18 @@ def _run_in_process(job: dict, output: bool = False) -> str | None:
   source = _module_source(module)
   real_parse, real_run = argparse.ArgumentParser.parse_args, app.run
 
+  parsed = []
+
   def parse_args(self, args=None, namespace=None):
     ns = real_parse(self, args, namespace)
+    parsed.append(True)
     if mode == "parse":
       raise _Parsed
     return ns
 
   def run(main, argv=None, **kw):
     rest = FLAGS(sys.argv)  # unknown flags, bad values, a missing config file or key raise here
+    parsed.append(True)
     if mode == "parse":
       if len(rest) > 1 and f'"{rest[1]}"' not in source:
         raise SystemExit(f"error: {module} has no command {rest[1]!r}")
@@ -368,6 +372,8 @@ def _run_in_process(job: dict, output: bool = False) -> str | None:
     FLAGS.unparse_flags()
     for name in set(FLAGS) - before:
       delattr(FLAGS, name)
+  if mode == "parse" and not parsed and code in (0, None):
+    code = "its command line was not read through absl.app.run or argparse: it ran, unchecked"
   if code in (0, None):
     return out.getvalue() if output else None
   return f"exit {code}\n{out.getvalue()[-3000:]}" if isinstance(code, int) else f"{code}\n{out.getvalue()[-3000:]}"
