@@ -10,77 +10,82 @@ params-only orbax checkpoint at step 0, status.json), so `python -m eval --workd
 Import streams tensor by tensor; every check runs before anything is written, and the output directory
 appears only once complete (it is written under a temporary name first). The logits and latents of
 `logits` compare the run with any other implementation of the same checkpoint. Bad input: one line on
-stderr, exit status 2.
+stderr, exit status 2 (rundir/cli.py).
+
+`define_flags(fv)` puts the flags on a FlagValues (convert/__main__.py: the global one), `command`
+runs a parsed command line, `main(argv)` does both in this process on flags of its own.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
+from types import SimpleNamespace
 
 import numpy as np
+from absl import flags
 
 from configs.errors import ConfigError
 from convert.exporter import export_raven
 from convert.importer import import_raven, make_mesh
 from convert.logits import run_logits
-from looped_models.raven import RavenError
+from rundir.cli import call, command as subcommand, require
 from rundir.workdir import RunDirError
 
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0])
-  sub = p.add_subparsers(dest="command", required=True)
-  a = sub.add_parser("from-raven", help="import a Huginn / Raven directory as a run directory")
-  a.add_argument("hf_dir")
-  a.add_argument("--out", required=True, help="the new run directory")
-  a.add_argument("--dtype", default="float32", help="float32|bfloat16: parameters and compute")
-  a.add_argument("--mesh", default="", help="DATA,FSDP,TENSOR: place the parameters sharded")
-  b = sub.add_parser("to-raven", help="export a run directory as a Huginn / Raven directory")
-  b.add_argument("run_dir")
-  b.add_argument("--out", required=True, help="the new Hugging Face directory")
-  b.add_argument("--dtype", default=None, help="float32|bfloat16 (default: the run's param_dtype)")
-  b.add_argument("--shard_gb", type=float, default=5.0, help="largest safetensors file, GiB")
-  c = sub.add_parser("logits", help="logits and latents of a run after R iterations")
-  c.add_argument("run_dir")
-  c.add_argument("--tokens", required=True, help="[B, S] integer .npy")
-  c.add_argument("--state0", default=None, help="zeros | STATE.npy [B, S, D] (default: the model's)")
-  c.add_argument("--iterations", default="1,4,16", help="comma-separated R")
-  c.add_argument("--out", required=True, help="OUT.npz")
-  return p
+COMMANDS = {"from-raven": ["HF_DIR"], "to-raven": ["RUN_DIR"], "logits": ["RUN_DIR"]}
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    if args.command == "from-raven":
-      cfg = import_raven(args.hf_dir, args.out, dtype=args.dtype, mesh=make_mesh(args.mesh),
-                         progress=True)
-      m = cfg.model
-      print(f"imported ({m.n_prelude}, {m.block_size}⊗R, {m.n_coda}) d={m.d_model} into {args.out}")
-    elif args.command == "to-raven":
-      rc = export_raven(args.run_dir, args.out, dtype=args.dtype,
-                        shard_bytes=int(args.shard_gb * 2 ** 30))
-      print(f"exported {rc['torch_dtype']} to {args.out}")
-    else:
-      try:
-        iterations = [int(r) for r in args.iterations.split(",")]
-      except ValueError:
-        raise ConfigError("--iterations", args.iterations, allowed="positive integers, comma-separated"
-                          ) from None
-      tokens = _load_npy(args.tokens, "--tokens")
-      state0 = (args.state0 if args.state0 in (None, "zeros")
-                else _load_npy(args.state0, "--state0"))
-      if os.path.exists(args.out):
-        raise RunDirError(f"--out {args.out} already exists")
-      arrays = run_logits(args.run_dir, tokens, iterations, state0)
-      np.savez(args.out, **arrays)
-      print(f"wrote {', '.join(sorted(arrays))} to {args.out}")
-  except (RavenError, ConfigError, RunDirError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def define_flags(fv: flags.FlagValues) -> SimpleNamespace:
+  """The flags of `python -m convert` on `fv`; their holders by name."""
+  s = lambda name, default, text: flags.DEFINE_string(name, default, text, flag_values=fv)
+  return SimpleNamespace(
+      out=s("out", None, "from-raven: the new run directory; to-raven: the new Hugging Face "
+            "directory; logits: OUT.npz."),
+      dtype=s("dtype", None, "float32|bfloat16: parameters and compute (from-raven default float32; "
+              "to-raven default the run's param_dtype)."),
+      mesh=s("mesh", "", "from-raven: DATA,FSDP,TENSOR, place the parameters sharded."),
+      shard_gb=flags.DEFINE_float("shard_gb", 5.0, "to-raven: largest safetensors file, GiB.",
+                                  flag_values=fv),
+      tokens=s("tokens", None, "logits: [B, S] integer .npy."),
+      state0=s("state0", None, "logits: zeros | STATE.npy [B, S, D] (default: the model's)."),
+      iterations=s("iterations", "1,4,16", "logits: comma-separated R."))
+
+
+def command(f: SimpleNamespace, argv: list[str]) -> int:
+  """The command line `argv` (the program, the subcommand, its argument) with the parsed flags `f`."""
+  name, (path,) = subcommand(argv, COMMANDS)
+  require(f.out)
+  if name == "from-raven":
+    cfg = import_raven(path, f.out.value, dtype=f.dtype.value or "float32",
+                       mesh=make_mesh(f.mesh.value), progress=True)
+    m = cfg.model
+    print(f"imported ({m.n_prelude}, {m.block_size}⊗R, {m.n_coda}) d={m.d_model} into {f.out.value}")
+  elif name == "to-raven":
+    rc = export_raven(path, f.out.value, dtype=f.dtype.value,
+                      shard_bytes=int(f.shard_gb.value * 2 ** 30))
+    print(f"exported {rc['torch_dtype']} to {f.out.value}")
+  else:
+    require(f.tokens)
+    try:
+      iterations = [int(r) for r in f.iterations.value.split(",")]
+    except ValueError:
+      raise ConfigError("--iterations", f.iterations.value,
+                        allowed="positive integers, comma-separated") from None
+    tokens = _load_npy(f.tokens.value, "--tokens")
+    state0 = (f.state0.value if f.state0.value in (None, "zeros")
+              else _load_npy(f.state0.value, "--state0"))
+    if os.path.exists(f.out.value):
+      raise RunDirError(f"--out {f.out.value} already exists")
+    arrays = run_logits(path, tokens, iterations, state0)
+    np.savez(f.out.value, **arrays)
+    print(f"wrote {', '.join(sorted(arrays))} to {f.out.value}")
   return 0
+
+
+def main(argv: list[str]) -> int:
+  """`python -m convert ARGV...` in this process, on flags of its own: the exit status."""
+  fv = flags.FlagValues()
+  f = define_flags(fv)
+  return call(lambda rest: command(f, rest), ["python -m convert", *argv], fv)
 
 
 def _load_npy(path: str, flag: str) -> np.ndarray:

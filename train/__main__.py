@@ -1,7 +1,7 @@
 """`python -m train --config configs/base.py --workdir runs/NAME [--config.KEY=VALUE ...]`.
 
-Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 3 diverged (NaN/inf loss);
-128+signal after a clean save on SIGTERM/SIGINT.
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written; rundir/cli.py); 3 diverged
+(NaN/inf loss); 128+signal after a clean save on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from rundir.host import tune_allocator
 
 tune_allocator()  # before JAX starts its threads
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from rundir.cli import command, require, run  # noqa: E402
+from train.trainer import Trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Trial config file.",
                                           lock_config=True)
@@ -22,22 +25,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed
 
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)  # orbax and jax are chatty at INFO
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    return 2
-  if not _WORKDIR.value:
-    print("error: --workdir is required", file=sys.stderr)
-    return 2
-  from configs.errors import ConfigError
-  from train.trainer import Trainer
-  from rundir.workdir import RunDirError
-
-  try:
-    trainer = Trainer(_CONFIG.value, _WORKDIR.value)
-    result = trainer.run()
-  except (ConfigError, RunDirError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  command(argv, {None: []})
+  require(_WORKDIR)
+  result = Trainer(_CONFIG.value, _WORKDIR.value).run()
   status = result.get("status")
   if status == "diverged":
     print(f"error: {result.get('error')}; run marked diverged in {_WORKDIR.value}/status.json",
@@ -53,4 +43,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  run(main)
