@@ -9,44 +9,31 @@ import numpy as np
 from flax import nnx
 
 from configs.errors import ConfigError
+from looped_models.stepper import Stepper
 from rundir.config import resolve
 from rundir.run import load_run_config, open_run
 
 
+def read_logits_and_latent(model, s_BSD: jax.Array, ctx, batch: dict) -> dict[str, jax.Array]:
+  """The stepper's read: the logits [B, S, V] float32 and the latent [B, S, D] float32 of a state."""
+  return {"logits": model.decode(s_BSD, ctx), "latent": model.latent(s_BSD).astype(jnp.float32)}
+
+
 def logits_and_latents(graphdef: nnx.GraphDef, params: dict, tokens_BS: np.ndarray,
                        iterations: list[int], state0_BSD: np.ndarray | None = None,
-                       key: jax.Array | None = None) -> dict[str, np.ndarray]:
+                       seed: int = 0) -> dict[str, np.ndarray]:
   """{logits_r{R}: [B, S, V] float32, latents_r{R}: [B, S, D]} for every R in `iterations`: the
   latent is the state after R iterations as the coda reads it (normed with model.latent_norm).
-  The run starts from `state0_BSD` when given, else from the model's own initial state (`key`)."""
-
-  @jax.jit
-  def start(params, tokens_BS, key):
-    model = nnx.merge(graphdef, params)
-    e_BSD = model.encode(tokens_BS, model.context(tokens_BS.shape[1]))
-    return model.initial_state(e_BSD, key), e_BSD
-
-  @jax.jit
-  def advance(params, s_BSD, e_BSD):  # one iteration, compiled once, called R times
-    model = nnx.merge(graphdef, params)
-    return model.iterate(s_BSD, e_BSD, model.context(s_BSD.shape[1]), 1, 1).state_BSD
-
-  @jax.jit
-  def head(params, s_BSD):
-    model = nnx.merge(graphdef, params)
-    return model.latent(s_BSD).astype(jnp.float32), model.decode(s_BSD, model.context(s_BSD.shape[1]))
-
-  tokens_BS = jnp.asarray(tokens_BS, jnp.int32)
-  s_BSD, e_BSD = start(params, tokens_BS, jax.random.key(0) if key is None else key)
-  if state0_BSD is not None:
-    s_BSD = jnp.asarray(state0_BSD, s_BSD.dtype)
-  out, done = {}, 0
-  for R in sorted(set(iterations)):
-    for _ in range(R - done):
-      s_BSD = advance(params, s_BSD, e_BSD)
-    done = R
-    latent, logits = head(params, s_BSD)
-    out[f"logits_r{R}"], out[f"latents_r{R}"] = np.asarray(logits), np.asarray(latent)
+  The run starts from `state0_BSD` when given, else from the model's own initial state (`seed`).
+  One pass of max(R) iterations on the stepper (looped_models/stepper.py), one iteration per device
+  call, read only at the R asked for."""
+  Rs = sorted(set(iterations))
+  stepper = Stepper(graphdef, params, read_logits_and_latent, seed=seed, chunk=1)
+  start = None if state0_BSD is None else (lambda s_BSD, e_BSD: jnp.asarray(state0_BSD, s_BSD.dtype))
+  reads = stepper.reads({"inputs": np.asarray(tokens_BS, np.int32)}, Rs[-1], at=Rs, start=start)
+  out = {}
+  for i, R in enumerate(Rs):
+    out[f"logits_r{R}"], out[f"latents_r{R}"] = reads["logits"][i], reads["latent"][i]
   return out
 
 
@@ -77,4 +64,4 @@ def run_logits(run_dir: str, tokens_BS: np.ndarray, iterations: list[int],
                       reason=f"must be [batch, sequence, d_model] = {[*tokens_BS.shape, m.d_model]}")
   run = open_run(run_dir, cfg=cfg)
   return logits_and_latents(run.graphdef, run.params, tokens_BS, iterations, state0,
-                            jax.random.key(cfg.train.seed))
+                            seed=cfg.train.seed)
