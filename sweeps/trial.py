@@ -28,10 +28,9 @@ import ml_collections  # noqa: E402
 from absl import logging  # noqa: E402
 
 from configs.errors import ConfigError  # noqa: E402
-from eval.evaluate import evaluate  # noqa: E402
 from eval.fixed_points import TrajectoryError  # noqa: E402
 from eval.group import evaluate_group  # noqa: E402
-from eval.halting import halting_summary  # noqa: E402
+from eval.suite import evaluate_run  # noqa: E402
 from rundir.outputs import latest  # noqa: E402
 from rundir.workdir import RunDirError, path, read_json  # noqa: E402
 from sweeps.status import set_trial  # noqa: E402
@@ -83,13 +82,11 @@ def run_trial(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = Tru
     result = Trainer(cfg, workdir).run(ends_run=False)  # done once evaluated, as the runner records
     if result["status"] != "done":
       return result["exit_code"], result
-  predictions: dict = {}  # the accuracy curves' per-iteration predictions: the halting oracle's too
-  summary = evaluate(cfg, workdir, init=cfg.train.steps == 0, progress=progress, predictions=predictions,
-                     compare=None if cfg.eval.control else control_trial(workdir), formats=FORMATS)
-  # The savings of adaptive halting, per trial (judged by exact match, or next-token accuracy on text).
-  if cfg.eval.halting and cfg.train.steps > 0:
-    summary.update(halting_summary(cfg, workdir, trajectories=predictions, progress=progress,
-                                   formats=FORMATS))
+  # Fixed points, then the savings of adaptive halting on the same predictions (judged by exact match,
+  # or next-token accuracy on text): the run opened once, one W&B record.
+  summary = evaluate_run(cfg, workdir, init=cfg.train.steps == 0, halting=cfg.eval.halting,
+                         compare=None if cfg.eval.control else control_trial(workdir),
+                         progress=progress, formats=FORMATS)
   return 0, summary
 
 

@@ -23,6 +23,7 @@ from looped_models import sharding
 from rundir.checkpoint import Checkpointer
 from rundir.config import is_text, resolve, seq_lengths
 from rundir.logger import MetricsLogger
+from rundir.run import check_init_from, initial_params
 from rundir.config import check_grad_accum
 from train.step import TrainState, abstract_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step
 from tasks.metrics import fractions
@@ -87,7 +88,6 @@ class Trainer:
     sharding.check_divisible(cfg.model, cfg.train.eval_batch_size, self.mesh)
     check_grad_accum(cfg.train, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
     if cfg.train.init_from:
-      from rundir.run import check_init_from
       check_init_from(cfg)
     self.is_main = jax.process_index() == 0
     self.old_config = (check_compatible(workdir, cfg.to_dict()) if check_reachable(workdir).exists()
@@ -121,7 +121,6 @@ class Trainer:
   def init_state(self) -> TrainState:
     cfg = self.cfg
     if cfg.train.init_from:  # another run's parameters (e.g. an imported model), a fresh optimizer
-      from rundir.run import initial_params
       params = initial_params(cfg, self.abstract_state["params"])
       start = lambda params: {"params": params, "opt_state": self.tx.init(params),
                               "step": jnp.zeros((), jnp.int32)}
