@@ -19,6 +19,7 @@ runs a parsed command line, `main(argv)` does both in this process on flags of i
 from __future__ import annotations
 
 import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -81,10 +82,12 @@ def command(f: SimpleNamespace, argv: list[str]) -> int:
   return 0
 
 
-def main(argv: list[str]) -> int:
-  """`python -m convert ARGV...` in this process, on flags of its own: the exit status."""
+def main(argv: list[str] | None = None) -> int:
+  """`python -m convert ARGV...` in this process (default: sys.argv[1:]), on flags of its own: the
+  exit status."""
   fv = flags.FlagValues()
   f = define_flags(fv)
+  argv = sys.argv[1:] if argv is None else argv
   return call(lambda rest: command(f, rest), ["python -m convert", *argv], fv)
 
 
