@@ -30,8 +30,9 @@ def patched(*, explicit_attention: bool = False, flat: bool = True):
   projections applied to [B, S, D] directly."""
   call, dense = layers.Attention.__call__, layers.dense
   if explicit_attention:
-    layers.Attention.__call__ = lambda self, x, ctx, weights=False: (
-        call(self, x, ctx, weights=True) if weights else (call(self, x, ctx, weights=True)[0], None))
+    layers.Attention.__call__ = lambda self, x, ctx, weights=False, **kw: (
+        call(self, x, ctx, weights=True, **kw) if weights
+        else (call(self, x, ctx, weights=True, **kw)[0], None))
   if not flat:
     layers.dense = injection.dense = lambda lin, x: lin(x)
   try:
