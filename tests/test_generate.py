@@ -241,7 +241,7 @@ def test_exit_flag_and_tokenizer_checks():
   assert parse_exit(None) is None
   with pytest.raises(ConfigError, match="CRITERION:THRESHOLD"):
     parse_exit("fixed_point")
-  from tasks.text import ByteTokenizer
+  from tasks.tokenizers import ByteTokenizer
   with pytest.raises(ConfigError, match="does not match the run"):
     encode(ByteTokenizer(), tiny_model().spec, ["hi"], bos=True)  # 258 ids, model has 2
   with pytest.raises(ConfigError, match="needs a text run"):
