@@ -275,7 +275,7 @@ def _first_pass(chunks: Chunks, want: dict[str, Any], th: dict[str, Any]
   rel, rel_max, cos_change, growth, norms = series.values()
   acc = AttentionAccumulator(th["sink_threshold"], th["map_batch"], th["map_iterations"],
                              th["map_columns"])
-  prev_kBSD, finite, has_att = None, True, False
+  prev_kBSD, prev_nrm_kBS, finite, has_att = None, None, True, False
   with np.errstate(all="ignore"):
     for x_kBSD, a_kBHSS in _iterations(chunks, want):
       nrm_kBS = _norm(x_kBSD)

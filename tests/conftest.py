@@ -67,10 +67,10 @@ def write_texts(directory, n_docs=6, words=400, seed=0):
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-  from tasks import corpus, text as data
+  from tasks.corpus import prepare
   tmp = tmp_path_factory.mktemp("corpus")
   write_texts(tmp / "texts")
-  corpus.prepare([str(tmp / "texts" / "*.txt")], str(tmp / "byte"), val_fraction=0.34, progress=False)
+  prepare([str(tmp / "texts" / "*.txt")], str(tmp / "byte"), val_fraction=0.34, progress=False)
   return str(tmp / "byte"), str(tmp / "texts")
 
 
