@@ -25,7 +25,6 @@ from safetensors.numpy import save_file
 from bench.results import command, intro, parser, record, table
 from looped_models import raven
 
-
 # The child: start-up (jax, the converter) is measured apart from the import itself. Its peak is
 # VmHWM (ru_maxrss would carry the parent's peak over fork and exec).
 CHILD = """

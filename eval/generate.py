@@ -17,7 +17,7 @@ import numpy as np
 
 from configs.errors import ConfigError
 from eval import plots
-from looped_models.generate import Generator, GenerateOutput
+from looped_models.generate import GenerateOutput, Generator
 from rundir.outputs import output_dir
 from rundir.run import open_run
 from rundir.workdir import RunDirError, path

@@ -55,11 +55,11 @@ from tqdm import tqdm
 from configs.errors import ConfigError
 from eval.driver import Evaluation, eval_batches, iterations_of, open_evaluation
 from eval.halting_report import write_outputs
-from eval.plots import FORMATS
 from eval.halting_rows import (DEFAULT_GRIDS, HALVES, SUMMED, best_within, check_grids, cut,
                                flat_summary, half, metric_of, oracle_row, row_of, summarize,
                                with_halves)
 from eval.halting_runner import Runner, median_time
+from eval.plots import FORMATS
 from looped_models.flops import forward_flops
 from looped_models.halting import CRITERIA, DECODING_CRITERIA
 from rundir.config import resolve

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from looped_models.halting import criterion_step, initial_prev
-from looped_models.kv_cache import Cache, block_iteration, cached_layers, decode, empty_cache, encode
+from looped_models.kv_cache import (Cache, block_iteration, cached_layers, decode, empty_cache,
+                                    encode)
 from looped_models.layers import make_cached_context
 from looped_models.sampling import keys, sample
 

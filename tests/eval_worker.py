@@ -22,6 +22,7 @@ def main():
   p.add_argument("--out", required=True)
   a = p.parse_args()
   import jax
+
   from eval.evaluate import evaluate
   from eval.halting import evaluate_halting
   from rundir.run import load_run_config, open_run

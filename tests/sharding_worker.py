@@ -35,6 +35,7 @@ def main():
   p.add_argument("--text", default="", help="a prepared corpus: train the text task on it")
   a = p.parse_args()
   import jax
+
   from looped_models import sharding
   from rundir.logger import read_metrics
   from train.trainer import Trainer

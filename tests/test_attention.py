@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_model import tiny_config, tokens
 
 from configs.errors import ConfigError
 from looped_models import LoopedTransformer, validate_model_config
 from looped_models.layers import (MLP, Attention, apply_rope, attention_impl, blocked_attention,
                                   dense, make_context)
-from test_model import tiny_config, tokens
 
 B, S, D, H = 2, 12, 32, 4
 

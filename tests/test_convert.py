@@ -16,12 +16,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+import convert
 from configs.base import get_config
 from configs.errors import ConfigError
-import convert
 from convert import importer, raven_files
-from looped_models import LoopedTransformer, validate_model_config
-from looped_models import raven
+from looped_models import LoopedTransformer, raven, validate_model_config
 
 B, S = 2, 7
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -450,8 +449,8 @@ def test_an_imported_model_starts_a_fine_tuning_run_and_an_evaluation_trial(tmp_
   train.steps = 0 evaluates the imported model itself (the sweep runner's init-style trials)."""
   from eval.evaluate import evaluate
   from rundir.run import load_run_config, open_run
-  from train.trainer import Trainer
   from rundir.workdir import RunDirError
+  from train.trainer import Trainer
   rc = raven_cfg()
   run = str(tmp_path / "run")
   convert.import_raven(write_raven(str(tmp_path / "hf"), rc, random_tensors(rc)), run)

@@ -10,23 +10,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import tiny_config
+from flax import nnx
+from wandb_records import offline_run
+
 from eval.capture import Capture
 from eval.evaluate import evaluate
+from eval.fixed_points import REGIMES, analyze_stream, analyze_trajectory
 from eval.suite import evaluate_run
 from eval.summary import plateau
-from eval.fixed_points import REGIMES, analyze_stream, analyze_trajectory
-from rundir.outputs import latest
-from rundir.config import resolve
 from looped_models.model import init_model
-from train.step import make_eval_step
+from rundir.config import resolve
+from rundir.outputs import latest
+from rundir.workdir import read_status
 from tasks.metrics import accuracy_counts, fractions
 from tasks.synthetic import get_task, make_batch
+from train.step import make_eval_step
 from train.trainer import Trainer
-from rundir.workdir import read_status
-from wandb_records import offline_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,15 +11,15 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 from flax import nnx
 
-from conftest import tiny_config
 from configs.errors import ConfigError
 from eval.generate import encode, parse_exit
 from looped_models.generate import Generator, cache_bytes, empty_cache, generate
 from looped_models.layers import KV, make_cached_context
-from rundir.config import resolve
 from looped_models.model import init_model
+from rundir.config import resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[1, 0, 1, 1, 0, 0, 1], [0, 1], [1]]
@@ -298,11 +298,11 @@ def test_cli_bad_input_is_one_line(trained, args, needle):
 def test_an_imported_raven_checkpoint_generates_with_its_own_tokenizer(tmp_path):
   """An imported Huginn-layout checkpoint (concat, sandwich, qk bias, RoPE pairs, like-init state)
   with its own tokenizer.json generates through the CLI's path, with per-token exit."""
+  from test_convert import random_tensors, raven_cfg, write_raven
   from tokenizers import Tokenizer, models, pre_tokenizers
 
-  from eval.generate import run_generate
   import convert
-  from test_convert import random_tensors, raven_cfg, write_raven
+  from eval.generate import run_generate
   words = ["<eos>", "<bos>"] + [f"w{i}" for i in range(27)]  # 29 ids, the model's vocabulary
   tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -7,12 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from configs.errors import ConfigError
-from rundir import outputs
 from eval.evaluate import evaluate
 from eval.group import evaluate_group, groupable, shape_key
+from rundir import outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R = 12

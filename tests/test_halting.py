@@ -10,20 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 from flax import nnx
+from wandb_records import offline_run
 
 from configs.errors import ConfigError
-from conftest import tiny_config
 from eval.halting import evaluate_halting, halting_summary
 from eval.halting_rows import SUMMARY_FIGURES, oracle_exits
-from rundir.outputs import latest
 from looped_models.halting import CRITERIA, halt
-from rundir.config import resolve
 from looped_models.model import init_model
+from rundir.config import resolve
+from rundir.outputs import latest
+from rundir.workdir import read_status
 from tasks.synthetic import get_task, make_batch
 from train.trainer import Trainer
-from rundir.workdir import read_status
-from wandb_records import offline_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,8 +218,8 @@ def test_evaluate_halting_end_to_end(tmp_path):
   # summary's setting timed; the same accuracy and iterations as the full evaluation.
   # The evaluator's accuracy-curve predictions are the same trajectory (a trial hands them on).
   from eval.capture import Capture
-  from eval.evaluate import load_params
   from eval.driver import eval_batches
+  from eval.evaluate import load_params
   from eval.halting_runner import Runner
   graphdef, params, _ = load_params(resolve(cfg), workdir, False)
   batch = eval_batches(resolve(cfg))[8]

@@ -4,12 +4,13 @@ images and summary fields logged once into a new or a resumed run; nothing when 
 import os
 
 import matplotlib
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
+from wandb_records import offline_run  # noqa: E402
 
 from rundir.logger import log_to_wandb  # noqa: E402
-from wandb_records import offline_run  # noqa: E402
 
 
 def wandb_cfg(mode: str) -> ml_collections.ConfigDict:

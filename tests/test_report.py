@@ -6,13 +6,13 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from eval import plots
-from rundir import outputs
 from eval.fixed_points import analyze_trajectory
-from sweeps import figures, records, report, tables
+from rundir import outputs
 from rundir.workdir import read_status, write_json_atomic
+from sweeps import figures, records, report, tables
 from sweeps.status import set_trial
 
 # (block size, d_model, seed) -> (regime, accuracy at size 16, converged_at per layer, saved fraction)

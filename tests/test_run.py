@@ -10,11 +10,11 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from rundir.run import load_run_config, open_run
-from train.trainer import Trainer
 from rundir.workdir import RunDirError
+from train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "eval_worker.py")
@@ -133,6 +133,7 @@ def test_pod_preset_two_processes_of_four_devices_train_as_one_process_of_eight(
   (data x fsdp 4 x tensor 2), bf16, truncated backprop and accumulation, only the sizes shrunk: the
   losses equal those of one process holding all 8 devices (same mesh, same global batches)."""
   from test_text import write_texts
+
   from tasks import corpus
   write_texts(tmp_path / "texts", n_docs=4)
   corpus.prepare([str(tmp_path / "texts" / "*.txt")], str(tmp_path / "corpus"), val_fraction=0.25,

@@ -6,23 +6,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from conftest import tiny_config
 from flax import nnx
 
 from configs.base import get_config
 from configs.errors import ConfigError
-from conftest import tiny_config
 from eval.capture import Capture
 from eval.fixed_points import analyze_stream
 from looped_models import LoopedTransformer
-from rundir.checkpoint import Checkpointer
-from rundir.config import resolve
-from rundir.logger import read_metrics
 from looped_models.model import init_model
-from rundir.config import SCHEDULES, check_grad_accum
-from train.step import decay_mask, make_optimizer, make_schedule, make_train_step
-from tasks.synthetic import get_task, make_batch
-from train.trainer import Trainer
+from rundir.checkpoint import Checkpointer
+from rundir.config import SCHEDULES, check_grad_accum, resolve
+from rundir.logger import read_metrics
 from rundir.workdir import RunDirError, read_status
+from tasks.synthetic import get_task, make_batch
+from train.step import decay_mask, make_optimizer, make_schedule, make_train_step
+from train.trainer import Trainer
 
 V = 8
 

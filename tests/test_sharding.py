@@ -9,9 +9,9 @@ import sys
 
 import pytest
 from jax.sharding import PartitionSpec as P
+from sharding_worker import sharding_config
 
 from configs.errors import ConfigError
-from sharding_worker import sharding_config
 from looped_models import sharding
 from rundir.logger import read_metrics
 from train.trainer import Trainer

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 from flax import nnx
 
-from conftest import tiny_config
 from looped_models.model import init_model
 from looped_models.stepper import Stepper, read_mask
 from rundir.config import resolve

@@ -9,19 +9,19 @@ import sys
 import time
 
 import pytest
-
 from conftest import tiny_config
+from wandb_records import offline_run
+
 from configs.errors import ConfigError
-from rundir.outputs import latest
 from looped_models.config import validate_model_config
-from sweeps import hyper
+from rundir.outputs import latest
 from rundir.workdir import RunDirError, read_status, write_json_atomic
+from sweeps import hyper
 from sweeps.expand import apply_overrides, base_config, expand, load_sweep_module, trial_name
 from sweeps.records import load
 from sweeps.runner import Runner, next_trial, program_key, trial_config, units
 from sweeps.status import set_trial, trial_record
 from sweeps.tables import regime_grids
-from wandb_records import offline_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -247,6 +247,7 @@ def test_meaningless_trials_are_rejected_before_running():
 
 def test_export_wandb_runs_one_trial_as_an_agent_and_a_changed_config_is_refused(tmp_path):
   import yaml
+
   from sweeps.wandb_export import agent_command
 
   out = sweeps_cli("export-wandb", "--config", "tests/sweeps/tiny.py", "--workdir", str(tmp_path),

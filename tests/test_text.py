@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import WORDS, text_config, write_texts
+
 from configs.errors import ConfigError
-from tasks import corpus, text as data
 from rundir.config import resolve
 from rundir.logger import read_metrics
+from tasks import corpus, text as data
 from tasks.synthetic import make_batch, task_of
 from train.trainer import Trainer
 
@@ -204,6 +204,7 @@ def test_resumed_text_run_sees_the_same_batches_and_losses(corpus, tmp_path):
 
 def test_two_processes_read_their_own_rows_and_match_one(corpus, tmp_path):
   import socket
+
   from sharding_worker import sharding_config
   worker = os.path.join(ROOT, "tests", "sharding_worker.py")
   one = str(tmp_path / "one")
@@ -229,6 +230,7 @@ def test_two_processes_read_their_own_rows_and_match_one(corpus, tmp_path):
 
 def test_evaluator_on_text_reports_token_classes_loss_curve_and_decoded_tokens(trained, corpus, tmp_path):
   import shutil
+
   from eval.evaluate import evaluate
   from rundir.run import load_run_config
   run = str(tmp_path / "copy")
@@ -260,6 +262,7 @@ def test_halting_on_text_is_judged_by_next_token_accuracy(trained, tmp_path):
   """A whole text window is never exactly right, so halting on text chooses R_fixed and thresholds
   by next-token accuracy (per_position), and says so."""
   import shutil
+
   from eval.halting import evaluate_halting
   from rundir.run import load_run_config
   run = str(tmp_path / "copy")

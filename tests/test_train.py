@@ -9,12 +9,12 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import tiny_config
-from rundir.logger import read_metrics
-from train.trainer import Trainer
-from rundir.workdir import read_status
 from wandb_records import offline_run
+
+from rundir.logger import read_metrics
+from rundir.workdir import read_status
+from train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,20 +16,19 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from looped_models import LoopedTransformer
-from rundir import distributed
 from configs import recurrence
-from looped_models import sharding
+from looped_models import LoopedTransformer, sharding
+from rundir import distributed
 from rundir.checkpoint import Checkpointer
-from rundir.config import is_text, resolve, seq_lengths
+from rundir.config import check_grad_accum, is_text, resolve, seq_lengths
 from rundir.logger import MetricsLogger
 from rundir.run import check_init_from, initial_params
-from rundir.config import check_grad_accum
-from train.step import TrainState, abstract_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step
+from rundir.workdir import (check_compatible, check_reachable, path, read_status, record_config,
+                            write_status)
 from tasks.metrics import fractions
 from tasks.synthetic import make_batch, task_of
-from rundir.workdir import (check_compatible, check_reachable, path, read_status, record_config,
-                           write_status)
+from train.step import (TrainState, abstract_train_state, make_eval_step, make_optimizer,
+                        make_schedule, make_train_step)
 
 
 class Diverged(Exception):
