@@ -18,8 +18,8 @@ two worker processes (the smoke sweep in one, the rest in the other), each comma
 `make TARGET` must be a Makefile target, and its recipe's python commands are checked as above (`make
 run` and `make test` are not run); other programs must be on a short list, install lines must name
 requirements.txt's pins. ```python blocks must parse and their imports resolve. Links between the
-pages must point to files that exist, no page may point outside the repository, and every key of
-configs/base.py must be in docs/config.md with its default.
+pages must point to files that exist (tests/test_layers.py checks that none points outside the
+repository), and every key of configs/base.py must be in docs/config.md with its default.
 """
 
 from __future__ import annotations
