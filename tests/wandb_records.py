@@ -60,11 +60,22 @@ def _items(items) -> dict:
   return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
 
 
+def _session_order(path: str) -> tuple[str, int]:
+  """(time stamp, the number W&B appended to a session started in the same second as another)."""
+  name = os.path.basename(os.path.dirname(path))  # offline-run-YYYYMMDD_HHMMSS-ID[-N]
+  stamp, _, rest = name.removeprefix("offline-run-").partition("-")
+  suffix = rest.rpartition("-")[2] if rest.count("-") else ""
+  return stamp, int(suffix) if suffix.isdigit() else 0
+
+
 def offline_run(wandb_dir: str, run_id: str) -> dict:
   """{"run": the run record, "config": {key: value}, "summary": {key: value}, "history": [dict],
   "parts": n}. A resumed offline run is written as one directory per session, in time order (what
   `wandb sync` uploads into the one run); their records are read in that order."""
-  paths = sorted(glob.glob(os.path.join(wandb_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb")))
+  # sessions started within one second share a time stamp: W&B adds "-1", "-2", ... to the later ones
+  paths = sorted(glob.glob(os.path.join(wandb_dir, "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb"))
+                 + glob.glob(os.path.join(wandb_dir, "wandb", f"offline-run-*-{run_id}-*", f"run-{run_id}.wandb")),
+                 key=_session_order)
   assert paths, f"no offline W&B run {run_id} under {wandb_dir}"
   # wait for the newest session's last records; an earlier session may have been killed mid-run
   parts = [read_records(path) for path in paths[:-1]] + [finished_records(paths[-1])]
