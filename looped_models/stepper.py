@@ -142,7 +142,7 @@ class Stepper:
           attention: bool = False, start: Callable[[jax.Array, jax.Array], jax.Array] | None = None
           ) -> Iterator[Steps]:
     """Per chunk of consecutive iterations of R, a `Steps` as numpy (state_BSD left on the device):
-    reads [n, ...], layers [n, k, B, S, D] or None, attention [n, k, B, H, rows, S] or None (with
+    reads [n, ...] (None for a chunk `at` reads nothing of: it stays on the device), layers [n, k, B, S, D] or None, attention [n, k, B, H, rows, S] or None (with
     `stacked`, every array with the leading G). `batch` holds "inputs" [B, S] and what the read
     uses; `start(s0_BSD, e_BSD)` (on the device) replaces the model's own initial state."""
     batch = self.place(batch)
@@ -157,7 +157,8 @@ class Stepper:
       out = self._advance(self.params, s_BSD, e_BSD, batch, n=n, at=part, layers=layers,
                           attention=attention)
       s_BSD, done = out.state_BSD, done + n
-      yield Steps(s_BSD, jax.tree.map(to_host, out.reads),
+      unread = part is not None and not any(part)  # nothing of this chunk's reads is wanted
+      yield Steps(s_BSD, None if unread else jax.tree.map(to_host, out.reads),
                   to_host(out.layers_nkBSD) if layers else None,
                   to_host(out.attention_nkBHSS) if attention else None)
 
@@ -167,9 +168,10 @@ class Stepper:
     axis = 1 if self.stacked else 0
     mask, done, parts = read_mask(R, at), 0, []
     for out in self.run(batch, R, at=at, **options):
-      n = jax.tree.leaves(out.reads)[0].shape[axis]
-      keep = (lambda x: x) if mask is None else (
-          lambda x: np.compress(mask[done:done + n], x, axis=axis))  # unread iterations dropped
-      parts.append(jax.tree.map(keep, out.reads))
+      n = min(self.chunk, R - done)
+      if out.reads is not None:
+        keep = (lambda x: x) if mask is None else (
+            lambda x: np.compress(mask[done:done + n], x, axis=axis))  # unread iterations dropped
+        parts.append(jax.tree.map(keep, out.reads))
       done += n
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=axis), *parts)
