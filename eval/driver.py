@@ -49,7 +49,7 @@ def check_control(cfg: Any, workdir: str) -> None:
     check_compatible(workdir, cfg.to_dict())
 
 
-def record_config(cfg: Any, workdir: str) -> None:
+def write_control_config(cfg: Any, workdir: str) -> None:
   """The control's run directory with its config.json (written once, never overwritten)."""
   path(workdir).mkdir(parents=True, exist_ok=True)
   if not (path(workdir) / "config.json").exists():
@@ -132,5 +132,5 @@ def open_evaluation(cfg: ml_collections.ConfigDict, workdir: str, *, init: bool 
   if ev.main:
     path(workdir).mkdir(parents=True, exist_ok=True)
     if init:
-      record_config(cfg, workdir)
+      write_control_config(cfg, workdir)
   return ev

@@ -28,7 +28,7 @@ import numpy as np
 
 from configs.errors import ConfigError
 from eval.capture import Capture
-from eval.driver import check_control, eval_batch, iterations_of, record_config
+from eval.driver import check_control, eval_batch, iterations_of, write_control_config
 from eval.fixed_points import analyze_stream, analyze_trajectory
 from eval.summary import markdown, summary_fields
 from looped_models.model import abstract_model, init_model
@@ -116,7 +116,7 @@ def evaluate_group(cfgs: list[ml_collections.ConfigDict], workdirs: list[str], *
 
 def _write(cfg: Any, workdir: str, summary: dict, report: Any, R: int, batch_size: int, group: int,
            wall_s: float) -> None:
-  record_config(cfg, workdir)
+  write_control_config(cfg, workdir)
   outdir = outputs.output_dir(workdir, 0, "fixed_points.json")
   result = {"summary": summary, "step": 0, "init": True, "iterations": R, "batch_size": batch_size,
             "report": report.to_dict(), "accuracy_curves": {},
