@@ -16,7 +16,7 @@ from wandb_records import offline_run
 
 from eval.capture import Capture
 from eval.evaluate import evaluate
-from eval.fixed_points import REGIMES, analyze_stream, analyze_trajectory
+from eval.fixed_points import analyze_stream, analyze_trajectory
 from eval.suite import evaluate_run
 from eval.summary import plateau
 from looped_models.model import init_model
@@ -97,7 +97,8 @@ def test_end_to_end_trained_model(tmp_path):
   cfg.wandb.mode = "offline"
   Trainer(cfg, workdir).run()
   summary = evaluate(resolve(cfg), workdir, iterations=16, batch_size=4, progress=False)
-  assert summary["fp/regime"] in REGIMES
+  # every token at a fixed point; with one layer in the block (k=1) that is "degenerate", not cyclic
+  assert summary["fp/regime"] == "degenerate"
   out = os.path.dirname(latest(workdir, "fixed_points.json"))
   assert out == os.path.join(workdir, "eval", "120")  # under the step it measured
   result = json.load(open(os.path.join(out, "fixed_points.json")))
@@ -140,7 +141,7 @@ def test_cli_random_init_control(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.load(open(latest(str(workdir), "fixed_points.json")))
   assert result["init"] is True and result["step"] == 0
-  assert result["summary"]["fp/regime"] in REGIMES
+  assert result["summary"]["fp/regime"] == "degenerate"  # the k=1 block at init converges too
 
 
 @pytest.mark.parametrize("case", ["missing", "no_checkpoint", "iterations", "corrupt", "init_on_trained"])
