@@ -19,19 +19,18 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from bench.results import intro, record, table
 from configs.recurrence import max_recurrence
+from rundir.cli import define_config, run
 from rundir.logger import read_metrics
 from rundir.run import open_run
 from tasks.text import TextData
 from train.trainer import Trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/lm_shakespeare.py", "Preset.",
-                                          lock_config=True)
+_CONFIG = define_config("config", "configs/lm_shakespeare.py", "Preset.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/lm_shakespeare_bench", "Run directory (replaced).")
 _BUDGET = flags.DEFINE_float("budget_min", 15.0, "Wall-time budget of the loss target (minutes).")
 _TARGET = flags.DEFINE_float("target", 1.55, "Held-out nats per byte to reach within the budget.")
@@ -118,4 +117,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  run(main)

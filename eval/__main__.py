@@ -11,17 +11,21 @@ criteria of a trained run (eval/halting.py);
 Writes WORKDIR/eval/STEP/fixed_points.json, fixed_points.md and plots/*.png (halting: halting.json and
 plots/halting_pareto.png), a new eval/STEP.N/ when that step's files exist (rundir/outputs.py), and logs
 them to the run's W&B run.
-Exit status 2 with one line on stderr for bad input (missing run, corrupt checkpoint, bad config).
+Exit status 2 with one line on stderr for bad input (missing run, corrupt checkpoint, bad config, a
+run that is training now); 1 with one line for a failure on the way (the traceback in
+WORKDIR/error.log).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from rundir.host import tune_allocator
 
 tune_allocator(default=False)  # only with LOOPED_HOST_ALLOCATOR=tuned (rundir/host.py)
 
+import jax  # noqa: E402
 from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from configs.errors import ConfigError  # noqa: E402
 from configs.recurrence import max_recurrence  # noqa: E402
@@ -29,13 +33,15 @@ from eval.evaluate import evaluate, with_text_data  # noqa: E402
 from eval.fixed_points import TrajectoryError  # noqa: E402
 from eval.generate import describe, parse_exit, read_prompts, run_generate  # noqa: E402
 from eval.halting import evaluate_halting  # noqa: E402
-from rundir.cli import BAD_INPUT, command as subcommand, report, require, run  # noqa: E402
+from rundir.cli import (BAD_INPUT, command as subcommand, define_config, report, require,  # noqa: E402
+                        run)
+from rundir import distributed  # noqa: E402
 from rundir.outputs import latest  # noqa: E402
 from rundir.run import load_run_config  # noqa: E402
 from rundir.workdir import RunDirError  # noqa: E402
+from rundir.writing import writing  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Trial config (needed with --init).",
-                                          lock_config=True)
+_CONFIG = define_config("config", None, "Trial config (needed with --init).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _INIT = flags.DEFINE_bool("init", False, "Evaluate the model at initialisation (random-init control).")
 _ITERS = flags.DEFINE_integer("iterations", None, "R (default: config eval.iterations, else "
@@ -83,14 +89,25 @@ def with_mesh(cfg):
   return cfg
 
 
+@contextlib.contextmanager
+def writing_outputs(cfg, workdir: str):
+  """Evaluations write into the run directory under its lock, shared among evaluations and refused
+  while the run trains (rundir/lock.py); a failure is one line, its traceback in WORKDIR/error.log,
+  and leaves the run's status as it is (rundir/writing.py)."""
+  distributed.initialize(cfg.distributed)  # before asking which process this is
+  with writing(workdir, main=jax.process_index() == 0, status=False, shared=True):
+    yield
+
+
 def halting_main() -> int:
   """`python -m eval halting --workdir runs/NAME`: halting.json, plots/halting_pareto.png, W&B."""
   try:
     if _INIT.value:
       raise RunDirError("halting evaluates a trained run; --init is not supported")
     cfg = with_mesh(load_run_config(_WORKDIR.value))
-    s = evaluate_halting(cfg, _WORKDIR.value, iterations=_ITERS.value, slots=_SLOTS.value,
-                         repeats=_REPEATS.value)["summary"]
+    with writing_outputs(cfg, _WORKDIR.value):
+      s = evaluate_halting(cfg, _WORKDIR.value, iterations=_ITERS.value, slots=_SLOTS.value,
+                           repeats=_REPEATS.value)["summary"]
     where = latest(_WORKDIR.value, "halting.json")
   except BAD_INPUT as e:
     return report(e)
@@ -110,11 +127,12 @@ def generate_main() -> int:
   try:
     prompts = read_prompts(_PROMPT.value, _PROMPTS.value)
     cfg = with_mesh(load_run_config(_WORKDIR.value))
-    rec, where = run_generate(
-        _WORKDIR.value, prompts, out=_OUT.value, cfg=cfg, max_new=_MAX_NEW.value,
-        iterations=(max_recurrence(cfg.train) if _ITERS.value is None else _ITERS.value), exit=parse_exit(_EXIT.value),
-        cache=_CACHE.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-        seed=_SEED.value, slots=_SLOTS.value)
+    with writing_outputs(cfg, _WORKDIR.value):
+      rec, where = run_generate(
+          _WORKDIR.value, prompts, out=_OUT.value, cfg=cfg, max_new=_MAX_NEW.value,
+          iterations=max_recurrence(cfg.train) if _ITERS.value is None else _ITERS.value,
+          exit=parse_exit(_EXIT.value), cache=_CACHE.value, temperature=_TEMPERATURE.value,
+          top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value, slots=_SLOTS.value)
   except BAD_INPUT as e:
     return report(e)
   if where:  # process 0 (the others generated the same)
@@ -144,9 +162,10 @@ def main(argv: list[str]) -> int:
     if _STARTS.value is not None:
       cfg = type(cfg)(cfg.to_dict())
       cfg.eval.path_starts = _STARTS.value
-    summary = evaluate(cfg, _WORKDIR.value, init=_INIT.value, iterations=_ITERS.value,
-                       batch_size=_BATCH.value, chunk=_CHUNK.value,
-                       thresholds={"tau": _TAU.value, "rho": _RHO.value}, compare=_COMPARE.value)
+    with writing_outputs(cfg, _WORKDIR.value):
+      summary = evaluate(cfg, _WORKDIR.value, init=_INIT.value, iterations=_ITERS.value,
+                         batch_size=_BATCH.value, chunk=_CHUNK.value,
+                         thresholds={"tau": _TAU.value, "rho": _RHO.value}, compare=_COMPARE.value)
   except BAD_INPUT + (TrajectoryError,) as e:
     return report(e)
   text = "" if "val/best_loss" not in summary else (

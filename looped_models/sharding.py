@@ -8,6 +8,7 @@ activations in between, so the model code carries no sharding annotations.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -132,3 +133,41 @@ def check_divisible(model_cfg: Any, batch_size: int, mesh: Mesh) -> None:
     if getattr(model_cfg, key) % fsdp:
       raise ConfigError(f"model.{key}", getattr(model_cfg, key),
                         reason=f"must be divisible by mesh.fsdp={fsdp}")
+
+
+def device_memory(device: jax.Device) -> int:
+  """The bytes `device` can hold: its allocator's limit (GPU, TPU), else for a CPU device its share
+  of the host's physical memory (the local CPU devices share it)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001 - backends without memory statistics
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return host // max(1, len([d for d in jax.local_devices() if d.platform == device.platform]))
+
+
+def check_fits(tree: Any, what: str) -> None:
+  """ConfigError (one line) when the arrays of `tree` (ShapeDtypeStructs with their shardings) would
+  not fit in the memory of the device holding most of them: checked from shapes alone, before any
+  allocation, so that a model too large for the machine is refused rather than left to hang or be
+  killed while it is being initialised."""
+  per_device: dict[Any, int] = {}
+  largest = (0, "")
+  for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    size = int(np.prod(shard, dtype=np.float64)) * np.dtype(leaf.dtype).itemsize
+    largest = max(largest, (size, f"{path_str(keypath)} {'x'.join(map(str, leaf.shape))}"))
+    for d in leaf.sharding.device_set:
+      per_device[d] = per_device.get(d, 0) + size
+  if not per_device:
+    return
+  device, need = max(per_device.items(), key=lambda kv: kv[1])
+  have = device_memory(device)
+  if need > have:
+    gib = 1024 ** 3
+    raise ConfigError("model", f"{need / gib:,.1f} GiB per device", reason=(
+        f"{what} need that on {device.platform}:{device.id}, which holds {have / gib:,.1f} GiB; the "
+        f"largest array is {largest[1]} ({largest[0] / gib:,.1f} GiB); use a smaller model (e.g. "
+        "model.max_len) or a larger mesh"))

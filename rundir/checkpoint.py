@@ -4,19 +4,27 @@ damaged one aside."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
-from rundir.workdir import RunDirError, path
+from rundir.workdir import RunDirError, error_line, path
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+  """Orbax's own error logs off while a damaged checkpoint is read: its error is reported in one line."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.FATAL)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
 
 
 def saved_steps(workdir: str) -> list[int]:
@@ -54,11 +62,12 @@ class Checkpointer:
     """Restore `step` onto the shapes, dtypes and shardings of `abstract_state`
     (a pytree of jax.ShapeDtypeStruct); a damaged checkpoint raises RunDirError."""
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      with _quiet():
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for damaged or foreign files
       raise RunDirError(f"checkpoint {self.directory}/{step} is corrupt or does not match the "
-                        f"model ({_first_line(e)})") from None
+                        f"model ({error_line(e)})") from None
     state = out["state"]
     self._check_shapes(step, abstract_state, state)
     return state, dict(out["meta"] or {})
@@ -68,11 +77,13 @@ class Checkpointer:
     training checkpoint, or from a params-only one (an imported model has no optimizer state)."""
     item = {"params": abstract_params}
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+      with _quiet():
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
     except Exception as e:  # orbax raises many types for damaged or foreign files
       raise RunDirError(f"checkpoint {self.directory}/{step} is corrupt or does not match the "
-                        f"model ({_first_line(e)})") from None
+                        f"model ({error_line(e)})") from None
     self._check_shapes(step, item, out["state"])
     return out["state"]["params"]
 

@@ -10,20 +10,29 @@ subcommand, extra arguments, or one of the `BAD_INPUT` errors that the work itse
   command(argv, commands)     (subcommand, its positional arguments) from main's argv
   require(*flags)             UsageError "--NAME is required" for a flag without a value
   report(e)                   print the one line, return 2
-`--help` prints the command's docstring and its flags, and exits 0.
+`--help` prints the command's docstring and its flags, and exits 0. A run that fails after its
+directory was opened (rundir/writing.py: RunFailed, recorded in status.json) is one line too, exit 1.
+A `--config` file that is missing, does not import (its file and line named) or has no key given by
+`--config.KEY=VALUE` (the nearest keys named) is bad input.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
+import re
 import sys
+import traceback
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import app, flags
+from ml_collections import config_dict, config_flags
+from ml_collections.config_flags.config_flags import is_config_flag
 
 from configs.errors import ConfigError
 from looped_models.raven import RavenError
 from rundir.workdir import RunDirError
+from rundir.writing import RunFailed
 from tasks import DataError
 
 OURS = {"configs", "looped_models", "tasks", "rundir", "train", "eval", "convert", "sweeps", "bench"}
@@ -59,16 +68,98 @@ def guard(main: Callable[..., int], also: Sequence[type[BaseException]] = ()) ->
       return main(*args, **kwargs)
     except caught as e:
       return report(e)
+    except RunFailed as e:
+      print(f"error: {one_line(e)}", file=sys.stderr)
+      return 1
   return guarded
+
+
+_DEFAULT_CONFIGS: dict[str, str] = {}
+
+
+def define_config(name: str, default: str | None, help: str) -> flags.FlagHolder:
+  """A `--NAME FILE` config file flag (with `--NAME.KEY=VALUE` overrides, locked) whose `default`
+  file is loaded when the command line is parsed, where its errors and those of the overrides are
+  one line, rather than when the flag is defined (at import, before any error path)."""
+  if default:
+    _DEFAULT_CONFIGS[name] = default
+    help = f"{help} (default {default})"
+  return config_flags.DEFINE_config_file(name, None, help, lock_config=True)
 
 
 def parse(argv: list[str], fv: flags.FlagValues = flags.FLAGS) -> list[str]:
   """The flags of `argv` parsed into `fv`; what is left (the program and the positional arguments).
-  A bad or unknown flag: UsageError naming it."""
+  A bad or unknown flag, or a config file that cannot be used: UsageError naming it."""
+  for name, default in _DEFAULT_CONFIGS.items():
+    if name in fv and not any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv):
+      argv = [*argv[:1], f"--{name}={default}", *argv[1:]]
   try:
-    return fv(argv)
+    rest = fv(argv)
   except flags.Error as e:
     raise UsageError(one_line(e)) from None
+  except (KeyError, AttributeError) as e:  # --config.KEY=VALUE for a key the config lacks
+    raise UsageError(_unknown_key(argv, fv) or f"unknown config key {e}") from None
+  except Exception as e:  # the config file itself: a syntax error, a failing import, ...
+    raise UsageError(_config_file_error(e)) from None
+  for name in list(fv):
+    flag = fv[name]
+    if is_config_flag(flag) and flag.present:
+      try:
+        flag.value.keys  # noqa: B018 - a file that failed to load raises on any access
+      except OSError as e:
+        raise UsageError(f"--{name}: cannot load config file "
+                         f"{config_flags.get_config_filename(flag)} ({_errno_text(e)})") from None
+  return rest
+
+
+def _errno_text(e: BaseException) -> str:
+  """The innermost cause's message ('[Errno 2] No such file or directory: ...')."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  found = re.findall(r"\[Errno \d+\][^\n]*", str(e))
+  return found[-1].strip() if found else one_line(e)
+
+
+def _config_file_error(e: BaseException) -> str:
+  """`config file F line N: Type: message` for an error raised while loading a config file."""
+  if isinstance(e, SyntaxError):
+    return f"config file {e.filename} line {e.lineno}: SyntaxError: {e.msg}"
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if "site-packages" not in f.filename and not f.filename.startswith("<")]
+  where = f"config file {frames[-1].filename} line {frames[-1].lineno}: " if frames else ""
+  text = re.sub(r"^Error whilst parsing config file:.*", "", str(e), flags=re.S).strip()
+  return f"{where}{type(e).__name__}: {(text or str(e)).splitlines()[-1].strip()}"
+
+
+def _unknown_key(argv: list[str], fv: flags.FlagValues) -> str | None:
+  """'unknown config key model.bogus; nearest: ...' for the first --NAME.KEY=VALUE whose key the
+  config file's config lacks (the file loaded again: the failed parse keeps no value)."""
+  for name in list(fv):
+    flag = fv[name]
+    if not is_config_flag(flag):
+      continue
+    file = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), None)
+    if file is None and f"--{name}" in argv[:-1]:
+      file = argv[argv.index(f"--{name}") + 1]
+    try:  # the default is parsed already when the flag is defined
+      config = flag.parser.parse(file) if file else flag.default
+    except Exception:  # noqa: BLE001 - a file that does not load is reported when read
+      continue
+    for arg in argv:
+      m = re.match(rf"--{re.escape(name)}\.([\w.]+)(=|$)", arg)
+      if not m:
+        continue
+      node, keys = config, m.group(1).split(".")
+      for i, key in enumerate(keys):
+        if not isinstance(node, config_dict.ConfigDict) or key not in node:
+          known = list(node.keys()) if isinstance(node, config_dict.ConfigDict) else []
+          near = difflib.get_close_matches(key, known, n=3, cutoff=0.5) or sorted(known)[:8]
+          prefix = ".".join(keys[:i])
+          return (f"unknown config key {'.'.join(keys[:i + 1])}"
+                  + (f"; nearest: {', '.join(f'{prefix}.{k}' if prefix else k for k in near)}"
+                     if near else ""))
+        node = node[key]
+  return None
 
 
 def print_help(fv: flags.FlagValues, doc: str | None) -> None:

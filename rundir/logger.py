@@ -37,28 +37,62 @@ def _py(v: Any) -> Any:
   return v
 
 
+def _warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """The metrics of a run, one dict per logged step; a step logged twice (a resumed run repeats the
-  steps after its last checkpoint) keeps its latest line."""
+  steps after its last checkpoint) keeps its latest line. A torn line (a crash mid-write) is skipped
+  with a warning."""
   by_step: dict[int, dict] = {}
   file = path(workdir) / "metrics.jsonl"
   if file.exists():
-    for line in file.read_text().splitlines():
-      if line.strip():
+    for n, line in enumerate(file.read_bytes().decode(errors="replace").splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
         rec = json.loads(line)
-        by_step.setdefault(rec["step"], {}).update(rec)
+        by_step.setdefault(int(rec["step"]), {}).update(rec)
+      except (ValueError, KeyError, TypeError):
+        _warn(f"{file} line {n} is torn or not a metrics record; skipped")
   return [by_step[s] for s in sorted(by_step)]
 
 
+def repair_torn_tail(file) -> int:
+  """Cut a torn last line (no newline at the end: the writer stopped mid-line) from a local JSONL
+  file, so that the next line starts on its own; the bytes removed (0 when the file is whole)."""
+  try:
+    with open(file, "rb+") as f:
+      size = f.seek(0, os.SEEK_END)
+      if size == 0:
+        return 0
+      f.seek(size - 1)
+      if f.read(1) == b"\n":
+        return 0
+      f.seek(max(0, size - (1 << 20)))
+      tail = f.read()
+      keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+      f.truncate(keep)
+      return size - keep
+  except FileNotFoundError:
+    return 0
+
+
 class JsonlFile:
-  """Appends JSON lines. A local file is appended to and flushed line by line; object stores
-  (gs://...) cannot append, so there the whole file is rewritten (write, then rename) on each line."""
+  """Appends JSON lines. A local file is appended to and flushed line by line (a torn last line left
+  by a crash is cut first, with a warning); object stores (gs://...) cannot append, so there the
+  whole file is rewritten (write, then rename) on each line."""
 
   def __init__(self, file):
     self.file = path(file)
     self.local = "://" not in str(self.file)
+    if self.local:
+      cut = repair_torn_tail(str(self.file))
+      if cut:
+        _warn(f"{self.file}: removed a torn last line ({cut} bytes) left by an interrupted write")
     self.handle = self.file.open("a") if self.local else None
-    self.lines = ([] if self.local or not self.file.exists() else
+    self.lines = ([] if self.local or not self.file.exists() else  # rewritten whole: never torn
                   self.file.read_text().splitlines(keepends=True))
 
   def write(self, record: dict) -> None:

@@ -40,9 +40,13 @@ def output_dir(workdir: str, step: int, name: str) -> str:
   if mine and not (path(mine[-1][1]) / name).exists():
     return mine[-1][1]
   n = mine[-1][0] + 1 if mine else 0
-  out = path(workdir) / EVAL / (str(step) if n == 0 else f"{step}.{n}")
-  out.mkdir(parents=True)
-  return str(out)
+  while True:  # another evaluation may take a name first: the next one is ours
+    out = path(workdir) / EVAL / (str(step) if n == 0 else f"{step}.{n}")
+    try:
+      out.mkdir(parents=True)
+      return str(out)
+    except FileExistsError:
+      n += 1
 
 
 def latest(workdir: str, name: str) -> str | None:

@@ -67,8 +67,10 @@ def abstract_params(cfg: Any, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
   """The model's graph and its parameter shapes, each with the training rules' sharding on `mesh`."""
   graphdef, params = abstract_model(cfg.model, cfg.train.seed)
   shardings = sharding.tree_shardings(params, mesh)
-  return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                params, shardings)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          params, shardings)
+  sharding.check_fits(abstract, "the parameters")
+  return graphdef, abstract
 
 
 def restore_params(workdir: str, step: int, abstract: dict) -> dict:

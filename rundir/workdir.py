@@ -29,6 +29,12 @@ class RunDirError(Exception):
   """A run directory that cannot be used as asked (one-line message)."""
 
 
+def error_line(e: BaseException) -> str:
+  """`Type: the first line of its message`, at most 300 characters (an unexpected error, in one line)."""
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
 def path(p: PathLike) -> epath.Path:
   """An epath.Path: local paths made absolute, URLs (gs://...) left as they are."""
   p = epath.Path(p)

@@ -28,8 +28,7 @@ from sweeps.records import load  # noqa: E402
 from sweeps.runner import Runner  # noqa: E402
 from sweeps.tables import HALTING_HEADER, halting_table, trial_table  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep file (configs/sweeps/NAME.py).",
-                                          lock_config=True)
+_CONFIG = cli.define_config("config", None, "Sweep file (configs/sweeps/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs", "Root of the sweep directories.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials run at once (separate processes).")
 _DRY_RUN = flags.DEFINE_bool("dry-run", False, "List the trials and exit.")

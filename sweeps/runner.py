@@ -6,6 +6,10 @@ SIGTERM to its trials (each saves a checkpoint), marks them pending and stops. R
 command skips done (and diverged) trials and resumes the rest from their checkpoints. With several
 JAX processes (a pod), every host runs the same command and trials run one after another in-process
 over the whole mesh; process 0's list of trials still to run is the one every host follows.
+
+One runner per sweep directory: the runner holds the sweep's lock (rundir/lock.py; shared among
+runners of single trials, `--trial`, as W&B agents run them), and each trial's run lock while the
+trial runs, handed down to the trial's process. A trial held by another process is left to it.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from tqdm import tqdm
 
 from configs.errors import ConfigError
 from eval.group import groupable, shape_key
+from rundir import lock
 from rundir.logger import flatten
-from rundir.workdir import RunDirError, path, read_json, write_json_atomic
+from rundir.workdir import RunDirError, error_line, path, read_json, write_json_atomic
 from sweeps.expand import Trial
 from sweeps.records import SEED
 from sweeps.status import SKIP, set_trial, trial_record
@@ -109,6 +114,7 @@ class Runner:
       if name not in names:
         raise ConfigError("--trial", name, reason=f"no such trial in sweep {sweep} (see --dry-run)")
     self.selected = [t for t in trials if not only or t.name in only]
+    self.only = bool(only)
     self.sweep_dir = str(path(root) / sweep)  # local or gs://
     self.force, self.argv = force, list(argv or sys.argv)
     self.stop_signal: int | None = None
@@ -157,8 +163,28 @@ class Runner:
                    for t in self.trials]})
 
   def run(self) -> dict[str, str]:
-    """Run every trial not yet done; returns {trial name: status}."""
+    """Run every trial not yet done, holding the sweep directory (one line naming the holder when
+    another runner has it); returns {trial name: status}."""
     main = jax.process_index() == 0
+    with lock.hold(self.sweep_dir, shared=self.only, enabled=main):
+      return self._run(main)
+
+  def claim(self, dirs: list[str]) -> bool:
+    """Take the run locks of `dirs` (one unit's trials); False, with one line, when another process
+    holds one of them (that trial is left to it; the locks taken here are given back)."""
+    taken = []
+    try:
+      for d in dirs:
+        lock.acquire(d)
+        taken.append(d)
+      return True
+    except lock.Locked as e:
+      for d in taken:
+        lock.release(d)
+      print(f"skipped: {e}", file=sys.stderr, flush=True)
+      return False
+
+  def _run(self, main: bool) -> dict[str, str]:
     forced = self.check_changed()
     if main:
       path(self.sweep_dir).mkdir(parents=True, exist_ok=True)
@@ -202,11 +228,13 @@ class Runner:
       while queue and len(running) < self.parallel and self.stop_signal is None:
         unit = queue.pop(next_trial(queue, [r[0] for r in running.values()], warm))
         dirs = [self.trial_dir(t) for t in unit]
-        for tdir in dirs:
-          path(tdir).mkdir(parents=True, exist_ok=True)
+        if not self.claim(dirs):
+          bar.update(len(unit))
+          continue
         if unit[0].invalid:  # rejected before anything is compiled; the others go on
           set_trial(dirs[0], status="failed", overrides=unit[0].overrides, error=unit[0].invalid,
                     wall_s=0.0)
+          lock.release(dirs[0])
           bar.update(1)
           continue
         log = open(self.log_file(dirs[0]), "a")
@@ -215,9 +243,10 @@ class Runner:
           set_trial(tdir, status="running", overrides=t.overrides, error=None, pid=None, config=cfg)
         # No Python code runs between fork and exec (no preexec_fn), so nothing of JAX's threads is
         # duplicated; its own session keeps a Ctrl-C for the runner, which stops the trials in order.
+        held_env, fds = lock.handed_down(dirs)
         proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", *dirs], stdin=subprocess.PIPE,
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True,
-                                start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, env={**env, **held_env},
+                                cwd=ROOT, text=True, start_new_session=True, pass_fds=fds)
         proc.stdin.write(json.dumps(configs if len(unit) > 1 else configs[0]))
         proc.stdin.close()
         for tdir in dirs:
@@ -234,6 +263,7 @@ class Runner:
           if len(unit) == 1 or trial_record(self.trial_dir(t))["status"] != "done":
             self._record(t, proc.returncode, wall / len(unit), log_of=unit[0])
           # else: the group process marked it done as it wrote it (before the group stopped)
+          lock.release(self.trial_dir(t))
         warm.add(program_key(unit[0]))
         bar.update(len(unit))
       time.sleep(0.1)
@@ -276,8 +306,12 @@ class Runner:
       if self.stop_signal is not None:
         break
       tdir = self.trial_dir(trial)
+      if main:  # every process follows process 0: a trial held elsewhere is skipped by all
+        claimed = self.claim([tdir])
+      if not bool(multihost_utils.broadcast_one_to_all(np.int32(claimed if main else 0))):
+        bar.update(1)
+        continue
       if main:
-        path(tdir).mkdir(parents=True, exist_ok=True)
         set_trial(tdir, status="running", overrides=trial.overrides, error=None,
                   config=trial_config(trial, self.sweep))
       start = time.perf_counter()
@@ -286,10 +320,11 @@ class Runner:
                                  progress=main)
         error = result.get("error") if code else None
       except Exception as e:  # one trial's failure must not end the sweep
-        code, error = 1, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        code, error = 1, error_line(e)
       statuses[trial.name] = {0: "done", 3: "diverged"}.get(code, "pending" if code >= 128 else "failed")
       if main:
         set_trial(tdir, status=statuses[trial.name], wall_s=round(time.perf_counter() - start, 2),
                   error=error)
+        lock.release(tdir)
       bar.update(1)
     return statuses

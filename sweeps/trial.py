@@ -3,7 +3,8 @@
 
 Run by the sweep runner as `python -m sweeps.trial WORKDIR` with the trial's config as JSON on stdin,
 so that a crash, an out-of-memory kill or a NaN stays inside the trial. Exit status: 0 done, 2 bad
-input, 3 diverged, 128+signal interrupted (checkpoint saved), anything else a crash.
+input, 3 diverged, 128+signal interrupted (checkpoint saved), 1 failed (recorded in status.json, the
+traceback in the trial's error.log; rundir/writing.py), anything else a crash.
 
 `python -m sweeps.trial WORKDIR WORKDIR ...` with a JSON list of configs runs a group of random-init
 controls that share one program (`eval.vmap_trials`, see eval/group.py) and marks each trial done in
@@ -33,6 +34,7 @@ from eval.group import evaluate_group  # noqa: E402
 from eval.suite import evaluate_run  # noqa: E402
 from rundir.outputs import latest  # noqa: E402
 from rundir.workdir import RunDirError, path, read_json  # noqa: E402
+from rundir.writing import RunFailed, writing  # noqa: E402
 from sweeps.status import set_trial  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
@@ -109,10 +111,14 @@ def main() -> int:
     config = json.load(sys.stdin)
     if isinstance(config, list):
       return run_group([ml_collections.ConfigDict(c) for c in config], workdirs)
-    code, result = run_trial(ml_collections.ConfigDict(config), workdirs[0], progress=False)
+    with writing(workdirs[0]):  # under the run lock the runner handed down; failures recorded
+      code, result = run_trial(ml_collections.ConfigDict(config), workdirs[0], progress=False)
   except (ConfigError, RunDirError, TrajectoryError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except RunFailed as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   if code == 3:
     print(f"error: {result.get('error')}", file=sys.stderr)
   return code

@@ -4,6 +4,9 @@
       [--tokenizer byte|bpe:N|FILE.json] [--val-fraction 0.05] [--seed 0] --out DIR
   python -m train.data verify DIR       # re-checks every shard's size and sha256 against meta.json
 
+Opening a corpus checks every shard's size and its largest token id against the vocabulary (one
+pass over the memory maps, once per process and shard version); `verify` also checks the sha256.
+
 A prepared directory holds `meta.json` (tokenizer, vocabulary, documents / tokens / bytes per split,
 shard checksums), the shards `{train,val}-NNNNN.bin` (flat uint16, or uint32 for vocabularies over
 65,535), `token_bytes.npy` (UTF-8 bytes of each token id, for bits per byte) and, for a `tokenizers`
@@ -68,6 +71,24 @@ def read_meta(directory: str) -> dict:
   return meta
 
 
+_CHECKED: set[tuple] = set()  # (path, size, mtime) of shards whose token ids were checked
+
+
+def check_ids(path: str, tokens: np.ndarray, vocab_size: int) -> None:
+  """DataError when a shard holds a token id past the vocabulary (a shard overwritten or mixed up):
+  one pass over its memory map, once per process for each (file, size, modification time)."""
+  st = os.stat(path)
+  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, vocab_size)
+  if key in _CHECKED:
+    return
+  step = 1 << 24
+  largest = max((int(tokens[i:i + step].max()) for i in range(0, len(tokens), step)), default=0)
+  if largest >= vocab_size:
+    raise DataError(f"{path} holds token id {largest}, past the vocabulary of {vocab_size}; the "
+                    "shard is corrupt or from another corpus (prepare the corpus again)")
+  _CHECKED.add(key)
+
+
 class TextData:
   """A prepared directory's splits as memory maps; windows are drawn from one split."""
 
@@ -87,6 +108,7 @@ class TextData:
                           f"{shard['tokens'] * dtype.itemsize}); prepare the corpus again")
         if shard["tokens"]:
           arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+          check_ids(path, arrays[-1], self.vocab_size)
       self.maps[split] = arrays
     tb = os.path.join(directory, TOKEN_BYTES)
     self.token_bytes = np.load(tb) if os.path.isfile(tb) else np.ones(self.vocab_size, np.int32)

@@ -13,13 +13,11 @@ from rundir.host import tune_allocator
 tune_allocator()  # before JAX starts its threads
 
 from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from rundir.cli import command, require, run  # noqa: E402
+from rundir.cli import command, define_config, require, run  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Trial config file.",
-                                          lock_config=True)
+_CONFIG = define_config("config", "configs/base.py", "Trial config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
 
 

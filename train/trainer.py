@@ -5,6 +5,7 @@ Every process runs this same code; process 0 alone writes progress, metrics, W&B
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from typing import Any
@@ -23,8 +24,8 @@ from rundir.checkpoint import Checkpointer
 from rundir.config import check_grad_accum, is_text, resolve, seq_lengths
 from rundir.logger import MetricsLogger
 from rundir.run import check_init_from, initial_params
-from rundir.workdir import (check_compatible, check_reachable, path, read_status, record_config,
-                            write_status)
+from rundir.workdir import check_compatible, check_reachable, read_status, record_config, write_status
+from rundir.writing import writing
 from tasks.metrics import fractions
 from tasks.synthetic import make_batch, task_of
 from train.step import (TrainState, abstract_train_state, make_eval_step, make_optimizer,
@@ -102,6 +103,7 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state, self.state_sharding)
+    sharding.check_fits(self.abstract_state, "the parameters and optimizer state")
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     rep = sharding.replicated(self.mesh)
     self.max_iters = recurrence.max_recurrence(t)
@@ -214,16 +216,27 @@ class Trainer:
 
   def run(self, ends_run: bool = True) -> dict[str, Any]:
     """Train to `train.steps`, resuming from the newest checkpoint. Returns the final status record.
-    `ends_run=False` (a sweep trial, evaluated next): status.json stays `running` when training is done."""
+    `ends_run=False` (a sweep trial, evaluated next): status.json stays `running` when training is done.
+    The run directory is held for the whole run (rundir/writing.py): a second writer is refused, and
+    an error on the way is recorded in status.json and raised as RunFailed."""
+    state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.abstract_state))
+    with writing(self.workdir, main=self.is_main, need_bytes=state_bytes):
+      ckpt = Checkpointer(self.workdir, self.cfg.train.keep_checkpoints)
+      try:
+        result = self._train(ckpt, ends_run)
+      except BaseException:
+        with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+          ckpt.close()
+        raise
+      ckpt.close()  # waits for the last save: a failure to write it is the run's failure
+      return result
+
+  def _train(self, ckpt: Checkpointer, ends_run: bool) -> dict[str, Any]:
     cfg, t = self.cfg, self.cfg.train
-    if self.is_main:
-      path(self.workdir).mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(self.workdir, t.keep_checkpoints)
     state, latest, meta = self._resume(ckpt)
     step = int(state["step"])
     prior = read_status(self.workdir) if self.is_main else None
     if latest is not None and step >= t.steps:  # finished earlier: leave the run as it is
-      ckpt.close()
       return {**(prior or {}), "status": "done", "step": step, "exit_code": 0}
     run_id = meta.get("wandb_run_id") or (prior or {}).get("wandb_run_id")
     logger = MetricsLogger(self.workdir, cfg.wandb, cfg.to_dict(), run_id, enabled=self.is_main)
@@ -231,14 +244,12 @@ class Trainer:
       record_config(self.workdir, cfg.to_dict(), self.old_config)
       write_status(self.workdir, "running", step=step, steps=t.steps, error=None,
                    wandb_run_id=logger.run_id, resumed_from=latest)
-    old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     window = LogWindow(t.batch_size * self.task.seq_len(cfg.task.train_length))
-    final: dict[str, Any] = {}
-    status, exit_code = "done", 0
     bar = tqdm(total=t.steps, initial=step, disable=not self.is_main, desc="train", unit="step",
                dynamic_ncols=True)
-
     started = time.perf_counter()
+    final: dict[str, Any] = {}
+    status, exit_code = "done", 0
 
     def flush() -> None:
       metrics = window.flush(step)
@@ -250,49 +261,60 @@ class Trainer:
                         tok_s=f"{metrics['train/tokens_per_s']:.0f}")
 
     try:
-      stop = False
-      while step < t.steps and not stop:
-        batch = self.global_batch(step, cfg.task.min_train_length, cfg.task.train_length,
-                                  t.batch_size, stream=0)
-        n_iters = jnp.int32(recurrence.sample(t, step))
-        state, metrics = self.train_step(state, batch, n_iters)
-        window.add(metrics)
-        window.wait_for_previous()  # at most one step in flight: the bar counts finished steps
-        step += 1
-        bar.update(1)
-        at_end = step == t.steps
-        save = at_end or (t.checkpoint_every and step % t.checkpoint_every == 0)
-        if save or step % t.log_every == 0:
-          flush()  # also the divergence check: never checkpoint a NaN state
-          stop = self._stop_requested()
-        elif jax.process_count() == 1:
-          stop = self._stop_signal is not None
-        if t.eval_every >= 0 and (at_end or (t.eval_every and step % t.eval_every == 0)):
-          final = self.evaluate(state["params"])
-          logger.log(step, {**final, "elapsed_s": time.perf_counter() - started})
-          window.restart()
-        if save:
-          ckpt.save(step, state, {"wandb_run_id": logger.run_id})
-      if stop and step < t.steps:
-        flush()
-        if ckpt.latest_step() != step:
-          ckpt.save(step, state, {"wandb_run_id": logger.run_id})
-        status, exit_code = "interrupted", 128 + self._stop_signal
+      with self._signals_caught():
+        stop = False
+        while step < t.steps and not stop:
+          batch = self.global_batch(step, cfg.task.min_train_length, cfg.task.train_length,
+                                    t.batch_size, stream=0)
+          state, metrics = self.train_step(state, batch, jnp.int32(recurrence.sample(t, step)))
+          window.add(metrics)
+          window.wait_for_previous()  # at most one step in flight: the bar counts finished steps
+          step += 1
+          bar.update(1)
+          at_end = step == t.steps
+          save = at_end or (t.checkpoint_every and step % t.checkpoint_every == 0)
+          if save or step % t.log_every == 0:
+            flush()  # also the divergence check: never checkpoint a NaN state
+            stop = self._stop_requested()
+          elif jax.process_count() == 1:
+            stop = self._stop_signal is not None
+          if t.eval_every >= 0 and (at_end or (t.eval_every and step % t.eval_every == 0)):
+            final = self.evaluate(state["params"])
+            logger.log(step, {**final, "elapsed_s": time.perf_counter() - started})
+            window.restart()
+          if save:
+            ckpt.save(step, state, {"wandb_run_id": logger.run_id})
+        if stop and step < t.steps:
+          flush()
+          if ckpt.latest_step() != step:
+            ckpt.save(step, state, {"wandb_run_id": logger.run_id})
+          status, exit_code = "interrupted", 128 + self._stop_signal
     except Diverged as e:
       status, exit_code = "diverged", 3
       final = {"error": f"training diverged: {e}"}
-    finally:
+    except BaseException:
       bar.close()
-      ckpt.close()
-      for s, h in old_handlers.items():
-        signal.signal(s, h)
+      with contextlib.suppress(Exception):
+        logger.close(exit_code=1)
+      raise
+    bar.close()
+    logger.summary({k: v for k, v in final.items() if k != "error"})
+    logger.close(exit_code=0 if status == "done" else 1)
     if self.is_main:
-      logger.summary({k: v for k, v in final.items() if k != "error"})
       write_status(self.workdir, "running" if status == "done" and not ends_run else status,
                    step=step, error=final.get("error"),
                    final={k: v for k, v in final.items() if k.startswith(("eval/", "val/"))})
-      logger.close(exit_code=0 if status == "done" else 1)
     return {"step": step, "exit_code": exit_code, **final, "status": status}
+
+  @contextlib.contextmanager
+  def _signals_caught(self):
+    """SIGTERM and SIGINT set the stop flag (the loop saves a checkpoint and stops) for the block."""
+    old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield
+    finally:
+      for s, h in old.items():
+        signal.signal(s, h)
 
   def _resume(self, ckpt: Checkpointer) -> tuple[TrainState, int | None, dict]:
     """(state, the step it was restored from or None, the checkpoint's metadata): the newest
