@@ -5,7 +5,9 @@
 
 On entry: the directory's lock (rundir/lock.py; a second writer gets one line naming the holder), then
 a probe write and, on a local disk, a check that a checkpoint of `need_bytes` fits in the free space
-(a read-only or full disk is one line, exit status 2, before anything is compiled or written).
+(a read-only or full disk is one line, exit status 2, before anything is compiled or written), and a
+small reserve file (WORKDIR/.reserve), deleted to make room for the failure's record if the disk
+fills up while the run writes.
 
 Any exception inside the block is recorded: the traceback is appended to WORKDIR/error.log (not shown
 on the screen), status.json becomes `failed` with the error's one line and the last good step (the
@@ -167,6 +169,7 @@ def writing(workdir: str, *, main: bool = True, need_bytes: int = 0, status: boo
   with lock.hold(workdir, shared=shared, enabled=main):
     if main:
       probe(workdir, need_bytes)
+    reserve = _reserve(workdir) if main else None
     try:
       with _library_errors_into(workdir) if main else contextlib.nullcontext():
         yield
@@ -177,4 +180,33 @@ def writing(workdir: str, *, main: bool = True, need_bytes: int = 0, status: boo
     except Exception as e:
       if not main:
         raise RunFailed(why(e)) from e
+      _free(reserve)  # room for the record on a disk that filled up
       raise RunFailed(record_failure(workdir, e, status=status)) from e
+    finally:
+      _free(reserve)
+
+
+RESERVE = ".reserve"
+RESERVE_BYTES = 256 * 1024
+
+
+def _reserve(workdir: str) -> str | None:
+  """WORKDIR/.reserve: space held while the run writes, given back to record a failure when the disk
+  fills up (status.json and error.log need a little room); None on an object store."""
+  if "://" in str(path(workdir)):
+    return None
+  file = str(path(workdir) / RESERVE)
+  try:
+    with open(file, "wb") as f:
+      f.write(os.urandom(RESERVE_BYTES))  # real blocks: not a sparse file
+    return file
+  except OSError:
+    with contextlib.suppress(OSError):
+      os.unlink(file)
+    raise RunDirError(f"{workdir} has no room left to write a run; free some space") from None
+
+
+def _free(reserve: str | None) -> None:
+  if reserve:
+    with contextlib.suppress(OSError):
+      os.unlink(reserve)
