@@ -83,7 +83,8 @@ def _save_traceback(workdir: str, e: BaseException) -> str:
 
 
 _CAUSES = {"No space left on device": "disk full", "Read-only file system": "read-only file system",
-           "Permission denied": "permission denied", "Disk quota exceeded": "disk quota exceeded"}
+           "Permission denied": "permission denied", "Disk quota exceeded": "disk quota exceeded",
+           "Operation not permitted": "operation not permitted"}
 
 
 def why(e: BaseException) -> str:

@@ -209,6 +209,13 @@ def test_a_disk_that_fills_mid_run_is_recorded_and_the_run_resumes_elsewhere(tmp
     assert steps and status["step"] == steps[-1] < 40
     assert "Traceback" in open(f"{run}/error.log").read()
     shutil.copytree(run, tmp_path / "moved", ignore=shutil.ignore_patterns("*-tmp"))
+    with open(os.path.join(small, "filler"), "wb") as f:  # the disk full from the start
+      with pytest.raises(OSError):
+        while True:
+          f.write(b"\0" * 65536)
+          f.flush()
+    full = run_all([["train", *TINY, "--workdir", f"{small}/second"]])[0]
+    assert "No space left on device" in one_error_line(full)
   again = run_all([["train", *TINY, "--workdir", str(tmp_path / "moved")]])[0]
   assert again.returncode == 0, again.stderr[-2000:]
   assert read_status(tmp_path / "moved")["status"] == "done"
