@@ -4,8 +4,10 @@
     ...                        # (re-entrant: a sweep trial trains, then evaluates, under one hold)
 
 A local directory is locked with `fcntl.flock` on DIR/.lock, which also records the holder (host,
-pid, command, since when) for the message a second process gets. The kernel releases the lock when
-its holder exits, however it exits, so a lock left by a dead process is simply taken.
+pid, command, since when) for the message a second process gets, and is removed when the last holder
+lets go. The kernel releases the lock when its holder exits, however it exits, so a lock left by a
+dead process is simply taken. A directory that taking the lock created, and that is still empty when
+it is let go (bad input found before anything was written), is removed too.
 
 On an object store (`gs://`), which has no locks, DIR/.lock is a lease: the holder's record plus a
 heartbeat renewed every HEARTBEAT_S seconds by a thread. A lease whose heartbeat is older than
@@ -50,6 +52,8 @@ class _Hold:
   fd: int | None = None                  # local: the locked descriptor
   beat: threading.Event | None = None    # object store: set to stop the heartbeat
   count: int = 1
+  inherited: bool = False                # our sweep runner's hold: the runner removes the file
+  created: bool = False                  # the directory was made by taking the lock
 
 
 _HELD: dict[str, _Hold] = {}
@@ -98,32 +102,55 @@ def _unusable(directory: str, e: OSError) -> RunDirError:
 def _lock_local(directory: str, shared: bool) -> _Hold:
   file = os.path.join(directory, LOCK)
   inherited = json.loads(os.environ.get(HANDED_DOWN) or "{}").get(directory)
-  try:
-    os.makedirs(directory, exist_ok=True)
-    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
-  except OSError as e:
-    raise _unusable(directory, e) from None
-  if inherited is not None:  # our sweep runner's hold on this trial: the same open lock
+  created = not os.path.isdir(directory)
+  while True:
     try:
-      same = os.fstat(inherited).st_ino == os.fstat(fd).st_ino
-    except OSError:
-      same = False
-    if same:
+      os.makedirs(directory, exist_ok=True)
+      fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise _unusable(directory, e) from None
+    if inherited is not None and _same_file(inherited, file):  # our runner's hold on this trial
       os.close(fd)
-      return _Hold(fd=os.dup(inherited))
+      return _Hold(fd=os.dup(inherited), inherited=True)
+    try:
+      fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read(file)
+      os.close(fd)
+      raise _refuse(directory, holder) from None
+    if _same_file(fd, file):
+      break
+    os.close(fd)  # its holder removed that file as it let go: lock the one there now
   try:
-    fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-  except BlockingIOError:
-    holder = _read(file)
-    os.close(fd)
-    raise _refuse(directory, holder) from None
-  try:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(_me(shared)).encode(), 0)
+    if not shared:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, json.dumps(_me(shared)).encode(), 0)
+    elif not os.fstat(fd).st_size:
+      os.pwrite(fd, json.dumps(_me(shared)).encode(), 0)
   except OSError as e:
     os.close(fd)
     raise _unusable(directory, e) from None
-  return _Hold(fd=fd)
+  return _Hold(fd=fd, created=created)
+
+
+def _same_file(fd: int, file: str) -> bool:
+  try:
+    a, b = os.fstat(fd), os.stat(file)
+  except OSError:
+    return False
+  return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _let_go(directory: str, hold: _Hold) -> None:
+  """Remove the lock file when no one else holds it (and the directory, if taking the lock made it
+  and nothing was written there), then close: a directory left by a run holds no stale .lock."""
+  if not hold.inherited:
+    with contextlib.suppress(OSError):
+      fcntl.flock(hold.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while another shared holder lives
+      os.unlink(os.path.join(directory, LOCK))
+      if hold.created:
+        os.rmdir(directory)  # fails unless empty
+  os.close(hold.fd)  # the lock goes with the last descriptor of its open file
 
 
 def _alive_here(holder: dict) -> bool:
@@ -192,7 +219,7 @@ def release(directory) -> None:
     return
   del _HELD[key]
   if hold.fd is not None:
-    os.close(hold.fd)  # the lock goes with the last descriptor of its open file
+    _let_go(key, hold)
   if hold.beat is not None:
     hold.beat.set()
     with contextlib.suppress(OSError):
