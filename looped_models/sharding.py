@@ -54,9 +54,22 @@ def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all). Devices of several TPU slices
+  (multi-slice) get the `data` axis laid across the slices, over the data-center network, and FSDP
+  and tensor parallelism within each slice, over its chip interconnect."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  types = (AxisType.Auto,) * len(AXES)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+  if shape[0] % slices:
+    raise ConfigError("mesh.data", shape[0], reason=f"the data axis spans the {slices} slices and "
+                      "must be divisible by their number")
+  from jax.experimental import mesh_utils  # only multi-slice runs lay out a hybrid mesh
+  grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1),
+                                              devices)
+  return Mesh(grid, AXES, axis_types=types)
 
 
 def path_str(path: tuple) -> str:

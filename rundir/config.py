@@ -17,11 +17,12 @@ from tasks.synthetic import task_of
 SCHEDULES = ("constant", "cosine", "wsd")
 
 
-def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def resolve(cfg: ml_collections.ConfigDict, task: Any = None) -> ml_collections.ConfigDict:
   """A validated copy of `cfg` with the derived values filled in (vocab size from the task,
-  the minimum training length, the evaluation iteration counts)."""
+  the minimum training length, the evaluation iteration counts). `task`: the config's task when it
+  is made otherwise (a text task over a stand-in corpus, for ahead-of-time compiles)."""
   cfg = with_defaults(cfg.to_dict())
-  task = task_of(cfg)
+  task = task or task_of(cfg)
   t, m = cfg.train, cfg.model
   if not m.vocab_size:
     m.vocab_size = task.vocab_size
@@ -30,7 +31,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   recurrence.validate(t)
   if not t.eval_recurrences:
     t.eval_recurrences = default_eval_recurrences(cfg)
-  validate(cfg)
+  validate(cfg, task)
   return cfg
 
 
@@ -64,8 +65,8 @@ def default_eval_recurrences(cfg: Any) -> tuple[int, ...]:
   return (r, 2 * r, 4 * r)
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  task = task_of(cfg)
+def validate(cfg: ml_collections.ConfigDict, task: Any = None) -> None:
+  task = task or task_of(cfg)
   validate_model_config(cfg.model)
   m, t = cfg.model, cfg.train
   if is_text(cfg):
@@ -118,9 +119,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"eval.{key}", cfg.eval[key], allowed="True|False")
 
 
-def seq_lengths(cfg: Any) -> dict[int, int]:
+def seq_lengths(cfg: Any, task: Any = None) -> dict[int, int]:
   """Problem size -> tokens, for the training length and every test length."""
-  task = task_of(cfg)
+  task = task or task_of(cfg)
   return {n: task.seq_len(n) for n in (cfg.task.train_length, *cfg.task.test_lengths)}
 
 

@@ -146,3 +146,17 @@ def verify(directory: str) -> dict:
       if sha256(os.path.join(directory, shard["file"])) != shard["sha256"]:
         raise DataError(f"{directory}/{shard['file']}: checksum mismatch; prepare the corpus again")
   return meta
+
+
+class VocabOnly:
+  """A corpus known only by its vocabulary: what compiling a text model's programs needs (their
+  shapes), so that `python -m train.aot` runs where the corpus is not (`Text(path, data=...)`)."""
+
+  def __init__(self, vocab_size: int, directory: str = ""):
+    self.directory, self.vocab_size = directory, int(vocab_size)
+    self.meta = {"max_token_id": self.vocab_size - 1}
+    self.token_bytes = np.ones(self.vocab_size, np.int32)
+
+  def check_window(self, length: int, key: str = "task.train_length") -> None:
+    """Any window: there are no shards to hold it."""
+

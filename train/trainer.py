@@ -21,15 +21,15 @@ from configs import recurrence
 from looped_models import LoopedTransformer, sharding
 from rundir import distributed
 from rundir.checkpoint import Checkpointer
-from rundir.config import check_grad_accum, is_text, resolve, seq_lengths
+from rundir.config import is_text, resolve, seq_lengths
 from rundir.logger import MetricsLogger
 from rundir.run import check_init_from, initial_params
 from rundir.workdir import check_compatible, check_reachable, read_status, record_config, write_status
 from rundir.writing import writing
 from tasks.metrics import fractions
 from tasks.synthetic import make_batch, task_of
-from train.step import (TrainState, abstract_train_state, make_eval_step, make_optimizer,
-                        make_schedule, make_train_step)
+from train import programs
+from train.step import TrainState
 
 
 class Diverged(Exception):
@@ -84,9 +84,6 @@ class Trainer:
     self.workdir = workdir
     distributed.initialize(cfg.distributed)
     self.mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_divisible(cfg.model, cfg.train.batch_size, self.mesh)
-    sharding.check_divisible(cfg.model, cfg.train.eval_batch_size, self.mesh)
-    check_grad_accum(cfg.train, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
     if cfg.train.init_from:
       check_init_from(cfg)
     self.is_main = jax.process_index() == 0
@@ -95,26 +92,8 @@ class Trainer:
     self.task = task_of(cfg)
     self.text = is_text(cfg)
     self.lengths = seq_lengths(cfg)
-
-    t = cfg.train
-    self.tx, self.schedule = make_optimizer(t), make_schedule(t)
-    self.graphdef, abstract_state = abstract_train_state(cfg.model, self.tx, t.seed)
-    self.state_sharding = sharding.tree_shardings(abstract_state, self.mesh)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state, self.state_sharding)
-    sharding.check_fits(self.abstract_state, "the parameters and optimizer state")
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
-    rep = sharding.replicated(self.mesh)
-    self.max_iters = recurrence.max_recurrence(t)
-    step_fn = make_train_step(self.graphdef, self.tx, max_iters=self.max_iters,
-                              backprop_depth=t.backprop_depth, seed=t.seed, grad_accum=t.grad_accum)
-    self.train_step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding, rep),
-                              out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
-    eval_fn = make_eval_step(self.graphdef, recurrences=t.eval_recurrences, seed=t.seed,
-                             token_bytes=self.task.data.token_bytes if self.text else None)
-    self.eval_step = jax.jit(eval_fn, in_shardings=(self.state_sharding["params"],
-                                                    self.batch_sharding), out_shardings=rep)
+    self.programs = programs.build(cfg, self.mesh, self.task.data.token_bytes if self.text else None)
+    self.abstract_state = self.programs.abstract_state
     self._stop_signal: int | None = None
 
   # -- pieces -------------------------------------------------------------------------------------
@@ -123,23 +102,23 @@ class Trainer:
     cfg = self.cfg
     if cfg.train.init_from:  # another run's parameters (e.g. an imported model), a fresh optimizer
       params = initial_params(cfg, self.abstract_state["params"])
-      start = lambda params: {"params": params, "opt_state": self.tx.init(params),
+      start = lambda params: {"params": params, "opt_state": self.programs.tx.init(params),
                               "step": jnp.zeros((), jnp.int32)}
-      return jax.jit(start, out_shardings=self.state_sharding)(params)
+      return jax.jit(start, out_shardings=self.programs.state_sharding)(params)
 
     def init(seed):  # the seed traced, so that seeds share one compiled program (a sweep's cache)
       model = LoopedTransformer(cfg.model, rngs=nnx.Rngs(jax.random.key(seed)))
       params = nnx.to_pure_dict(nnx.state(model))
-      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+      return {"params": params, "opt_state": self.programs.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    return jax.jit(init, out_shardings=self.state_sharding)(np.int32(cfg.train.seed))
+    return jax.jit(init, out_shardings=self.programs.state_sharding)(np.int32(cfg.train.seed))
 
   def global_batch(self, step: int, min_length: int, max_length: int, batch_size: int,
                    stream: int) -> dict:
     """The deterministic global batch as sharded arrays; this process generates only the rows its
     devices hold (a slice when the batch axis spans processes, all rows when it is replicated)."""
     S = self.task.seq_len(max_length)
-    index = self.batch_sharding.addressable_devices_indices_map((batch_size, S))
+    index = self.programs.batch_sharding.addressable_devices_indices_map((batch_size, S))
     spans = [sl[0].indices(batch_size)[:2] for sl in index.values()]
     first, stop = min(lo for lo, _ in spans), max(hi for _, hi in spans)
     local = make_batch(self.task, seed=self.cfg.train.seed, step=step, batch_size=batch_size,
@@ -151,7 +130,7 @@ class Trainer:
       def shard(idx):
         lo, hi, _ = idx[0].indices(batch_size)
         return v[lo - first:hi - first]
-      return jax.make_array_from_callback((batch_size, S), self.batch_sharding, shard)
+      return jax.make_array_from_callback((batch_size, S), self.programs.batch_sharding, shard)
 
     return {k: array(v) for k, v in local.items()}
 
@@ -165,7 +144,7 @@ class Trainer:
     for n in self.lengths:
       batch = self.global_batch(0, n, n, t.eval_batch_size, stream=1)
       best = (-1.0, 0)
-      per_r = jax.device_get(self.eval_step(params, batch))  # one pass, read at every r
+      per_r = jax.device_get(self.programs.eval_step(params, batch))  # one pass, read at every r
       for i, r in enumerate(t.eval_recurrences):
         counts = {k: v[i] for k, v in per_r.items()}
         acc = fractions(counts)
@@ -187,7 +166,7 @@ class Trainer:
       prefix = "val/" if n == self.cfg.task.train_length else f"val/len{n}/"
       batch = self.global_batch(0, n, n, t.eval_batch_size, stream=1)
       best = (np.inf, 0)
-      per_r = jax.device_get(self.eval_step(params, batch))  # one pass, read at every r
+      per_r = jax.device_get(self.programs.eval_step(params, batch))  # one pass, read at every r
       for i, r in enumerate(t.eval_recurrences):
         c = {k: v[i] for k, v in per_r.items()}
         loss = float(c["nats"]) / max(float(c["pos_count"]), 1.0)
@@ -254,7 +233,7 @@ class Trainer:
     def flush() -> None:
       metrics = window.flush(step)
       if metrics:
-        metrics["train/lr"] = float(self.schedule(step))
+        metrics["train/lr"] = float(self.programs.schedule(step))
         metrics["elapsed_s"] = time.perf_counter() - started
         logger.log(step, metrics)
         bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", steps_s=f"{metrics['train/steps_per_s']:.1f}",
@@ -266,7 +245,7 @@ class Trainer:
         while step < t.steps and not stop:
           batch = self.global_batch(step, cfg.task.min_train_length, cfg.task.train_length,
                                     t.batch_size, stream=0)
-          state, metrics = self.train_step(state, batch, jnp.int32(recurrence.sample(t, step)))
+          state, metrics = self.programs.train_step(state, batch, jnp.int32(recurrence.sample(t, step)))
           window.add(metrics)
           window.wait_for_previous()  # at most one step in flight: the bar counts finished steps
           step += 1
