@@ -15,7 +15,8 @@ import jax
 
 from configs.errors import ConfigError, check_int
 
-# Environment variables that mark a multi-host environment JAX's cluster detection understands.
+# Environment variables that mark a multi-host environment JAX's cluster detection understands
+# (TPU_WORKER_HOSTNAMES only when it lists several hosts: one host needs no coordinator).
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID")
 
 
@@ -41,7 +42,7 @@ def initialize(d: Any) -> bool:
                                initialization_timeout=d.timeout_s)
     return True
   multi_host_env = any(os.environ.get(v) for v in _CLUSTER_ENV) and os.environ.get(
-      "SLURM_NTASKS", "2") != "1"
+      "SLURM_NTASKS", "2") != "1" and "," in os.environ.get("TPU_WORKER_HOSTNAMES", ",")
   if d.auto and multi_host_env:
     jax.distributed.initialize(initialization_timeout=d.timeout_s)
     return True

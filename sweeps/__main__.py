@@ -1,6 +1,8 @@
 """`python -m sweeps --config configs/sweeps/NAME.py [--workdir runs] [--parallel N] [--dry-run] [--force]
-[--trial NAME] [--config.KEY=VALUE ...]` runs a sweep; `python -m sweeps report runs/NAME` rebuilds its
-report; `python -m sweeps export-wandb --config FILE [--out FILE]` writes a W&B sweep definition.
+[--trial NAME] [--topology T [--slices N]] [--config.KEY=VALUE ...]` runs a sweep (`--topology`: each
+trial shape compiled for that TPU slice first, sweeps/preflight.py); `python -m sweeps report
+runs/NAME` rebuilds its report; `python -m sweeps export-wandb --config FILE [--out FILE]` writes a
+W&B sweep definition.
 
 Exit status: 0 when every trial is done, 1 when some failed or diverged (the report says which),
 2 for bad input (one line on stderr), 130/143 when stopped by SIGINT/SIGTERM (rerun to resume).
@@ -9,6 +11,7 @@ Exit status: 0 when every trial is done, 1 when some failed or diverged (the rep
 from __future__ import annotations
 
 import os
+import sys
 
 from rundir.host import tune_allocator
 
@@ -22,11 +25,12 @@ from configs.errors import ConfigError  # noqa: E402
 from rundir import cli, distributed  # noqa: E402
 from rundir.logger import log_to_wandb  # noqa: E402
 from rundir.workdir import RunDirError, check_reachable  # noqa: E402
-from sweeps import report, wandb_export  # noqa: E402
+from sweeps import preflight, report, wandb_export  # noqa: E402
 from sweeps.expand import base_config, expand, load_sweep_module, sweep_name  # noqa: E402
 from sweeps.records import load  # noqa: E402
 from sweeps.runner import Runner  # noqa: E402
 from sweeps.tables import HALTING_HEADER, halting_table, trial_table  # noqa: E402
+from train import tpu  # noqa: E402
 
 _CONFIG = cli.define_config("config", None, "Sweep file (configs/sweeps/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs", "Root of the sweep directories.")
@@ -37,7 +41,12 @@ _TRIAL = flags.DEFINE_multi_string("trial", None, "Run only this trial (repeatab
 _OUT = flags.DEFINE_string("out", None,
                            "export-wandb: the YAML file (default WORKDIR/SWEEP/wandb_sweep.yaml).")
 _FORCE = flags.DEFINE_bool("force", False, "Run again the trials whose config changed since they ran "
-                           "(resumed from their checkpoints); without it such a sweep is refused.")
+                           "(resumed from their checkpoints), and with --topology those that do not "
+                           "fit; without it such trials are refused.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice (v5e-256, v5p-128, ...): compile every "
+                                "trial shape for it first (libtpu: .venv-tpu/bin/python) and list or "
+                                "refuse the trials that do not fit (sweeps/preflight.py).")
+_SLICES = flags.DEFINE_integer("slices", 1, "With --topology: slices of that topology.")
 
 
 def log_sweep_to_wandb(base_cfg, sweep: str, sweep_dir: str, paths: dict) -> None:
@@ -88,12 +97,26 @@ def main(argv: list[str]) -> int:
       print(f"W&B sweep definition: {out} ({len(trials)} trials)\nrun: wandb sweep {out}, then "
             "wandb agent ENTITY/PROJECT/SWEEP_ID on each machine (sharing --workdir)")
       return 0
+    fits = None
+    if _TOPOLOGY.value:
+      tpu.compile_only_environment(cpu=_DRY_RUN.value)  # a dry run compiles on this machine's CPU
+      if _DRY_RUN.value:
+        jax.config.update("jax_platforms", "cpu")
+      else:
+        distributed.initialize(base.distributed)  # before the compiles start JAX's backend
+      fits = preflight.check(trials, _TOPOLOGY.value, _SLICES.value,
+                             say=lambda line: print(line, file=sys.stderr, flush=True))
     if _DRY_RUN.value:
-      for t in trials:
-        print(f"{t.name}\t" + " ".join(f"{k}={v}" for k, v in t.overrides.items())
-              + (f"\tINVALID: {t.invalid}" if t.invalid else ""))
+      if fits is not None:
+        print("\n".join(preflight.lines(trials, fits)))
+      else:
+        for t in trials:
+          print(f"{t.name}\t" + " ".join(f"{k}={v}" for k, v in t.overrides.items())
+                + (f"\tINVALID: {t.invalid}" if t.invalid else ""))
       print(f"{len(trials)} trials in {os.path.join(_WORKDIR.value, name)}")
       return 0
+    if fits is not None and not _FORCE.value:
+      trials = preflight.refuse_misfits(trials, fits, _TOPOLOGY.value)
     check_reachable(_WORKDIR.value)  # a bucket that cannot be reached: one line, before any trial
     distributed.initialize(base.distributed)  # a pod: every host runs this same command
     runner = Runner(name, trials, _WORKDIR.value, parallel=_PARALLEL.value, force=_FORCE.value,

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from rundir.workdir import read_status
 from train import tpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,14 +48,19 @@ def compiled(tmp_path_factory):
           "huge": [*TINY, *HUGE, "--topology", "v5e-4", "--programs", "train_step",
                    "--out", f"{tmp}/huge.json"],
           "unknown": [*TINY, "--topology", "v5e-3"]}
-  procs = {k: subprocess.Popen([TPU_PYTHON, "-m", "train.aot", *a], cwd=ROOT, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  runs = {k: ["train.aot", *a] for k, a in runs.items()}
+  sweep = ["sweeps", "--config", "tests/sweeps/aot.py", "--topology", "v5e-4", "--workdir", str(tmp)]
+  runs.update(preflight=[*sweep, "--dry-run"], launch=sweep)
+  procs = {k: subprocess.Popen([TPU_PYTHON, "-m", *a], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE,
+                               env={**env, "JAX_PLATFORMS": "cpu"} if k == "launch" else env)
            for k, a in runs.items()}
   out = {}
   for k, p in procs.items():
     stdout, stderr = p.communicate(timeout=600)
     path = f"{tmp}/{k}.json"
     out[k] = (p.returncode, stdout, stderr, json.load(open(path)) if os.path.exists(path) else None)
+  out["sweep_dir"] = tmp / "aot"
   return out
 
 
@@ -97,3 +103,18 @@ def test_an_unknown_topology_is_one_line(compiled):
   lines = [l for l in stderr.splitlines() if l.strip()]
   assert code == 2 and report is None and len(lines) == 1, stderr[-2000:]
   assert lines[0].startswith("error: config error: --topology='v5e-3'") and "no v5e slice has 3" in lines[0]
+
+
+def test_a_sweep_preflight_lists_each_trial_and_a_launch_refuses_what_does_not_fit(compiled):
+  code, stdout, stderr, _ = compiled["preflight"]
+  assert code == 0, stderr[-3000:]
+  rows = dict(line.split("\t")[::2] for line in stdout.splitlines() if "\t" in line)
+  huge = next(name for name in rows if name.startswith("d8192"))
+  assert rows["d32"] == "fits: 0.0 of 16 GiB" and rows[huge].startswith("does not fit: needs ")
+  assert stderr.count("compiling ") == 2  # one compile per trial shape
+  code, _, stderr, _ = compiled["launch"]
+  assert code == 1, stderr[-3000:]  # one trial refused, the other done
+  refused = read_status(compiled["sweep_dir"] / huge)
+  assert refused["status"] == "failed" and refused["error"].startswith("does not fit v5e-4 (")
+  assert not (compiled["sweep_dir"] / huge / "checkpoints").exists()
+  assert read_status(compiled["sweep_dir"] / "d32")["status"] == "done"

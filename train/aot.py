@@ -51,16 +51,22 @@ from tasks.synthetic import Text  # noqa: E402
 from tasks.text import VocabOnly  # noqa: E402
 from train import programs  # noqa: E402
 
-_CONFIG = define_config("config", "configs/base.py", "Trial config file.")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v5p-128, v6e-256, v4-64 "
-                                "(Cloud TPU accelerator types) or a chip grid such as v5e:4x4.")
-_SLICES = flags.DEFINE_integer("slices", 1, "Slices of that topology (multi-slice: the data axis "
-                               "across slices).")
-_OUT = flags.DEFINE_string("out", None, "Also write the report as JSON to this file.")
-_PROGRAMS = flags.DEFINE_list("programs", ["train_step", "eval_step", "decode_step"],
-                              "Which programs to compile.")
+
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags (defined only when it runs as a command: `sweeps` imports this module)."""
+  return {
+      "config": define_config("config", "configs/base.py", "Trial config file."),
+      "topology": flags.DEFINE_string("topology", None, "TPU slice: v5e-16, v5p-128, v6e-256, v4-64 "
+                                      "(Cloud TPU accelerator types) or a chip grid such as v5e:4x4."),
+      "slices": flags.DEFINE_integer("slices", 1, "Slices of that topology (multi-slice: the data "
+                                     "axis across slices)."),
+      "out": flags.DEFINE_string("out", None, "Also write the report as JSON to this file."),
+      "programs": flags.DEFINE_list("programs", list(PROGRAMS), "Which programs to compile."),
+  }
+
 
 DECODE_SLOTS = 8
+PROGRAMS = ("train_step", "eval_step", "decode_step")
 OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
@@ -145,8 +151,8 @@ def refused(e: OutOfMemory, *, argument_bytes: float, flops_per_chip: float, per
           "mfu_upper_bound": None, "compile_s": e.compile_s, "compile_error": str(e)}
 
 
-def preflight(cfg: Any, topology: str, slices: int = 1, which: tuple[str, ...] = (
-    "train_step", "eval_step", "decode_step"), say=lambda line: None) -> dict:
+def preflight(cfg: Any, topology: str, slices: int = 1, which: tuple[str, ...] = PROGRAMS,
+              say=lambda line: None) -> dict:
   """Compile `cfg`'s programs for `slices` slices of `topology`; the report (see the module)."""
   topo = tpu.parse(topology)
   if slices < 1:
@@ -266,20 +272,22 @@ def table(report: dict) -> str:
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.ERROR)
   command(argv, {None: []})
-  require(_TOPOLOGY)
-  unknown = set(_PROGRAMS.value) - {"train_step", "eval_step", "decode_step"}
-  if unknown:
-    raise ConfigError("--programs", sorted(unknown), allowed="train_step,eval_step,decode_step")
-  report = preflight(_CONFIG.value, _TOPOLOGY.value, _SLICES.value, tuple(_PROGRAMS.value),
+  require(_F["topology"])
+  which = tuple(_F["programs"].value)
+  if set(which) - set(PROGRAMS):
+    raise ConfigError("--programs", ",".join(which), allowed=",".join(PROGRAMS))
+  cfg = _F["config"].value
+  report = preflight(cfg, _F["topology"].value, _F["slices"].value, which,
                      say=lambda line: print(line, file=sys.stderr, flush=True))
-  report["config"] = _CONFIG.value.to_dict() if hasattr(_CONFIG.value, "to_dict") else None
+  report["config"] = cfg.to_dict()
   print(table(report))
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if _F["out"].value:
+    with open(_F["out"].value, "w") as f:
       json.dump(report, f, indent=2, default=str)
   print(verdict(report))
   return 0 if report["fits"] else 1
 
 
 if __name__ == "__main__":
+  _F = define_flags()
   run(main)

@@ -94,12 +94,13 @@ _NO_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-1",
                "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
-def compile_only_environment() -> None:
-  """Before JAX starts: compile on this machine's CPU backend (the topology's devices are described,
-  not attached; a TPU here, maybe busy with a run, is left alone), with libtpu told there is no TPU
-  to look for. Values already in the environment are kept."""
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  if os.environ["JAX_PLATFORMS"] == "cpu":
+def compile_only_environment(cpu: bool = True) -> None:
+  """Before JAX starts (`cpu`): compile on this machine's CPU backend (the topology's devices are
+  described, not attached; a TPU here, maybe busy with a run, is left alone). In a process on the CPU
+  backend, libtpu is told there is no TPU to look for. Values already in the environment are kept."""
+  if cpu:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if os.environ.get("JAX_PLATFORMS") == "cpu":
     for key, value in _NO_TPU_ENV.items():
       os.environ.setdefault(key, value)
 
