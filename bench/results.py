@@ -42,12 +42,23 @@ def parser(doc: str, section: str | None = None, *, note: bool = True,
   return p
 
 
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo; the platform's processor string elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+    return found.group(1).strip() if found else platform.processor() or "unknown CPU"
+  except OSError:
+    return platform.processor() or "unknown CPU"
+
+
 def machine() -> str:
-  """The host, its CPU cores, the devices, jax's version and today's date, in one line."""
+  """The host, its CPU (model, cores), the devices, jax's version and today's date, in one line."""
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", dev.platform)
-  return (f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores, {dev.platform} x{jax.device_count()}"
-          f" ({kind}), jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+  return (f"{platform.node() or 'host'}: {cpu_model()}, {os.cpu_count()} CPU cores, "
+          f"{dev.platform} x{jax.device_count()} ({kind}), jax {jax.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}")
 
 
 def command(module: str, args: argparse.Namespace, *names: str) -> str:

@@ -62,7 +62,12 @@ def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
   types = (AxisType.Auto,) * len(AXES)
   slices = len({getattr(d, "slice_index", 0) for d in devices})
   if slices == 1:
-    return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+    try:
+      return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+    except NotImplementedError:  # an axis that is no product of a TPU torus's axes (2 of a 4x4x4)
+      from jax.experimental import mesh_utils  # only such a mesh splits a physical axis
+      return Mesh(mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True),
+                  AXES, axis_types=types)
   if shape[0] % slices:
     raise ConfigError("mesh.data", shape[0], reason=f"the data axis spans the {slices} slices and "
                       "must be divisible by their number")
@@ -131,11 +136,12 @@ def place(batch: dict, mesh: Mesh | None) -> dict:
   return {k: put(v, mesh) for k, v in batch.items()}
 
 
-def check_divisible(model_cfg: Any, batch_size: int, mesh: Mesh) -> None:
+def check_divisible(model_cfg: Any, batch_size: int, mesh: Mesh,
+                    batch_key: str = "train.batch_size") -> None:
   """The shapes the rules shard must divide evenly over their mesh axes."""
   batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % batch_ways:
-    raise ConfigError("train.batch_size", batch_size,
+    raise ConfigError(batch_key, batch_size,
                       reason=f"must be divisible by mesh data*fsdp={batch_ways}")
   tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
   for key in ("n_heads", "d_ff"):

@@ -25,12 +25,16 @@ PROGRAMS = ("train_step", "eval_step")
 
 def check(trials: list[Trial], topology: str, slices: int = 1,
           say: Callable[[str], None] = lambda line: None) -> dict[str, dict]:
-  """{trial name: the AOT report of its shape} for the valid trials (one compile per shape)."""
+  """{trial name: the AOT report of its shape} for the trials that compile (one compile per shape;
+  a text trial whose corpus is not on this machine compiles with `model.vocab_size`)."""
   reports: dict[tuple, dict] = {}
   out = {}
   for t in trials:
     if t.invalid:
-      continue
+      try:
+        aot.compile_config(t.config)
+      except ConfigError:
+        continue
     key = program_key(t)
     if key not in reports:
       say(f"compiling {t.name} (and the trials of its shape) for {topology} x{slices} ...")
@@ -52,7 +56,10 @@ def lines(trials: list[Trial], reports: dict[str, dict]) -> list[str]:
   """One line per trial: name, overrides, fits / does not fit with the GiB per chip."""
   out = []
   for t in trials:
-    what = t.invalid and f"INVALID: {t.invalid}" or verdict(reports[t.name])
+    if t.name not in reports:
+      what = f"INVALID: {t.invalid}"
+    else:
+      what = verdict(reports[t.name]) + (f" (here: {t.invalid})" if t.invalid else "")
     out.append(f"{t.name}\t" + " ".join(f"{k}={v}" for k, v in t.overrides.items()) + f"\t{what}")
   return out
 
@@ -61,4 +68,5 @@ def refuse_misfits(trials: list[Trial], reports: dict[str, dict], topology: str)
   """The trials, those that do not fit marked invalid (the runner records them failed, unrun)."""
   return [dataclasses.replace(t, invalid=f"does not fit {topology} ({verdict(reports[t.name])}); "
                               "python -m train.aot shows why; --force runs it anyway")
-          if not t.invalid and not reports[t.name]["fits"] else t for t in trials]
+          if not t.invalid and t.name in reports and not reports[t.name]["fits"] else t
+          for t in trials]

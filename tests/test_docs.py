@@ -5,7 +5,7 @@ Each fenced ```bash block is split into commands. The `python -m PACKAGE ...` co
 two worker processes (the smoke sweep in one, the rest in the other), each command in-process through
 `runpy`, one of two ways:
   run    for real, where that is cheap: every sweep with `--dry-run` added (which expands the trials
-         and checks each one's config), `sweeps report` and `export-wandb`, `train.data prepare` and
+         and checks each one's config; not a `--topology` preflight, which compiles for a TPU slice), `sweeps report` and `export-wandb`, `train.data prepare` and
          `verify` on a tiny corpus, `eval generate --prompt` on the Shakespeare preset trained for one
          step (the preset's real context, so a prompt and --max-new that do not fit fail), and the
          smoke sweep of `make smoke`: its first trial with tiny overrides, trained, evaluated and
@@ -15,6 +15,7 @@ two worker processes (the smoke sweep in one, the rest in the other), each comma
          renamed command, flag, config file or config key fails. (absl's `--help` would not do: it
          prints and exits before it reads the flags after it.)
 `runs/...`, `data/...`, `gs://...` and output files are redirected into a temporary directory.
+`.venv-tpu/bin/python -m ...` (the TPU compiler's environment) is checked as `python -m ...`.
 `make TARGET` must be a Makefile target, and its recipe's python commands are checked as above (`make
 run` and `make test` are not run); other programs must be on a short list, install lines must name
 requirements.txt's pins. ```python blocks must parse and their imports resolve. Links between the
@@ -126,6 +127,8 @@ def plan(argv: list[str], where: str, tmp: str, smoke: bool = False) -> dict:
       mode, needs = "run if it exists", f"{args[-1]}/sweep.json"
     elif sub == "export-wandb":
       mode = "run"
+    elif any(a.startswith("--topology") for a in args):
+      mode = "parse"  # compiling a pod preset for its slice takes minutes: tests/test_aot.py runs it
     else:
       mode, args = "run", args + ([] if "--dry-run" in args else ["--dry-run"])
     if sub != "report" and not any(a.startswith("--workdir") for a in args):
@@ -178,6 +181,8 @@ def check_other(argv: list[str], where: str, tmp: str, jobs: list[dict], problem
 
 
 def classify(argv: list[str], where: str, tmp: str, jobs: list[dict], problems: list[str]) -> None:
+  if argv[0] == ".venv-tpu/bin/python":  # the TPU compiler's environment (make tpu-setup)
+    argv = ["python", *argv[1:]]
   if argv[:2] == ["python", "-m"] and len(argv) > 2 and argv[2].split(".")[0] in OURS:
     jobs.append(plan(argv, where, tmp))
   elif argv[0].endswith("python") or argv[0].endswith("/python3"):

@@ -53,7 +53,7 @@ def build(cfg: Any, mesh: Mesh, token_bytes: np.ndarray | None = None, *,
   counts bits per byte."""
   t = cfg.train
   sharding.check_divisible(cfg.model, t.batch_size, mesh)
-  sharding.check_divisible(cfg.model, t.eval_batch_size, mesh)
+  sharding.check_divisible(cfg.model, t.eval_batch_size, mesh, "train.eval_batch_size")
   check_grad_accum(t, mesh.shape["data"] * mesh.shape["fsdp"])
   tx, schedule = make_optimizer(t), make_schedule(t)
   graphdef, abstract = abstract_train_state(cfg.model, tx, t.seed)
