@@ -109,7 +109,8 @@ class Trainer:
     def init(seed):  # the seed traced, so that seeds share one compiled program (a sweep's cache)
       model = LoopedTransformer(cfg.model, rngs=nnx.Rngs(jax.random.key(seed)))
       params = nnx.to_pure_dict(nnx.state(model))
-      return {"params": params, "opt_state": self.programs.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+      return {"params": params, "opt_state": self.programs.tx.init(params),
+              "step": jnp.zeros((), jnp.int32)}
 
     return jax.jit(init, out_shardings=self.programs.state_sharding)(np.int32(cfg.train.seed))
 
