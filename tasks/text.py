@@ -13,6 +13,12 @@ shard checksums), the shards `{train,val}-NNNNN.bin` (flat uint16, or uint32 for
 tokenizer, `tokenizer.json`. Every document is stored as [BOS] tokens [EOS]. Documents are split
 between train and validation by a seeded shuffle, so no document contributes to both.
 
+A corpus prepared with generated problems (`--synthetic`, tasks/reasoning.py) also holds, token for
+token with each shard, a uint8 class shard `classes-{split}-NNNNN.bin` (listed under the split's
+`classes` in meta.json, the encoding under `classes`) and may hold a third split `extrapolate`;
+`TextData.classes(split)` and `window_with_classes` read them. Readers of train and val see nothing
+new.
+
 Training reads windows through `TextData.window(rng, length)` with the rng of the synthetic tasks
 (tasks/synthetic.py): a window is a pure function of (seed, step, row), so resuming and multi-host need no
 iterator state and each process reads only its own rows.
@@ -33,7 +39,31 @@ from tasks.tokenizers import TOKENIZER_FILE, ByteTokenizer, HFTokenizer
 META = "meta.json"
 TOKEN_BYTES = "token_bytes.npy"
 SPLITS = ("train", "val")
+EXTRA_SPLITS = ("extrapolate",)  # optional: problems with more steps than trained (reasoning.py)
 FORMAT_VERSION = 1
+
+
+def splits_of(meta: dict) -> tuple[str, ...]:
+  """The splits a corpus holds: train and val, then those of EXTRA_SPLITS it has."""
+  return SPLITS + tuple(s for s in EXTRA_SPLITS if s in meta["splits"])
+
+
+def _open_shards(directory: str, shards: list[dict], dtype: np.dtype,
+                 vocab_size: int | None = None) -> list[np.ndarray]:
+  """Memory maps of the non-empty `shards` (DataError for one missing or of the wrong size), their
+  token ids checked against `vocab_size` where given (token shards, not class shards)."""
+  arrays = []
+  for shard in shards:
+    path = os.path.join(directory, shard["file"])
+    size = os.path.getsize(path) if os.path.isfile(path) else -1
+    if size != shard["tokens"] * dtype.itemsize:
+      raise DataError(f"{path} is missing or truncated ({size} bytes, expected "
+                      f"{shard['tokens'] * dtype.itemsize}); prepare the corpus again")
+    if shard["tokens"]:
+      arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+      if vocab_size is not None:
+        check_ids(path, arrays[-1], vocab_size)
+  return arrays
 
 
 def sha256(path: str) -> str:
@@ -98,18 +128,16 @@ class TextData:
     self.vocab_size = int(meta["tokenizer"]["vocab_size"])
     dtype = np.dtype(meta["dtype"])
     self.maps: dict[str, list[np.ndarray]] = {}
-    for split in SPLITS:
-      arrays = []
-      for shard in meta["splits"][split]["shards"]:
-        path = os.path.join(directory, shard["file"])
-        size = os.path.getsize(path) if os.path.isfile(path) else -1
-        if size != shard["tokens"] * dtype.itemsize:
-          raise DataError(f"{path} is missing or truncated ({size} bytes, expected "
-                          f"{shard['tokens'] * dtype.itemsize}); prepare the corpus again")
-        if shard["tokens"]:
-          arrays.append(np.memmap(path, dtype=dtype, mode="r"))
-          check_ids(path, arrays[-1], self.vocab_size)
-      self.maps[split] = arrays
+    self.class_maps: dict[str, list[np.ndarray]] = {}  # of a corpus with classes, aligned with maps
+    for split in splits_of(meta):
+      self.maps[split] = _open_shards(directory, meta["splits"][split]["shards"], dtype,
+                                      self.vocab_size)
+      if "classes" in meta["splits"][split]:
+        classes = _open_shards(directory, meta["splits"][split]["classes"], np.dtype(np.uint8))
+        if [len(c) for c in classes] != [len(a) for a in self.maps[split]]:
+          raise DataError(f"{directory}: the class shards of {split} do not match its token "
+                          "shards; prepare the corpus again")
+        self.class_maps[split] = classes
     tb = os.path.join(directory, TOKEN_BYTES)
     self.token_bytes = np.load(tb) if os.path.isfile(tb) else np.ones(self.vocab_size, np.int32)
 
@@ -128,21 +156,42 @@ class TextData:
         raise ConfigError(key, length, reason=f"a window of {length} tokens needs {length + 1} in one "
                           f"shard of the {split} split of {self.directory}, which has {longest}")
 
+  def classes(self, split: str) -> list[np.ndarray]:
+    """The uint8 class of every token of `split`, shard for shard with `self.maps[split]` (the
+    encoding: meta['classes'], tasks/reasoning.py); DataError for a corpus without classes."""
+    if split not in self.class_maps:
+      raise DataError(f"{self.directory} holds no token classes for {split} (prepare it with "
+                      "--synthetic)")
+    return self.class_maps[split]
+
+  def _place(self, rng: np.random.Generator, length: int, split: str) -> tuple[int, int]:
+    """Where a random window of `split` starts: (shard, start), shards weighted by size."""
+    maps = self.maps[split]
+    fits = [i for i, a in enumerate(maps) if len(a) > length]
+    sizes = np.array([len(maps[i]) - length for i in fits], np.float64)
+    i = fits[0] if len(fits) == 1 else fits[int(rng.choice(len(fits), p=sizes / sizes.sum()))]
+    return i, int(rng.integers(0, len(maps[i]) - length))
+
   def window(self, rng: np.random.Generator, length: int, split: str) -> np.ndarray:
     """length + 1 consecutive tokens (int32) from a random place in `split` (shards weighted by size)."""
-    arrays = [a for a in self.maps[split] if len(a) > length]
-    sizes = np.array([len(a) - length for a in arrays], np.float64)
-    a = arrays[0] if len(arrays) == 1 else arrays[int(rng.choice(len(arrays), p=sizes / sizes.sum()))]
-    start = int(rng.integers(0, len(a) - length))
-    return np.asarray(a[start:start + length + 1], np.int32)
+    i, start = self._place(rng, length, split)
+    return np.asarray(self.maps[split][i][start:start + length + 1], np.int32)
+
+  def window_with_classes(self, rng: np.random.Generator, length: int, split: str
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """The window `window` reads for the same rng state, and its tokens' classes (uint8)."""
+    classes = self.classes(split)
+    i, start = self._place(rng, length, split)
+    return (np.asarray(self.maps[split][i][start:start + length + 1], np.int32),
+            np.asarray(classes[i][start:start + length + 1], np.uint8))
 
 
 def verify(directory: str) -> dict:
   """Recompute every shard's sha256 and compare with meta.json; DataError on the first mismatch."""
   meta = read_meta(directory)
   TextData(directory)  # sizes
-  for split in SPLITS:
-    for shard in meta["splits"][split]["shards"]:
+  for split in splits_of(meta):
+    for shard in meta["splits"][split]["shards"] + meta["splits"][split].get("classes", []):
       if sha256(os.path.join(directory, shard["file"])) != shard["sha256"]:
         raise DataError(f"{directory}/{shard['file']}: checksum mismatch; prepare the corpus again")
   return meta

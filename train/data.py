@@ -1,10 +1,12 @@
 """Text corpora for training: tokenise once into flat token shards, then read random windows.
 
   python -m train.data prepare --input 'texts/*.txt' [--input more.jsonl] [--lines] \
-      [--tokenizer byte|bpe:N|FILE.json] [--val-fraction 0.05] [--seed 0] --out DIR
+      [--tokenizer byte|bpe:N|FILE.json] [--val-fraction 0.05] [--seed 0] --out DIR \
+      [--synthetic var_chain:hops=1-8,extrapolate=9-12 [--synthetic-ratio 0.5]]
   python -m train.data verify DIR       # re-checks every shard's size and sha256 against meta.json
 
-The format is described in tasks/text.py; the preparation in tasks/corpus.py. Bad input: one line on
+The format is described in tasks/text.py; the preparation in tasks/corpus.py; the generated
+problems of `--synthetic` and their per-token classes in tasks/reasoning.py. Bad input: one line on
 stderr, exit status 2 (rundir/cli.py).
 """
 
@@ -29,6 +31,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "prepare: seed of the document split.")
 _SHARD_TOKENS = flags.DEFINE_integer("shard-tokens", 1 << 28, "prepare: tokens per shard file.")
 _BOS = flags.DEFINE_string("bos", None, "prepare: start-of-document token of a FILE.json tokenizer.")
 _EOS = flags.DEFINE_string("eos", None, "prepare: end-of-document token of a FILE.json tokenizer.")
+_SYNTHETIC = flags.DEFINE_string("synthetic", None, "prepare: generated problems mixed into the "
+                                 "prose, FAMILY[:KEY=VALUE,...], e.g. var_chain:hops=1-8,"
+                                 "extrapolate=9-12 (tasks/reasoning.py); adds per-token classes.")
+_SYNTHETIC_RATIO = flags.DEFINE_float("synthetic-ratio", None, "prepare: share of the text that is "
+                                      "problems, 0 <= r < 1 (default 0.5).")
 
 
 def main(argv: list[str]) -> int:
@@ -43,11 +50,13 @@ def main(argv: list[str]) -> int:
     raise DataError(f"--shard-tokens {_SHARD_TOKENS.value} is not allowed; allowed: >= 2")
   meta = prepare(_INPUT.value, _OUT.value, tokenizer=_TOKENIZER.value, lines=_LINES.value,
                  val_fraction=_VAL_FRACTION.value, seed=_SEED.value, shard_tokens=_SHARD_TOKENS.value,
-                 bos=_BOS.value, eos=_EOS.value)
+                 bos=_BOS.value, eos=_EOS.value, synthetic=_SYNTHETIC.value,
+                 synthetic_ratio=_SYNTHETIC_RATIO.value)
   sp = meta["splits"]
+  splits = [f"{s} {sp[s]['documents']} documents, {sp[s]['tokens']} tokens"
+            + (f" ({sp[s]['problems']} problems)" if "problems" in sp[s] else "") for s in sp]
   print(f"{_OUT.value}: vocabulary {meta['tokenizer']['vocab_size']} ({meta['tokenizer']['kind']}); "
-        f"train {sp['train']['documents']} documents, {sp['train']['tokens']} tokens; "
-        f"val {sp['val']['documents']} documents, {sp['val']['tokens']} tokens")
+        + "; ".join(splits))
   return 0
 
 
