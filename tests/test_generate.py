@@ -31,10 +31,17 @@ def tiny_model(**overrides):
   return nnx.merge(graphdef, params)
 
 
-def full_forward_logits(model, prompt, generated, R):
-  """The next-token logits at every generated position from one full-sequence forward pass."""
-  seq = jnp.asarray([list(prompt) + list(generated[:-1])])
-  return np.asarray(model(seq, R).logits_BSV[0, len(prompt) - 1:])
+def full_forward_logits(model, prompts, generated, R, rows=len(PROMPTS), length=16):
+  """The next-token logits at every generated position of each sequence, from one full-sequence
+  forward pass over all of them. The sequences are zero-padded at the end into `rows` x `length`:
+  the model is causal, so no position reads the padding after it, and every call has the same shapes
+  (its eager operations compile once)."""
+  seqs = [list(p) + list(g[:-1]) for p, g in zip(prompts, generated)]
+  batch = np.zeros((rows, length), np.int32)
+  for i, seq in enumerate(seqs):
+    batch[i, :len(seq)] = seq
+  logits = np.asarray(model(jnp.asarray(batch), R).logits_BSV)
+  return [logits[i, len(p) - 1:len(seq)] for i, (p, seq) in enumerate(zip(prompts, seqs))]
 
 
 @pytest.mark.parametrize("overrides", [
@@ -47,15 +54,17 @@ def test_exact_cache_reproduces_the_full_forward(overrides):
   gen = Generator(model)
   for R in (1, 5):
     out = gen(PROMPTS, max_new=6, iterations=R, cache="exact", return_logits=True, slots=2)
-    for prompt, tokens, logits, its in zip(PROMPTS, out.tokens, out.logits, out.iterations):
+    full = full_forward_logits(model, PROMPTS, out.tokens, R)
+    for tokens, logits, its, want in zip(out.tokens, out.logits, out.iterations, full):
       assert len(tokens) == 6 and (its == R).all()
-      np.testing.assert_allclose(logits, full_forward_logits(model, prompt, tokens, R), atol=1e-5)
+      np.testing.assert_allclose(logits, want, atol=1e-5)
       assert (tokens == logits.argmax(-1)).all()  # greedy
   # teacher forcing: the logits of a given text, decoded token by token, equal the full forward's
   text = [1, 0, 0, 1, 1, 1, 0, 1, 0, 0]
   out = generate(model, [text[:1]], max_new=9, iterations=3, forced=[text[1:]], return_logits=True)
   assert out.tokens[0].tolist() == text[1:]
-  np.testing.assert_allclose(out.logits[0], full_forward_logits(model, text[:1], text[1:], 3), atol=1e-5)
+  [want] = full_forward_logits(model, [text[:1]], [text[1:]], 3)
+  np.testing.assert_allclose(out.logits[0], want, atol=1e-5)
 
 
 def test_latest_cache_memory_does_not_grow_with_R_and_equals_exact_at_R_1():
@@ -100,19 +109,24 @@ def stepwise_logits(model, tokens, exits):
   """Next-token logits at every position of `tokens`, decoded one token at a time, token t running
   exits[t] block iterations, with every key and value kept per (group, layer, iteration): at block
   iteration j a token reads an earlier token u at iteration min(j, exits[u]) (1-based), the rule the
-  exact cache keeps with adaptive exit."""
+  exact cache keeps with adaptive exit. Token t reads keys and values from buffers of len(tokens)
+  slots, those after t zero and masked by its causal context (every token's operations have the same
+  shapes, so that they compile once)."""
   store = {}  # (group, layer, iteration) -> {position: (k, v)}
+  T = len(tokens)
 
   def run(layer, x, t, ctx, key, read):
     def kv(k, v):
-      store.setdefault(key, {})[t] = (k, v)
-      ks, vs = zip(*(store[(*key[:2], read(u))][u] for u in range(t + 1)))
-      return KV(jnp.concatenate(ks, 1), jnp.concatenate(vs, 1)), None
+      store.setdefault(key, {})[t] = (np.asarray(k), np.asarray(v))
+      ks, vs = (np.zeros((1, T, *k.shape[2:]), k.dtype) for _ in range(2))
+      for u in range(t + 1):
+        ks[:, u], vs[:, u] = (a[:, 0] for a in store[(*key[:2], read(u))][u])
+      return KV(jnp.asarray(ks), jnp.asarray(vs)), None
     return layer(x, ctx, kv=kv)[0]
 
   logits = []
   for t, token in enumerate(tokens):
-    ctx = make_cached_context(model.spec, jnp.array([t]), 1, t + 1)
+    ctx = make_cached_context(model.spec, jnp.array([t]), 1, T)
     x = model.embed_tokens(jnp.array([[token]]), jnp.array([[t]]))
     for l, layer in enumerate(model.prelude):
       x = run(layer, x, t, ctx, ("prelude", l, 0), lambda u: 0)
