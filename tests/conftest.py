@@ -23,6 +23,11 @@ import pytest  # noqa: E402
 from configs.base import get_config  # noqa: E402
 
 
+def fake_devices(n: int) -> str:
+  """XLA_FLAGS for a process with `n` fake CPU devices (the session's flags kept)."""
+  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+
+
 def tiny_config(**overrides):
   """A trial that trains in seconds on CPU: d=32, (1, 1x r, 1) on prefix_or of size 8."""
   c = get_config()

@@ -13,6 +13,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import fake_devices
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -262,7 +263,7 @@ def test_import_sharded_over_a_mesh(tmp_path):
   from rundir.run import load_run_config
   rc = raven_cfg()
   hf = write_raven(str(tmp_path / "hf"), rc, random_tensors(rc, seed=4), shards=2)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "XLA_FLAGS": fake_devices(4), "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": ROOT}
   proc = subprocess.run([sys.executable, "-c", SHARDED, hf, str(tmp_path / "sharded")], env=env,
                         cwd=ROOT, capture_output=True, text=True, timeout=600)

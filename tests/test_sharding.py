@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import fake_devices
 from jax.sharding import PartitionSpec as P
 from sharding_worker import sharding_config
 
@@ -23,7 +24,7 @@ WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
 def worker(tmp_path, name, mesh, devices, steps=10, workdir=None, **dist):
   """Start one worker process with `devices` fake CPU devices."""
   out = tmp_path / f"{name}.json"
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  env = {**os.environ, "XLA_FLAGS": fake_devices(devices),
          "JAX_PLATFORMS": "cpu"}
   args = [sys.executable, WORKER, "--workdir", str(workdir or tmp_path / name),
           "--mesh=" + ",".join(map(str, mesh)), "--steps", str(steps), "--out", str(out)]
@@ -127,7 +128,7 @@ def test_two_processes_match_and_restore_on_another_mesh(tmp_path, reference):
       "--config.model.d_model=32", "--config.model.d_ff=36"], "model.d_ff"),
 ])
 def test_mesh_errors_are_one_line_before_compile(tmp_path, overrides, key):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {**os.environ, "XLA_FLAGS": fake_devices(8),
          "PYTHONPATH": f"{ROOT}:{ROOT}/tests"}
   out = subprocess.run([sys.executable, "-m", "train", "--config", "tests/tiny_config.py", "--workdir",
                         str(tmp_path / "run"), *overrides], cwd=ROOT, env=env, capture_output=True,

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import tiny_config
+from conftest import fake_devices, tiny_config
 from wandb_records import offline_run
 
 from configs.errors import ConfigError
@@ -200,7 +200,7 @@ def test_pod_mode_two_processes_run_trials_over_the_whole_mesh(tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT}/tests",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+         "XLA_FLAGS": fake_devices(2)}
   procs = [subprocess.Popen(
       [sys.executable, "-m", "sweeps", "--config", "tests/sweeps/one.py", "--workdir", str(tmp_path),
        f"--config.distributed.coordinator_address=127.0.0.1:{port}",

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import WORDS, text_config, write_texts
+from conftest import WORDS, fake_devices, text_config, write_texts
 
 from configs.errors import ConfigError
 from rundir.config import resolve
@@ -213,7 +213,7 @@ def test_two_processes_read_their_own_rows_and_match_one(corpus, tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": fake_devices(1), "JAX_PLATFORMS": "cpu"}
   procs = [subprocess.Popen([sys.executable, worker, "--workdir", str(tmp_path / "two"), "--mesh=-1,1,1",
                              "--steps", "6", "--out", str(tmp_path / f"p{i}.json"), "--text", corpus[0],
                              "--coordinator", f"127.0.0.1:{port}", "--nproc", "2", "--pid", str(i)],
