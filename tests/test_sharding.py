@@ -21,19 +21,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
 
 
-def worker(tmp_path, name, mesh, devices, steps=10, workdir=None, **dist):
-  """Start one worker process with `devices` fake CPU devices."""
+def worker(tmp_path, name, meshes, devices, steps=10, workdir=None, **dist):
+  """Start one worker process with `devices` fake CPU devices; it runs one trial per mesh in
+  `meshes`, in turn (each in its own directory under the workdir when there are several)."""
   out = tmp_path / f"{name}.json"
   env = {**os.environ, "XLA_FLAGS": fake_devices(devices),
          "JAX_PLATFORMS": "cpu"}
   args = [sys.executable, WORKER, "--workdir", str(workdir or tmp_path / name),
-          "--mesh=" + ",".join(map(str, mesh)), "--steps", str(steps), "--out", str(out)]
+          *("--mesh=" + ",".join(map(str, m)) for m in meshes), "--steps", str(steps),
+          "--out", str(out)]
   for k, v in dist.items():
     args += [f"--{k}", str(v)]
   return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out
 
 
 def finish(proc, out):
+  """The worker's results, one per mesh."""
   log, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, log[-3000:]
   return json.load(open(out))
@@ -79,10 +82,11 @@ def test_rules_cover_every_parameter_kind():
 def test_meshes_of_8_fake_devices_match_one_device(tmp_path, reference):
   ref10, _ = reference
   meshes = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
-  runs = [worker(tmp_path, "m" + "x".join(map(str, m)), m, 8) for m in meshes]
-  for mesh, (proc, out) in zip(meshes, runs):
-    result = finish(proc, out)
+  results = finish(*worker(tmp_path, "meshes", meshes, 8))  # one process, the meshes in turn
+  assert len(results) == len(meshes)
+  for mesh, result in zip(meshes, results):
     assert result["devices"] == 8 and result["status"] == "done"
+    assert list(result["mesh"].values()) == list(mesh)
     assert_same_losses({int(k): v for k, v in result["losses"].items()}, ref10, range(1, 11))
     # nothing replicated by accident: every leaf carries its rule's spec, and is really split
     d, f, t = mesh
@@ -104,17 +108,16 @@ def test_two_processes_match_and_restore_on_another_mesh(tmp_path, reference):
   ref10, ref20 = reference
   workdir = tmp_path / "shared"
   coordinator = f"127.0.0.1:{free_port()}"
-  procs = [worker(tmp_path, f"p{i}", (-1, 2, 1), 2, workdir=workdir, coordinator=coordinator,
+  procs = [worker(tmp_path, f"p{i}", [(-1, 2, 1)], 2, workdir=workdir, coordinator=coordinator,
                   nproc=2, pid=i) for i in range(2)]
-  results = [finish(*p) for p in procs]
+  results = [finish(*p)[0] for p in procs]
   assert [r["process_count"] for r in results] == [2, 2] and results[0]["devices"] == 4
   assert_same_losses({int(k): v for k, v in results[0]["losses"].items()}, ref10, range(1, 11))
   assert "losses" not in results[1]  # only process 0 writes
   assert os.path.isdir(workdir / "checkpoints" / "10")
 
   # the checkpoint written by 2 processes on a (2, 2, 1) mesh continues in 1 process on (1, 2, 4)
-  proc, out = worker(tmp_path, "resume", (1, 2, 4), 8, steps=20, workdir=workdir)
-  resumed = finish(proc, out)
+  [resumed] = finish(*worker(tmp_path, "resume", [(1, 2, 4)], 8, steps=20, workdir=workdir))
   assert resumed["process_count"] == 1 and resumed["status"] == "done"
   assert_same_losses({int(k): v for k, v in resumed["losses"].items()}, ref20, range(11, 21))
 

@@ -222,7 +222,7 @@ def test_two_processes_read_their_own_rows_and_match_one(corpus, tmp_path):
   for p in procs:
     log, _ = p.communicate(timeout=600)
     assert p.returncode == 0, log[-3000:]
-  got = json.load(open(tmp_path / "p0.json"))
+  [got] = json.load(open(tmp_path / "p0.json"))  # one entry: the one mesh
   assert got["process_count"] == 2
   for s in range(1, 7):
     assert got["losses"][str(s)] == pytest.approx(want[s], rel=1e-5), s
