@@ -88,11 +88,27 @@ def test_unknown_override_key_is_a_config_error():
     apply_overrides(tiny_config(), {"model.blocksize": 2})
 
 
-def test_sigkilled_runner_resumes_skipping_finished_trials(tmp_path):
+def test_stopped_runner_resumes_skipping_finished_trials(tmp_path):
+  """One sweep, launched three times: stopped by SIGTERM mid-trial (cleanly: the trial interrupted,
+  the report written), resumed and SIGKILLed once a trial is done, then resumed to the end."""
   sweep_dir = tmp_path / "tiny"
-  proc = sweeps_cli("--config", "tests/sweeps/tiny.py", "--workdir", str(tmp_path), wait=False)
   first = sweep_dir / "k1-pre"
   deadline = time.time() + 300
+  proc = sweeps_cli("--config", "tests/sweeps/tiny.py", "--workdir", str(tmp_path), wait=False)
+  while not os.path.exists(first / "metrics.jsonl"):
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  record = trial_record(str(first))
+  assert record["status"] in ("pending", "done")  # stopped mid-trial, or it had just finished
+  if record["status"] == "pending":
+    assert "interrupted" in record["error"]
+  assert all(trial_record(str(sweep_dir / n))["status"] == "pending" for n in ("k2-pre", "k3-pre"))
+  assert os.path.exists(sweep_dir / "report.md")  # written on the way out, nothing lost
+
+  proc = sweeps_cli("--config", "tests/sweeps/tiny.py", "--workdir", str(tmp_path), wait=False)
   while trial_record(str(first))["status"] != "done":
     assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
     time.sleep(0.05)
@@ -173,25 +189,6 @@ def test_bad_sweep_input(tmp_path):
   assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
   out = sweeps_cli("--config", "tests/sweeps/tiny.py", "--dry-run")
   assert out.returncode == 0 and "k3-pre" in out.stdout and "3 trials" in out.stdout
-
-
-def test_sigterm_stops_the_sweep_cleanly(tmp_path):
-  sweep_dir = tmp_path / "tiny"
-  proc = sweeps_cli("--config", "tests/sweeps/tiny.py", "--workdir", str(tmp_path), wait=False)
-  first = sweep_dir / "k1-pre"
-  deadline = time.time() + 300
-  while not os.path.exists(first / "metrics.jsonl"):
-    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-  record = trial_record(str(first))
-  assert record["status"] in ("pending", "done")  # stopped mid-trial, or it had just finished
-  if record["status"] == "pending":
-    assert "interrupted" in record["error"]
-  assert all(trial_record(str(sweep_dir / n))["status"] == "pending" for n in ("k2-pre", "k3-pre"))
-  assert os.path.exists(sweep_dir / "report.md")  # written on the way out, nothing lost
 
 
 def test_pod_mode_two_processes_run_trials_over_the_whole_mesh(tmp_path):
