@@ -1,8 +1,8 @@
 """The pod presets compiled for the TPU slices they name (python -m train.aot), trial by trial.
 
   .venv-tpu/bin/python -m bench.aot_presets [--preset configs/sweeps/tpu_pod.py]
-      [--topologies v5e-256,v5p-128] [--trials NAME,...] [--vocab 65536] [--section aot_presets]
-      [--dry-run]
+      [--topologies v5e-256,v5p-128] [--trials NAME,...] [--vocab 65536] [--set KEY=VALUE,...]
+      [--section aot_presets] [--dry-run]
 
 For each topology and each trial of the preset (or the named ones), the training step is compiled
 for the slice (no TPU attached: libtpu in .venv-tpu, make tpu-setup) and the row gives the mesh, the
@@ -17,6 +17,7 @@ from train import tpu
 
 tpu.compile_only_environment()  # before JAX starts: compile on this machine's CPU
 
+import ast  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 
@@ -47,10 +48,15 @@ def advice(cfg, report: dict) -> str:
 
 def main() -> None:
   args = parser(__doc__, "aot_presets", preset="configs/sweeps/tpu_pod.py",
-                topologies="v5e-256,v5p-128", trials="", vocab=65536).parse_args()
+                topologies="v5e-256,v5p-128", trials="", vocab=65536,
+                set=("", "config overrides KEY=VALUE,... (values as Python literals)")).parse_args()
   module = load_sweep_module(args.preset)
   base = module.get_config()
   base.model.vocab_size = args.vocab  # the corpus need not be here
+  for item in filter(None, args.set.split(",")):
+    key, value = item.split("=", 1)
+    section, name = key.split(".")
+    base[section][name] = ast.literal_eval(value)
   trials = [t for t in expand(base, module) if not args.trials or t.name in args.trials.split(",")]
   rows, notes = [], []
   name = os.path.basename(args.preset)
@@ -76,10 +82,12 @@ def main() -> None:
         notes.append(f"- {name} {t.name} on {topology} does not fit: "
                      f"{advice(aot.compile_config(t.config), report)}")
       print(rows[-1], flush=True)
-  lines = ["## Pod presets compiled ahead of time for TPU slices", "",
+  lines = [f"## Pod presets compiled ahead of time for TPU slices: {name}"
+           + (f" with {args.set}" if args.set else ""), "",
            intro(f".venv-tpu/bin/python -m bench.aot_presets --preset {args.preset} "
                  f"--topologies {args.topologies} --vocab {args.vocab}"
-                 + (f" --trials {args.trials}" if args.trials else ""),
+                 + (f" --trials {args.trials}" if args.trials else "")
+                 + (f" --set {args.set}" if args.set else ""),
                  " (each trial's training step compiled by XLA's TPU compiler for the slice, no TPU "
                  "attached; HBM is the compiler's per-chip total, TFLOPs the model's per step at the "
                  "mean recurrence, the bounds a roofline: see train/aot.py).", args.note), "",
