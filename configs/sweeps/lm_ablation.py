@@ -14,8 +14,10 @@ pre | sandwich | peri.
 Size: d = 512, 4 heads, windows of 512 byte tokens, batch 64, 20k steps = 655M tokens per trial (about
 130 passes over Shakespeare's 4.8M bytes; for a study of generalisation use a corpus of 1B tokens or
 more). Meant for one GPU host or a TPU slice of up to 64 chips (the batch of 64 windows spreads over
-the data axis), e.g. v5e-16 (`--config.model.dtype=bfloat16`; checked ahead of time: bench/RESULTS.md,
-"Pod presets"); `lm_ablation_cpu.py` is the same study at a size that completes on 2 CPU cores.
+the data axis; `--config.model.dtype=bfloat16` on accelerators). On a v5e-16 slice its largest trial
+needs `--config.train.grad_accum=2` (at float32: 16.8 of 16 GiB per chip without, 9.2 with; compiled
+ahead of time, bench/RESULTS.md, "Pod presets"); `lm_ablation_cpu.py` is the same study at a size
+that completes on 2 CPU cores.
 """
 
 from configs.base import get_config as base_config
