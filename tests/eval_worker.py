@@ -34,9 +34,11 @@ def main():
   run = open_run(a.workdir, cfg=cfg)
   specs = {jax.tree_util.keystr(path): str(leaf.sharding.spec)
            for path, leaf in jax.tree_util.tree_leaves_with_path(run.params)}
-  summary = evaluate(cfg, a.workdir, iterations=8, batch_size=4, progress=False)
+  # figures as PNG alone, as a sweep trial writes them (what is compared is in the JSON records)
+  summary = evaluate(cfg, a.workdir, iterations=8, batch_size=4, progress=False, formats=("png",))
   halting = evaluate_halting(cfg, a.workdir, grids={"fixed_point": (1e-2, 1e-1), "kl": (1e-2,)},
-                             iterations=8, repeats=1, mode="trial", log_wandb=False, progress=False)
+                             iterations=8, repeats=1, mode="trial", log_wandb=False, progress=False,
+                             formats=("png",))
   rows = [{k: r[k] for k in ("criterion", "threshold", "exact_match", "mean_iterations")}
           for r in halting["rows"]]
   # generation on the run's mesh: 5 prompts in 4 slots (continuous batching), per-token exit
