@@ -119,9 +119,9 @@ def validate(cfg: ml_collections.ConfigDict, task: Any = None) -> None:
       raise ConfigError(f"eval.{key}", cfg.eval[key], allowed="True|False")
 
 
-def seq_lengths(cfg: Any, task: Any = None) -> dict[int, int]:
+def seq_lengths(cfg: Any) -> dict[int, int]:
   """Problem size -> tokens, for the training length and every test length."""
-  task = task or task_of(cfg)
+  task = task_of(cfg)
   return {n: task.seq_len(n) for n in (cfg.task.train_length, *cfg.task.test_lengths)}
 
 

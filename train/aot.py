@@ -46,8 +46,8 @@ from looped_models.decode_loop import Options  # noqa: E402
 from looped_models.flops import causal_keys, forward_flops, pass_flops, train_flops  # noqa: E402
 from looped_models.generate import decode_program  # noqa: E402
 from rundir.cli import command, define_config, require, run  # noqa: E402
-from rundir.config import is_text, resolve, seq_lengths  # noqa: E402
-from tasks.synthetic import Text  # noqa: E402
+from rundir.config import is_text, resolve  # noqa: E402
+from tasks.synthetic import Text, task_of  # noqa: E402
 from tasks.text import VocabOnly  # noqa: E402
 from train import programs  # noqa: E402
 
@@ -72,15 +72,20 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
 
 
-def compile_config(cfg: Any) -> Any:
-  """`cfg` resolved; a text config whose corpus is not on this machine is resolved against a
-  stand-in of `model.vocab_size` tokens (the programs need only the vocabulary)."""
+def compile_task(cfg: Any) -> Any:
+  """The config's task; for a text config whose corpus is not on this machine, one over a stand-in
+  corpus of `model.vocab_size` tokens (the programs need only the vocabulary)."""
   if is_text(cfg) and not os.path.isfile(os.path.join(cfg.task.path or "", "meta.json")):
     if not cfg.model.vocab_size:
       raise ConfigError("model.vocab_size", cfg.model.vocab_size, reason=f"the corpus "
-                            f"{cfg.task.path} is not here: give the vocabulary to compile without it")
-    return resolve(cfg, task=Text(cfg.task.path or "-", data=VocabOnly(cfg.model.vocab_size)))
-  return resolve(cfg)
+                        f"{cfg.task.path} is not here: give the vocabulary to compile without it")
+    return Text(cfg.task.path or "-", data=VocabOnly(cfg.model.vocab_size))
+  return task_of(cfg)
+
+
+def compile_config(cfg: Any) -> Any:
+  """`cfg` resolved against `compile_task(cfg)`."""
+  return resolve(cfg, task=compile_task(cfg))
 
 
 def collectives(hlo: str) -> dict[str, dict[str, int]]:
@@ -157,15 +162,16 @@ def preflight(cfg: Any, topology: str, slices: int = 1, which: tuple[str, ...] =
   topo = tpu.parse(topology)
   if slices < 1:
     raise ConfigError("--slices", slices, allowed=">= 1")
-  cfg = compile_config(cfg)
+  task = compile_task(cfg)
+  cfg = resolve(cfg, task=task)
   devices = topo.devices(slices)
   chips = topo.chips * slices
   per_chip = len(devices) // chips
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  p = programs.build(cfg, mesh, VocabOnly(cfg.model.vocab_size).token_bytes, check_memory=False)
+  p = programs.build(cfg, mesh, task.data.token_bytes if is_text(cfg) else None,
+                     check_memory=False)
   m, t = cfg.model, cfg.train
-  S = seq_lengths(cfg, task=Text("-", data=VocabOnly(m.vocab_size)) if is_text(cfg) else None)[
-      cfg.task.train_length]
+  S = task.seq_len(cfg.task.train_length)
   report = {"topology": topo.name, "compiler_topology": topo.compiler_name, "generation": topo.chip.name,
             "slices": slices, "chips": chips, "devices": len(devices),
             "hbm_bytes_per_chip": topo.chip.hbm_bytes, "peak_bf16_flops_per_chip": topo.chip.bf16_flops,
