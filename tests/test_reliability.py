@@ -209,8 +209,8 @@ def test_a_disk_that_fills_mid_run_is_recorded_and_the_run_resumes_elsewhere(tmp
     assert steps and status["step"] == steps[-1] < 40
     assert "Traceback" in open(f"{run}/error.log").read()
     shutil.copytree(run, tmp_path / "moved", ignore=shutil.ignore_patterns("*-tmp"))
-    with open(os.path.join(small, "filler"), "wb") as f:  # the disk full from the start
-      with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left"):  # the disk full from the start
+      with open(os.path.join(small, "filler"), "wb") as f:  # (opening may already fail)
         while True:
           f.write(b"\0" * 65536)
           f.flush()
