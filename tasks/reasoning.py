@@ -15,6 +15,12 @@ distractor chain, the statements in a random order, and a query:
   extrapolate=LO-HI problems with more steps than trained (LO > the HI of hops), in a third split
                     `extrapolate` of problems only (as many problems as the val split, at least 256)
   per_doc=N         problems per document, one a line (default 8)
+  lookups=N         after the statements, N of them asked back (`b?a;`: one step each, an answer of
+                    class ANSWER + 1) before the final query (default 0). They teach the one step
+                    the final answer repeats, many times per problem, and shorten nothing: asking a
+                    statement back tells nothing the statement did not.
+
+  c=b;q=3;a=7;b=a;b?a;q?3;c?7    lookups=2
 
 `--synthetic-ratio R` (0 <= R < 1, default 0.5) is the share of problems in the text of each
 split, counted in UTF-8 bytes (with the byte tokenizer, in tokens, give or take each document's BOS
@@ -47,15 +53,36 @@ CLASSES_META = {"dtype": "uint8", "files": "classes-{split}-NNNNN.bin", "prose":
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-  """One rendered problem: its `question` (ending in '?'), its `answer` and the steps it needs."""
+  """One rendered problem: its `statements`, the 1-step `lookups` asked after them ((name, value)
+  pairs, each rendered `name?value;`), the final `query` name, its `answer` and the steps it needs."""
 
-  question: str
+  statements: str
+  query: str
   answer: str
   hops: int
+  lookups: tuple[tuple[str, str], ...] = ()
+
+  @property
+  def question(self) -> str:
+    """The text before the final answer (lookups and their answers included), ending in '?'."""
+    return self.statements + ";" + "".join(f"{n}?{v};" for n, v in self.lookups) + f"{self.query}?"
 
   @property
   def line(self) -> str:
     return f"{self.question}{self.answer}\n"
+
+  @property
+  def key(self) -> str:
+    """What makes two problems the same (the lookups asked back add nothing to solve)."""
+    return f"{self.statements};{self.query}?{self.answer}"
+
+  def runs(self) -> list[tuple[str, int]]:
+    """The problem's text as (text, class) runs: the lookups' values as 1-step answers, the final
+    answer with its steps, the rest PROBLEM."""
+    runs = [(self.statements + ";", PROBLEM)]
+    for name, value in self.lookups:
+      runs += [(f"{name}?", PROBLEM), (value, answer_class(1)), (";", PROBLEM)]
+    return runs + [(f"{self.query}?", PROBLEM), (self.answer, answer_class(self.hops))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +94,12 @@ class Synthetic:
   hops: tuple[int, int]
   extrapolate: tuple[int, int] | None
   per_doc: int
+  lookups: int = 0
 
   def to_meta(self) -> dict:
     return {"spec": self.spec, "family": self.family, "hops": list(self.hops),
             "extrapolate": list(self.extrapolate) if self.extrapolate else None,
-            "per_doc": self.per_doc}
+            "per_doc": self.per_doc, "lookups": self.lookups}
 
 
 def answer_class(hops: int) -> int:
@@ -79,23 +107,27 @@ def answer_class(hops: int) -> int:
   return ANSWER + hops
 
 
-def var_chain(rng: np.random.Generator, hops: int, longest: int) -> Problem:
+def var_chain(rng: np.random.Generator, hops: int, longest: int, lookups: int = 0) -> Problem:
   """A chain of `hops` statements from a digit to the queried name, and a distractor chain (1 to
-  `longest` statements, another digit), all in a random order."""
+  `longest` statements, another digit), all in a random order; then `lookups` of the statements
+  (at most all) asked back one step each, in a random order."""
   distract = int(rng.integers(1, min(longest, len(NAMES) - hops) + 1))
   names = [NAMES[i] for i in rng.permutation(len(NAMES))[:hops + distract]]
   value, other = (str(v) for v in rng.choice(10, 2, replace=False))
   chain, decoy = names[:hops], names[hops:]
-  statements = [f"{chain[0]}={value}"] + [f"{b}={a}" for a, b in zip(chain, chain[1:])]
-  statements += [f"{decoy[0]}={other}"] + [f"{b}={a}" for a, b in zip(decoy, decoy[1:])]
-  order = rng.permutation(len(statements))
-  return Problem(";".join(statements[i] for i in order) + f";{chain[-1]}?", value, hops)
+  pairs = [(chain[0], value)] + [(b, a) for a, b in zip(chain, chain[1:])]
+  pairs += [(decoy[0], other)] + [(b, a) for a, b in zip(decoy, decoy[1:])]
+  order = rng.permutation(len(pairs))
+  asked = rng.permutation(len(pairs))[:lookups]
+  return Problem(";".join(f"{pairs[i][0]}={pairs[i][1]}" for i in order), chain[-1], value, hops,
+                 tuple(pairs[i] for i in asked))
 
 
 def solve_var_chain(question: str) -> tuple[str, int]:
-  """(answer, steps) of a rendered var_chain question, found by following its statements."""
-  *statements, query = question.rstrip("?").split(";")
-  value = dict(s.split("=") for s in statements)
+  """(answer, steps) of a rendered var_chain question, found by following its statements (the
+  lookups asked back in it are skipped)."""
+  *items, query = question.rstrip("?").split(";")
+  value = dict(s.split("=") for s in items if "=" in s)
   steps, name = 0, query
   while not name.isdigit():
     name, steps = value[name], steps + 1
@@ -103,7 +135,7 @@ def solve_var_chain(question: str) -> tuple[str, int]:
 
 
 FAMILIES = {"var_chain": var_chain}
-KEYS = ("hops", "extrapolate", "per_doc")
+KEYS = ("hops", "extrapolate", "per_doc", "lookups")
 
 
 def _range(spec: str, key: str, text: str) -> tuple[int, int]:
@@ -123,7 +155,7 @@ def parse_spec(spec: str) -> Synthetic:
   family, _, rest = spec.partition(":")
   if family not in FAMILIES:
     raise DataError(f"--synthetic {spec}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
-  values = {"hops": "1-8", "extrapolate": None, "per_doc": "8"}
+  values = {"hops": "1-8", "extrapolate": None, "per_doc": "8", "lookups": "0"}
   for item in filter(None, rest.split(",")):
     key, eq, value = item.partition("=")
     if key not in KEYS or not eq:
@@ -138,20 +170,26 @@ def parse_spec(spec: str) -> Synthetic:
   if not values["per_doc"].isdigit() or int(values["per_doc"]) < 1:
     raise DataError(f"--synthetic {spec}: per_doc={values['per_doc']} is not allowed; "
                     "allowed: >= 1")
-  return Synthetic(spec, family, hops, extrapolate or None, int(values["per_doc"]))
+  if not values["lookups"].isdigit():
+    raise DataError(f"--synthetic {spec}: lookups={values['lookups']} is not allowed; "
+                    "allowed: >= 0")
+  return Synthetic(spec, family, hops, extrapolate or None, int(values["per_doc"]),
+                   int(values["lookups"]))
 
 
 def draw(rng: np.random.Generator, family: str, hops: tuple[int, int], *, budget_bytes: int = 0,
-         count: int = 0, exclude: frozenset[str] | set[str] = frozenset()) -> list[Problem]:
-  """Distinct problems (by rendered line), none in `exclude`, steps uniform in `hops`: until their
-  lines hold `budget_bytes` bytes and number at least `count`."""
+         count: int = 0, exclude: frozenset[str] | set[str] = frozenset(), lookups: int = 0
+         ) -> list[Problem]:
+  """Distinct problems (by `Problem.key`), none with a key in `exclude`, steps uniform in
+  `hops`, each with `lookups` statements asked back: until their lines hold `budget_bytes` bytes
+  and number at least `count`."""
   make, lo, hi = FAMILIES[family], hops[0], hops[1]
   problems: list[Problem] = []
   seen: set[str] = set()
   size, misses = 0, 0
   while size < budget_bytes or len(problems) < count:
-    p = make(rng, int(rng.integers(lo, hi + 1)), hi)
-    line = p.line
+    p = make(rng, int(rng.integers(lo, hi + 1)), hi, lookups)
+    line = p.key
     if line in seen or line in exclude:
       misses += 1
       if misses > 10_000:
@@ -161,7 +199,7 @@ def draw(rng: np.random.Generator, family: str, hops: tuple[int, int], *, budget
     misses = 0
     seen.add(line)
     problems.append(p)
-    size += len(line)
+    size += len(p.line)
   return problems
 
 
@@ -170,7 +208,8 @@ def pieces(document: list[Problem]) -> list[tuple[str, int]]:
   newline before it) as PROBLEM, each answer as its answer class, the final newline as PROBLEM."""
   runs: list[tuple[str, int]] = []
   for n, p in enumerate(document):
-    runs += [("\n" * (n > 0) + p.question, PROBLEM), (p.answer, answer_class(p.hops))]
+    first, *rest = p.runs()
+    runs += [("\n" * (n > 0) + first[0], PROBLEM), *rest]
   return runs + [("\n", PROBLEM)]
 
 
@@ -185,13 +224,15 @@ def mix(docs: list[str], is_val: np.ndarray, synthetic: Synthetic, ratio: float,
   problems: dict[str, list[Problem]] = {}
   for stream, split in enumerate(("train", "val"), 1):
     budget = int(round(share * sum(len(d.encode("utf-8")) for d in prose[split])))
-    exclude = {p.line for p in problems.get("train", ())}
+    exclude = {p.key for p in problems.get("train", ())}
     problems[split] = draw(np.random.default_rng([seed, stream]), synthetic.family,
-                           synthetic.hops, budget_bytes=budget, exclude=exclude)
+                           synthetic.hops, budget_bytes=budget, exclude=exclude,
+                           lookups=synthetic.lookups)
   if synthetic.extrapolate:
     problems["extrapolate"] = draw(np.random.default_rng([seed, 3]), synthetic.family,
                                    synthetic.extrapolate,
-                                   count=max(len(problems["val"]), EXTRAPOLATE_MIN_PROBLEMS))
+                                   count=max(len(problems["val"]), EXTRAPOLATE_MIN_PROBLEMS),
+                                   lookups=synthetic.lookups)
   out: dict[str, list[str | list[Problem]]] = {}
   for stream, (split, drawn) in enumerate(problems.items(), 4):
     grouped = [drawn[i:i + synthetic.per_doc] for i in range(0, len(drawn), synthetic.per_doc)]

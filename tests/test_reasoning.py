@@ -121,6 +121,23 @@ def test_a_rendered_problem_and_its_solution():
   assert reasoning.solve_var_chain("a=7;q=3;a?") == ("7", 1)
 
 
+def test_lookups_ask_statements_back_as_one_step_answers():
+  p = reasoning.var_chain(np.random.default_rng(4), hops=4, longest=3, lookups=3)
+  facts = dict(s.split("=") for s in p.statements.split(";"))
+  assert len(p.lookups) == 3 and len(set(p.lookups)) == 3
+  assert all(facts[name] == value for name, value in p.lookups)  # each a statement asked back
+  runs = p.runs()
+  assert "".join(t for t, _ in runs) == p.line[:-1]
+  assert [(t, c) for t, c in runs if c != reasoning.PROBLEM] == (
+      [(v, reasoning.answer_class(1)) for _, v in p.lookups] + [(p.answer, reasoning.answer_class(4))])
+  assert reasoning.solve_var_chain(p.question) == (p.answer, 4)  # the lookups are skipped
+  bare = reasoning.var_chain(np.random.default_rng(4), hops=4, longest=3)
+  assert bare.key == p.key and bare.line != p.line  # lookups do not make a problem new
+  assert reasoning.parse_spec("var_chain:lookups=2").lookups == 2
+  with pytest.raises(reasoning.DataError, match="lookups=x is not allowed"):
+    reasoning.parse_spec("var_chain:lookups=x")
+
+
 def test_val_and_extrapolate_problems_are_apart_from_train(built):
   lines = {s: [line for line, _, _ in problems(built["a"], s)]
            for s in ("train", "val", "extrapolate")}
@@ -133,7 +150,7 @@ def test_val_and_extrapolate_problems_are_apart_from_train(built):
   again = reasoning.draw(np.random.default_rng(7), "var_chain", (1, 2), count=40)
   assert [p.line for p in first] == [p.line for p in again]
   barred = reasoning.draw(np.random.default_rng(7), "var_chain", (1, 2), count=40,
-                          exclude={p.line for p in first})
+                          exclude={p.key for p in first})
   assert len(barred) == 40 and not {p.line for p in barred} & {p.line for p in first}
 
 
