@@ -129,6 +129,6 @@ def describe(rec: dict) -> str:
               f"  (mean {row['mean_iterations']:.2f})"]
   s = rec["stats"]
   lines.append(f"{s['tokens']} tokens at {s['decode_tokens_per_s']:.1f} tokens/s decode "
-               f"(cache {s['cache']}, R = {s['iterations_cap']}, exit {s['exit'] or 'none'}, "
-               f"{s['slots']} slots)")
+               f"(cache {s['cache']} of the last {s['cache_tokens']} tokens, R = {s['iterations_cap']}, "
+               f"exit {s['exit'] or 'none'}, {s['slots']} slots)")
   return "\n".join(lines)

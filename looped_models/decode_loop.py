@@ -18,7 +18,7 @@ from flax import nnx
 from looped_models.halting import criterion_step, initial_prev
 from looped_models.kv_cache import (Cache, block_iteration, cached_layers, decode, empty_cache,
                                     encode)
-from looped_models.layers import make_cached_context
+from looped_models.layers import make_cached_context, make_prefill_context
 from looped_models.sampling import keys, sample
 
 
@@ -28,7 +28,7 @@ class Options(NamedTuple):
   cache: str                   # exact | latest
   criterion: str | None        # None: fixed R
   top_k: int
-  length: int                  # T, the buffer
+  length: int                  # T, the ring buffer: a query at position p sees the keys at (p - T, p]
   max_new: int
   stop_at_eos: bool
   track_oracle: bool
@@ -41,21 +41,22 @@ def _state0(model: Any, e_BLD: jax.Array, key_B: jax.Array) -> jax.Array:
 
 
 def _prefill(graphdef, params, tokens_AL, lengths_A, seq_A, root, opts: Options):
-  """Prefill A prompts (padded to L) at R iterations into a fresh cache of A rows; returns the cache
-  and each prompt's last token's prelude output (its block iterations run in the decode loop)."""
+  """Prefill A prompts (padded to L) at R iterations into a fresh cache of A rows: every token attends
+  to its prompt's keys at (p - T, p], and the ring keeps each prompt's last T positions. Returns the
+  cache and each prompt's last token's prelude output (its block iterations run in the decode loop)."""
   model = nnx.merge(graphdef, params)
   m, (A, L) = model.spec, tokens_AL.shape
   cache = empty_cache(m, A, opts.length, opts.iterations, opts.cache, jnp.dtype(m.dtype))
   zero_A = jnp.zeros(A, jnp.int32)
-  ctx = make_cached_context(m, zero_A, L, opts.length)
+  ctx = make_prefill_context(m, lengths_A, L, opts.length)
   e_ALD, prelude = encode(model, tokens_AL, ctx, cache.prelude)
   key_A = keys(jax.random.fold_in(root, 1), seq_A, zero_A)
   s_ALD = _state0(model, e_ALD, key_A)
 
   def body(t, carry):
     s, block = carry
-    slot_A = zero_A + t if opts.cache == "exact" else None
-    s, _, block = block_iteration(model, s, e_ALD, ctx, block, slot_A)
+    slot = t if opts.cache == "exact" else None
+    s, _, block = block_iteration(model, s, e_ALD, ctx, block, slot)
     return s, block
 
   s_ALD, block = jax.lax.fori_loop(0, opts.iterations, body, (s_ALD, cache.block))
@@ -127,7 +128,7 @@ def _iterate(model, c: dict, thr, opts: Options) -> tuple[dict, Any, jax.Array]:
   m, R = model.spec, opts.iterations
   P = c["seq_P"].shape[0]
   rows = jnp.arange(P)
-  ctx = make_cached_context(m, c["pos_P"], 1, opts.length)
+  ctx = make_cached_context(m, c["pos_P"], opts.length)
   exact = opts.cache == "exact"
   # with fixed R every token's last iteration is R: the slot read is the current one (a slice, not a
   # gather per position)
@@ -147,9 +148,11 @@ def _iterate(model, c: dict, thr, opts: Options) -> tuple[dict, Any, jax.Array]:
     pred_P = peek(s_new)[:, 0].argmax(-1).astype(jnp.int32)
     changed_P = jnp.where((it_P == 1) | (pred_P != c["pred_P"]), it_P, changed_P)
   exit_P = active_P & (meets_P | (it_P >= R))
-  # an exiting token is read at its last iteration from now on (exact); the others, and every position
-  # not yet decoded, at the newest slot (R - 1) until they exit
-  last_BT = (c["last_BT"].at[rows, c["pos_P"]].set(jnp.where(exit_P, it_P - 1, R - 1), mode="drop")
+  # an exiting token is read at its last iteration from now on (exact); the others at the newest slot
+  # (R - 1) until they exit. A token's ring position holds the last iteration of the token T before it
+  # until its own first iteration has run, which reads slot min(0, ...) = 0 whatever that is.
+  at_P = c["pos_P"] % opts.length
+  last_BT = (c["last_BT"].at[rows, at_P].set(jnp.where(exit_P, it_P - 1, R - 1), mode="drop")
              if track_last else c["last_BT"])
   cache = c["cache"]
   c = {k: v for k, v in c.items() if k != "cache"}
@@ -164,8 +167,8 @@ def _finish(model, c: dict, exit_P: jax.Array, temperature, top_p, root, eos_id,
   """The exiting slots' tokens through the coda: sample and record the next token, embed it at the
   next position and start its iterations (a slot whose sequence is done becomes free)."""
   m = model.spec
-  # only the exiting slots write (the others' positions point past the buffer: dropped)
-  fctx = make_cached_context(m, jnp.where(exit_P, c["pos_P"], opts.length), 1, opts.length)
+  # only the exiting slots write
+  fctx = make_cached_context(m, c["pos_P"], opts.length, write_B=exit_P)
   logits_P1V, coda = decode(model, c["s_P1D"], fctx, c["coda"])
   seq_P, gen_P = c["seq_P"], c["gen_P"]
   tok_P = sample(logits_P1V[:, 0], keys(root, seq_P, gen_P), temperature, opts.top_k, top_p)
@@ -182,7 +185,7 @@ def _finish(model, c: dict, exit_P: jax.Array, temperature, top_p, root, eos_id,
   done_P = exit_P & ((gen_P >= opts.max_new) | (opts.stop_at_eos & (tok_P == eos_id)))
   # the next token of every exiting slot: embed it at the next position and start its iterations
   pos_P = c["pos_P"] + exit_P
-  nctx = make_cached_context(m, jnp.where(exit_P, pos_P, opts.length), 1, opts.length)
+  nctx = make_cached_context(m, pos_P, opts.length, write_B=exit_P)
   e_P1D, prelude = encode(model, tok_P[:, None], nctx, c["prelude"])
   s0_P1D = _state0(model, e_P1D, keys(jax.random.fold_in(root, 1), seq_P, pos_P))
   ex = exit_P[:, None, None]

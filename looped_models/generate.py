@@ -4,13 +4,19 @@
                  exit=("fixed_point", 1e-3), cache="latest", temperature=0.8, top_k=40, seed=0)
   out.tokens[i], out.iterations[i]   # the generated ids of prompt i and the block iterations of each
 
-The cache holds keys and values in fixed-size buffers of T = longest prompt + max_new - 1 slots per
-sequence: prelude and coda layers one entry per token, the block's layers either one per
-(iteration, layer) (`exact`: a token at iteration j reads earlier tokens' iteration-j entries, as the
-full-sequence forward does) or one per layer holding each token's latest iteration (`latest`: memory
-independent of R; a token at iteration j reads earlier tokens at their final iteration). With adaptive
-exit a token that stopped at iteration e is read at e by later tokens at every j > e (`exact` reads
-each position at slot min(j, its last iteration)).
+The cache holds keys and values in ring buffers of T = min(context, longest prompt + max_new - 1)
+slots per sequence (context: model.max_len unless given), position p at slot p mod T: a token sees
+the keys at (p - T, p], the causal local attention of width T over the whole sequence. So a model
+with RoPE positions generates for as long as asked, its cache never longer than its context (keys
+keep the rotation of their absolute positions: every distance a query sees is at most T - 1, with
+the default context one the model was trained on), and a prompt longer than T is prefilled as that same sliding window. Learned
+position embeddings end at model.max_len, and so does their generation. Prelude and coda layers keep
+one entry per token, the block's layers either one per (iteration, layer) (`exact`: a token at
+iteration j reads earlier tokens' iteration-j entries, as the full-sequence forward does) or one per
+layer holding each token's latest iteration (`latest`: memory independent of R; a token at iteration
+j reads earlier tokens at their final iteration). With adaptive exit a token that stopped at
+iteration e is read at e by later tokens at every j > e (`exact` reads each position at slot min(j,
+its last iteration)).
 
 Prompts are prefilled at R iterations (the whole prompt but its last token's block and coda, which the
 decode loop runs). Decoding runs P slots (`slots`, default min(8, prompts)) with iteration-level
@@ -63,9 +69,10 @@ class GenerateOutput(NamedTuple):
 
 def check(m: Any, prompts: Sequence[Sequence[int]], *, max_new: int, iterations: int,
           exit: tuple[str, float] | None, cache: str, temperature: float, top_k: int, top_p: float,
-          slots: int | None, max_len: int | None = None) -> int:
+          slots: int | None, context: int | None = None) -> int:
   """One-line ConfigError for arguments that cannot work, before anything is compiled; returns the
-  buffer length T (every prompt token and every new token but the last is fed to the model)."""
+  ring buffer's length T: the context (default model.max_len), or the whole sequence where it is
+  shorter (every prompt token and every new token but the last is fed to the model)."""
   if not len(prompts):
     raise ConfigError("generate.prompts", "[]", reason="give at least one prompt")
   for i, p in enumerate(prompts):
@@ -96,15 +103,20 @@ def check(m: Any, prompts: Sequence[Sequence[int]], *, max_new: int, iterations:
     raise ConfigError("generate.top_p", top_p, allowed="a number in (0, 1]")
   if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
     raise ConfigError("generate.slots", slots, allowed="an integer >= 1")
-  longest = max(len(p) for p in prompts)
-  context = m.max_len if max_len is None else max_len
-  if longest > context:
+  if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+    raise ConfigError("generate.context", context, allowed="an integer >= 1 (default model.max_len)")
+  longest, L = max(len(p) for p in prompts), m.max_len
+  if m.positions != "rope" and context is not None and context > L:
+    raise ConfigError("generate.context", context, allowed=f"<= model.max_len={L}",
+                      reason="learned position embeddings end there (RoPE models may go further)")
+  if m.positions != "rope" and longest > L:
     raise ConfigError("generate.prompt", f"{longest} tokens", reason=f"longer than the model's "
-                      f"context of {context} tokens (model.max_len)")
-  if longest + max_new - 1 > context:  # the last new token is sampled, never fed back
+                      f"context of {L} tokens (model.max_len), where its learned positions end")
+  if m.positions != "rope" and longest + max_new - 1 > L:  # the last new token is never fed back
     raise ConfigError("generate.max_new", max_new, reason=f"a prompt of {longest} tokens leaves room "
-                      f"for {context - longest + 1} new tokens in the model's context of {context}")
-  return longest + max_new - 1
+                      f"for {L - longest + 1} new tokens in the model's context of {L}: its learned "
+                      "position embeddings end there (RoPE models generate past it)")
+  return min(L if context is None else context, longest + max_new - 1)
 
 
 class Generator:
@@ -140,11 +152,8 @@ class Generator:
                ) -> Options:
     """The checked arguments as the programs' static options (ConfigError before any compile)."""
     m = self.spec
-    if context is not None and context > m.max_len and m.positions != "rope":
-      raise ConfigError("generate.context", context, allowed=f"<= model.max_len={m.max_len}",
-                        reason="learned position embeddings end there (RoPE models may go further)")
     T = check(m, prompts, max_new=max_new, iterations=iterations, exit=exit, cache=cache,
-              temperature=temperature, top_k=top_k, top_p=top_p, slots=slots, max_len=context)
+              temperature=temperature, top_k=top_k, top_p=top_p, slots=slots, context=context)
     if forced is not None and (len(forced) != len(prompts) or any(len(f) > max_new for f in forced)):
       raise ConfigError("generate.forced", f"{len(forced)} sequences", reason=f"give one sequence of "
                         f"at most max_new={max_new} tokens per prompt")
@@ -226,8 +235,11 @@ def generate(model: Any, prompts: Sequence[Sequence[int]], mesh: Any = None, **o
   flight; a sequence stops early at `eos_id` when given. `track_oracle` records, per token, the first
   iteration after which its argmax prediction no longer changed; `return_logits` each token's logits.
   `forced` (teacher forcing): per prompt, tokens fed in place of the sampled ones, so that the logits
-  score a given text as decoding computes it. `context`: the longest sequence, prompt and new tokens
-  (default model.max_len; beyond it only with RoPE positions).
+  score a given text as decoding computes it. `context`: the ring buffer's length, the farthest back
+  a token sees (default model.max_len; beyond it only with RoPE positions, at distances the model
+  was not trained on). With RoPE positions `max_new` has no limit: the cache slides over the
+  last `context` tokens (see the module doc); with learned positions prompt and new tokens must fit
+  in model.max_len.
   `mesh`: the mesh the model's parameters are sharded on (see `Generator`).
   Compiles on every call: reuse a `Generator(model)` to generate more than once."""
   return Generator(model, mesh)(prompts, **options)
@@ -245,7 +257,7 @@ def _output(m: Any, c: dict, opts: Options, N: int, P: int, L: int, seconds: dic
   flops = _flops(m, opts.length, opts, P, steps, finishes, its, N, L)
   new_tokens, decode_s = int(lengths.sum()), seconds["decode_s"]
   stats = {"tokens": new_tokens, "prompts": N, "slots": P, "iterations_cap": opts.iterations,
-           "cache": opts.cache, "exit": exit,
+           "cache": opts.cache, "cache_tokens": opts.length, "exit": exit,
            "mean_iterations": float(np.concatenate(its).mean()), "steps": steps,
            "finish_steps": finishes, "slot_utilisation": busy / max(steps * P, 1),
            "decode_s": decode_s, "prefill_s": seconds["prefill_s"], "compile_s": seconds["compile_s"],

@@ -1,9 +1,12 @@
 """The KV cache of generation (DESIGN §8) and the model's layers run against it.
 
-Keys and values live in fixed-size buffers of T slots per sequence: prelude and coda layers one entry
-per token, the block's layers either one per (iteration, layer) (`exact`) or one per layer holding
-each token's latest iteration (`latest`). `cached_layer` writes a row's new keys and values in place and
-attends over its buffer; `encode`, `block_iteration` and `decode` are the model's pieces on top of it.
+Keys and values live in fixed-size ring buffers of T slots per sequence, position p at slot p mod T
+(keys rotated by their absolute positions), so a query at p sees the keys at (p - T, p] and the
+buffers never grow however long generation runs: prelude and coda layers one entry per token, the
+block's layers either one per (iteration, layer) (`exact`) or one per layer holding each token's
+latest iteration (`latest`). `cached_layer` writes a row's new keys and values in place and attends
+over its buffer (a prefill keeps each prompt's last T positions); `encode`, `block_iteration` and
+`decode` are the model's pieces on top of it.
 """
 
 from __future__ import annotations
@@ -54,17 +57,19 @@ def cache_bytes(m: Any, batch: int, length: int, iterations: int, cache: str, dt
 def cached_layer(layer: Any, x_BLD: jax.Array, ctx: Any, group: Buffers, l: int,
                  slot_B: jax.Array | None, last_BT: jax.Array | None = None
                  ) -> tuple[jax.Array, Buffers]:
-  """Run `layer` (index l of its group) on L new tokens per row: write their keys and values into
-  row b's buffers at slot slot_B[b] (None: the group's only slot) and positions pos_B[b] + 0..L-1,
-  then attend over the row's buffer at that slot. With `last_BT` (the exact cache) position t is read
-  at slot min(slot_B[b], last_BT[b, t]): a token that exited is read at its last iteration. A row
-  whose position is past the buffer (a slot that is idle, or not finishing a token) writes nothing.
-  The writes are in place: a dynamic update per row (with a scatter, or a read of the buffer before
-  the write, XLA copies the whole buffer every step)."""
-  B, L = x_BLD.shape[:2]
+  """Run `layer` (index l of its group) on one new token per row (a `make_cached_context`): write its
+  key and value into row b's ring buffer at slot slot_B[b] (None: the group's only slot) and position
+  pos_B[b] mod T, then attend over the row's buffer at that slot. With `last_BT` (the exact cache)
+  buffer position t is read at slot min(slot_B[b], last_BT[b, t]): a token that exited is read at its
+  last iteration. A row outside ctx.write_B (a slot not finishing a token) writes nothing. The writes
+  are in place: a dynamic update per row (with a scatter, or a read of the buffer before the write,
+  XLA copies the whole buffer every step). A prefill (`make_prefill_context`) goes to `_prefill_layer`."""
+  if ctx.keep_BT is not None:
+    return _prefill_layer(layer, x_BLD, ctx, group, l, slot_B)
+  B = x_BLD.shape[0]
   T = group.k_SLBHKT.shape[-1]
-  start_B = jnp.minimum(ctx.pos_B, T - L)
-  inside_B = ctx.pos_B + L <= T  # a row whose position points past the buffer writes nothing
+  start_B = ctx.pos_B % T
+  inside_B = jnp.ones(B, bool) if ctx.write_B is None else ctx.write_B
   slots_B = jnp.zeros(B, jnp.int32) if slot_B is None else slot_B
 
   def write(buf, new_BLHK):
@@ -92,6 +97,24 @@ def cached_layer(layer: Any, x_BLD: jax.Array, ctx: Any, group: Buffers, l: int,
   return layer(x_BLD, ctx, kv=cache)
 
 
+def _prefill_layer(layer: Any, x_BLD: jax.Array, ctx: Any, group: Buffers, l: int,
+                   slot: jax.Array | None) -> tuple[jax.Array, Buffers]:
+  """A prefill of whole prompts: the layer attends over the rows' own keys (the mask of
+  `make_prefill_context`), and the ring buffer at `slot` (a scalar, the same for every row; None:
+  the group's only slot) keeps the keys and values of the positions ctx.keep_BT."""
+  rows_B1 = jnp.arange(x_BLD.shape[0])[:, None]
+
+  def store(buf, new_BLHK):
+    kept_BHKT = new_BLHK[rows_B1, ctx.keep_BT].transpose(0, 2, 3, 1).astype(buf.dtype)
+    at = (0 if slot is None else slot, l, 0, 0, 0, 0)
+    return jax.lax.dynamic_update_slice(buf, kept_BHKT[None, None], at)
+
+  def cache(k_BLHK, v_BLHK):
+    return KV(k_BLHK, v_BLHK), Buffers(store(group.k_SLBHKT, k_BLHK), store(group.v_SLBHKT, v_BLHK))
+
+  return layer(x_BLD, ctx, kv=cache)
+
+
 def cached_layers(layers: Any, x_BLD: jax.Array, ctx: Any, group: Buffers
                   ) -> tuple[jax.Array, Buffers]:
   """A prelude or coda stack (one slot per layer)."""
@@ -115,7 +138,8 @@ def block_iteration(model: Any, s_BLD: jax.Array, e_BLD: jax.Array, ctx: Any, gr
 
 def encode(model: Any, tokens_BL: jax.Array, ctx: Any, group: Buffers) -> tuple[jax.Array, Buffers]:
   """`LoopedTransformer.encode` against the cache: the prelude's output [B, L, D]."""
-  pos_BL = ctx.pos_B[:, None] + jnp.arange(tokens_BL.shape[1])[None]
+  positions = jnp.arange(tokens_BL.shape[1])[None]  # a prefill: from 0; a decode: one token at pos_B
+  pos_BL = positions if ctx.pos_B is None else ctx.pos_B[:, None] + positions
   return cached_layers(model.prelude, model.embed_tokens(tokens_BL, pos_BL), ctx, group)
 
 

@@ -44,8 +44,10 @@ class Context(NamedTuple):
   rope: tuple[jax.Array, jax.Array] | None  # (sin, cos), each [S, Dh/2]
   window: int | None = None          # local attention width w (None: full causal)
   impl: str = "xla"                  # blocked | xla | cudnn (`attention_impl`)
-  pos_B: jax.Array | None = None     # cached attention: where each row's L new tokens start
+  pos_B: jax.Array | None = None     # cached decode: each row's new token's absolute position
   query_block: int = 0               # impl=blocked: queries per block (0: the whole sequence)
+  write_B: jax.Array | None = None   # cached decode: the rows that store their keys (None: every row)
+  keep_BT: jax.Array | None = None   # cached prefill: per row, the position each cache slot keeps
 
 
 def attention_impl(m: ModelSpec) -> str:
@@ -89,15 +91,37 @@ def rope_angles(m: ModelSpec, positions: jax.Array) -> tuple[jax.Array, jax.Arra
   return jnp.sin(angle), jnp.cos(angle)
 
 
-def make_cached_context(m: ModelSpec, pos_B: jax.Array, length: int, buffer: int) -> Context:
-  """The context of L = `length` new tokens per row at positions pos_B[b] + 0..L-1 that attend to a
-  KV buffer of `buffer` slots (the causal, or local, mask [B, 1, L, T] and the rows' RoPE angles)."""
-  q_BL = pos_B[:, None] + jnp.arange(length)[None, :]
-  j = jnp.arange(buffer)[None, None, :]
-  mask = j <= q_BL[..., None]
+def make_cached_context(m: ModelSpec, pos_B: jax.Array, buffer: int,
+                        write_B: jax.Array | None = None) -> Context:
+  """The context of one new token per row, at absolute position pos_B[b], that attends to a ring
+  buffer of T = `buffer` slots: position p lives at slot p mod T, so slot j holds the newest position
+  at distance d = (p - j) mod T. The mask [B, 1, 1, T] admits the slots with d <= p (written) and,
+  with local attention, d < window: the keys at positions (p - T, p], causal local attention of width
+  T over the whole sequence. Queries are rotated by their absolute positions (RoPE), as the keys in
+  the buffer were. `write_B`: the rows that store their new keys and values (None: all)."""
+  d_BT = (pos_B[:, None] - jnp.arange(buffer)[None, :]) % buffer
+  mask = d_BT <= pos_B[:, None]
   if m.attention == "local":
-    mask &= (q_BL[..., None] - j) < m.window
-  return Context(mask[:, None], rope_angles(m, q_BL), None, "xla", pos_B)
+    mask &= d_BT < m.window
+  return Context(mask[:, None, None], rope_angles(m, pos_B[:, None]), None, "xla", pos_B,
+                 write_B=write_B)
+
+
+def make_prefill_context(m: ModelSpec, lengths_B: jax.Array, length: int, buffer: int) -> Context:
+  """The context of B prompts of lengths_B[b] tokens (padded to L = `length`, at positions 0..L-1)
+  run at once, each token attending to its own row's keys at positions (p - T, p] (T = `buffer`;
+  the local window too): the causal local attention of the ring of `make_cached_context` over the
+  whole prompt. `keep_BT` [B, T]: the position each slot of the ring keeps, p mod T = slot for the
+  last T positions of each prompt (a slot no prompt position reaches keeps a padding position, which
+  is written again before anything reads it)."""
+  d_LL = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+  mask = (d_LL >= 0) & (d_LL < buffer)
+  if m.attention == "local":
+    mask &= d_LL < m.window
+  slot_1T, last_B1 = jnp.arange(buffer)[None, :], lengths_B[:, None] - 1
+  keep_BT = slot_1T + buffer * ((last_B1 - slot_1T) // buffer)
+  keep_BT = jnp.where(keep_BT < 0, jnp.minimum(slot_1T, length - 1), keep_BT)
+  return Context(mask[None, None], rope_angles(m, jnp.arange(length)), None, "xla", keep_BT=keep_BT)
 
 
 def apply_rope(x_BSHD: jax.Array, rope: tuple[jax.Array, jax.Array], style: str = "half") -> jax.Array:
@@ -190,7 +214,8 @@ class Attention(nnx.Module):
     """The attention output and, with `weights`, the probabilities [B, H, S, S]. With `kv`, a cache
     (`looped_models.generate`): kv(k_BSHK, v_BSHK) stores the new keys and values and returns (the
     `KV` buffers [B, T, H, Dh] to attend over, its new state); the queries attend to the buffers with
-    the mask of a `make_cached_context`, and the second output is the cache's new state."""
+    the mask of a `make_cached_context` (or `make_prefill_context`), and the second output is the
+    cache's new state."""
     B, S, D = x_BSD.shape
     split = lambda y: y.reshape(B, S, self.n_heads, D // self.n_heads)
     q_BSHK, k_BSHK, v_BSHK = (split(dense(lin, x_BSD)) for lin in (self.query, self.key, self.value))

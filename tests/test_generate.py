@@ -1,7 +1,9 @@
 """Generation: the exact cache reproduces the full forward, the latest cache does not grow with R,
 batching and slots change nothing, the exact cache reads an exited token at its last iteration, exited
 tokens stop costing block FLOPs, sampling options, bad input is one line, and the CLI writes its
-record and plot without overwriting anything."""
+record and plot without overwriting anything. Past the context (RoPE), the ring buffer computes the
+causal local attention of width model.max_len over the whole sequence, with and without exit; learned
+positions stop at the context with one line."""
 
 import json
 import os
@@ -11,14 +13,14 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import text_config, tiny_config
 from flax import nnx
 
 from configs.errors import ConfigError
 from eval.generate import encode, parse_exit
 from looped_models.generate import Generator, cache_bytes, empty_cache, generate
 from looped_models.layers import KV, make_cached_context
-from looped_models.model import init_model
+from looped_models.model import abstract_model, init_model
 from rundir.config import resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,15 +107,18 @@ def test_slots_and_batching_change_nothing(cache):
   assert len({int(i) for its in one.iterations for i in its}) > 1  # the exits really differ
 
 
-def stepwise_logits(model, tokens, exits):
+def stepwise_logits(model, tokens, exits, window=None, latest_from=None):
   """Next-token logits at every position of `tokens`, decoded one token at a time, token t running
   exits[t] block iterations, with every key and value kept per (group, layer, iteration): at block
   iteration j a token reads an earlier token u at iteration min(j, exits[u]) (1-based), the rule the
-  exact cache keeps with adaptive exit. Token t reads keys and values from buffers of len(tokens)
-  slots, those after t zero and masked by its causal context (every token's operations have the same
-  shapes, so that they compile once)."""
+  exact cache keeps with adaptive exit; from token `latest_from` on, at exits[u] (the latest cache's
+  rule for the tokens the decode loop runs; a prefilled prompt runs as the full forward). Token t
+  reads keys and values from buffers of len(tokens) slots, those after t zero and masked by its
+  causal context, and with `window` those at t - window or before masked too (every token's
+  operations have the same shapes, so that they compile once)."""
   store = {}  # (group, layer, iteration) -> {position: (k, v)}
   T = len(tokens)
+  latest_from = T if latest_from is None else latest_from
 
   def run(layer, x, t, ctx, key, read):
     def kv(k, v):
@@ -126,7 +131,9 @@ def stepwise_logits(model, tokens, exits):
 
   logits = []
   for t, token in enumerate(tokens):
-    ctx = make_cached_context(model.spec, jnp.array([t]), 1, T)
+    ctx = make_cached_context(model.spec, jnp.array([t]), T)
+    if window is not None:
+      ctx = ctx._replace(mask_SS=ctx.mask_SS & (t - jnp.arange(T) < window))
     x = model.embed_tokens(jnp.array([[token]]), jnp.array([[t]]))
     for l, layer in enumerate(model.prelude):
       x = run(layer, x, t, ctx, ("prelude", l, 0), lambda u: 0)
@@ -134,7 +141,9 @@ def stepwise_logits(model, tokens, exits):
     for j in range(exits[t]):
       x = model.inject(s, e)
       for l, layer in enumerate(model.block):
-        x = run(layer, x, t, ctx, ("block", l, j), lambda u: min(j, exits[u] - 1))
+        read = ((lambda u: j if u == t else exits[u] - 1) if t >= latest_from else
+                (lambda u: min(j, exits[u] - 1)))
+        x = run(layer, x, t, ctx, ("block", l, j), read)
       s = model.close_iteration(x)
     x = model.latent(s)
     for l, layer in enumerate(model.coda):
@@ -157,6 +166,77 @@ def test_exact_cache_reads_an_exited_token_at_its_last_iteration():
   tokens = list(prompt) + [int(t) for t in out.tokens[0][:-1]]
   ref = stepwise_logits(model, tokens, exits)[len(prompt) - 1:]
   np.testing.assert_allclose(np.stack(out.logits[0]), ref, atol=1e-5)
+
+
+# -- past the context: a ring buffer of model.max_len keys ---------------------------------------
+
+RING = 16  # the model's context: every sequence below goes well past it
+RING_MODEL = dict(model__attention="full", model__max_len=RING, model__init_std=0.0,
+                  model__vocab_size=16, model__block_size=2, model__injection="add", model__n_coda=2)
+LONG_PROMPTS = [[1, 0, 1, 1, 0], [3, 5, 7, 11, 13, 2, 4, 6, 8, 10, 12, 14, 1, 9, 15, 0, 3, 2, 1, 7], [9]]
+
+
+def ring_models():
+  """A RoPE model of context RING with full attention (weights at 1/sqrt(fan-in): attention that
+  depends on its keys), and the same parameters in a model of context 128 with causal local attention
+  of window RING: its window admits the keys at (p - RING, p], exactly what the ring buffer keeps."""
+  model = tiny_model(**RING_MODEL)
+  local = resolve(tiny_config(**{**RING_MODEL, "model__attention": "local", "model__window": RING,
+                                 "model__max_len": 128}))
+  assert model.spec.positions == "rope"
+  return model, nnx.merge(abstract_model(local.model, 0)[0], nnx.state(model))
+
+
+@pytest.mark.parametrize("cache,R", [("exact", 3), ("latest", 1)])
+def test_generation_past_the_context_is_causal_local_attention(cache, R):
+  """Greedy generation of 3 x the context after prompts shorter and longer than it, in 2 slots
+  (continuous batching), equals one full forward pass of local attention of width max_len over each
+  whole sequence: the same logits, its argmax the generated tokens. The cache stays max_len long.
+  (The latest cache equals the full forward at R = 1; at R > 1 see the exit test.)"""
+  model, local = ring_models()
+  max_new = 3 * RING
+  out = Generator(model)(LONG_PROMPTS, max_new=max_new, iterations=R, cache=cache, slots=2,
+                         return_logits=True)
+  assert out.stats["cache_tokens"] == RING
+  assert out.stats["cache_bytes"] == cache_bytes(model.spec, 2, RING, R, cache, "float32")
+  want = full_forward_logits(local, LONG_PROMPTS, out.tokens, R, length=72)
+  for tokens, logits, full in zip(out.tokens, out.logits, want):
+    assert len(tokens) == max_new
+    np.testing.assert_allclose(logits, full, atol=1e-4)
+    np.testing.assert_array_equal(full.argmax(-1), tokens)
+
+
+@pytest.mark.parametrize("cache", ["exact", "latest"])
+def test_exit_past_the_context_reads_each_token_at_its_last_iteration(cache):
+  """With per-token exit past the context (a prompt longer than it, then 2.5 x the context), the ring
+  gives the logits of a token-by-token decode that sees only the last max_len tokens and reads each
+  earlier token at its last iteration (exact: at min(j, it); latest: at it)."""
+  model, _ = ring_models()
+  R, prompt = 6, LONG_PROMPTS[1]
+  out = Generator(model)([prompt], max_new=40, iterations=R, cache=cache, exit=("kl", 1e-3),
+                         return_logits=True)
+  its = [int(i) for i in out.iterations[0]]
+  assert len(set(its)) > 1 and min(its) < R  # tokens exit at different iterations, before R
+  exits = [R] * (len(prompt) - 1) + its
+  tokens = list(prompt) + [int(t) for t in out.tokens[0][:-1]]
+  ref = stepwise_logits(model, tokens, exits, window=RING,
+                        latest_from=len(prompt) - 1 if cache == "latest" else None)
+  np.testing.assert_allclose(np.stack(out.logits[0]), ref[len(prompt) - 1:], atol=1e-4)
+
+
+def test_learned_positions_end_at_the_context():
+  """Learned position embeddings end at model.max_len: a prompt or a generation past it is one line
+  naming the limit and why (RoPE models generate past it)."""
+  model = tiny_model(model__positions="learned")
+  for prompts, options, needle in [([[1] * 7], {"max_new": 30}, "leaves room for 26 new tokens"),
+                                   ([[1] * 40], {"max_new": 4}, "longer than the model's context of 32"),
+                                   ([[1] * 7], {"max_new": 4, "context": 40}, "model.max_len=32")]:
+    with pytest.raises(ConfigError) as e:
+      generate(model, prompts, iterations=2, **options)
+    assert needle in str(e.value) and "learned position" in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+  out = generate(model, [[1] * 7], max_new=26, iterations=2)  # exactly fills the context
+  assert len(out.tokens[0]) == 26 and out.stats["cache_tokens"] == 32
 
 
 def identity_model():
@@ -230,8 +310,7 @@ def test_stops_at_eos():
 
 @pytest.mark.parametrize("change,needle", [
     ({"prompts": [[1, 0], []]}, "prompt 1 is empty"),
-    ({"prompts": [[1] * 40]}, "longer than the model's context of 32"),
-    ({"max_new": 30}, "leaves room for 26 new tokens"),
+    ({"context": 0}, "generate.context"),
     ({"exit": ("patience", 1e-3)}, "generate.exit"),
     ({"exit": ("fixed_point", 0.0)}, "a threshold > 0"),
     ({"exit": ("kl", -1.0)}, "halting.threshold"),
@@ -296,9 +375,41 @@ def test_cli_generates_records_and_refuses_to_overwrite(trained, tmp_path):
   assert len(records) >= 2
 
 
+def test_cli_generates_past_the_context(corpus, tmp_path):
+  """A text run of context 32 with RoPE positions, trained one step from weights at 1/sqrt(fan-in)
+  (attention that depends on its keys): through the CLI, a prompt longer than the context and a
+  short one, then up to 3 x the context new tokens each, greedy at fixed R in 2 slots. The record
+  says the cache held 32 tokens, and its tokens are the argmax of one full forward pass of the same
+  parameters with local attention of width 32 over the whole sequence."""
+  from train.trainer import Trainer
+
+  from rundir.run import open_run
+  run = str(tmp_path / "run")
+  Trainer(text_config(corpus[0], train__steps=1, model__init_std=0.0), run).run()
+  out, prompts = tmp_path / "long.json", tmp_path / "prompts.txt"
+  prompts.write_text("all the world is a stage and all the men\nthe king\n")
+  r = cli("--workdir", run, "--batch", str(prompts), "--max-new", "96", "--iterations", "3",
+          "--slots", "2", "--out", str(out))
+  assert r.returncode == 0, r.stderr
+  rec = json.loads(out.read_text())
+  assert rec["stats"]["cache_tokens"] == 32 and len(rec["generations"][0]["prompt_tokens"]) > 32
+  opened = open_run(run)
+  model, spec = opened.model(), opened.cfg.model.copy_and_resolve_references()
+  assert spec.positions == "rope" and spec.max_len == 32
+  spec.update(attention="local", window=32, max_len=256)
+  local = nnx.merge(abstract_model(spec, 0)[0], nnx.state(model))
+  assert max(len(row["tokens"]) for row in rec["generations"]) == 96  # (a row may stop at EOS)
+  assert "of the last 32 tokens" in r.stdout
+  for row in rec["generations"]:
+    assert row["text"] in r.stdout and len(row["iterations"]) == len(row["tokens"])
+    seq = row["prompt_tokens"] + row["tokens"][:-1]
+    assert len(seq) > 32
+    logits = np.asarray(local(jnp.asarray([seq]), 3).logits_BSV)[0, len(row["prompt_tokens"]) - 1:]
+    np.testing.assert_array_equal(logits.argmax(-1), row["tokens"])
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--prompt", ""], "non-empty --prompt"),
-    (["--prompt", "x" * 40], "longer than the model's context"),
     (["--prompt", "a", "--exit", "entropy:0"], "a threshold > 0"),
     (["--prompt", "a", "--exit", "sometimes:1"], "generate.exit"),
     (["--prompt", "a", "--iterations", "0"], "an integer R >= 1"),
