@@ -75,8 +75,9 @@ class TaskStats:
 
   def add(self, tokens: int, scored: int, iterations: int, seconds: float) -> None:
     self.requests += 1
-    self.tokens, self.scored, self.iterations = self.tokens + tokens, self.scored + scored, \
-        self.iterations + iterations
+    self.tokens += tokens
+    self.scored += scored
+    self.iterations += iterations
     self.seconds += seconds
     self.per_request.append(iterations / scored if scored else None)
 
@@ -269,6 +270,7 @@ class LoopedLM(TemplateLM):
       result = self.programs.generator(prompts, eos_id=self.tok.eos_id, slots=self.batch_size,
                                        iterations=self.iterations, exit=self.exit, **options)
       seconds = result.stats["prefill_s"] + result.stats["decode_s"]
+      self.programs.compile_s += result.stats["compile_s"]
       read = sum(len(p) + len(t) for p, t in zip(prompts, result.tokens))
       for k, prompt, tokens, its in zip(ks, prompts, result.tokens, result.iterations):
         out[k] = cut(self.tok.decode(until_eos(tokens, self.tok.eos_id)), until)
