@@ -128,14 +128,16 @@ def score(stepper: Stepper, windows: Windows, iterations: int, batch_size: int) 
 
 
 def answer_accuracy(windows: Windows, correct_RNL: np.ndarray) -> dict[str, Any]:
-  """Accuracy (%) at every iteration count, over all answers and per step count."""
+  """Accuracy (%) at every iteration count per step count, and `all`: their mean, each step count
+  weighing alike (however many one-step lookups a problem asks back)."""
   by_hops: dict[int, list[np.ndarray]] = {}
   for w, first, last, hops in windows.answers:
     by_hops.setdefault(hops, []).append(correct_RNL[:, w, first:last + 1].all(-1))
   per = {h: np.stack(v, 1) for h, v in sorted(by_hops.items())}  # [R, answers]
-  every = np.concatenate(list(per.values()), 1) if per else np.zeros((correct_RNL.shape[0], 0))
-  pct = lambda x: [float(v) for v in 100.0 * x.mean(1)] if x.shape[1] else []
-  return {"all": pct(every), "by_steps": {str(h): pct(v) for h, v in per.items()},
+  pct = lambda x: [float(v) for v in 100.0 * x.mean(1)]
+  by_steps = {str(h): pct(v) for h, v in per.items()}
+  macro = np.mean(list(by_steps.values()), 0) if per else []
+  return {"all": [float(v) for v in macro], "by_steps": by_steps,
           "answers": {str(h): int(v.shape[1]) for h, v in per.items()}}
 
 
