@@ -9,7 +9,10 @@ criteria of a trained run (eval/halting.py);
 [--batch FILE] [--slots P] [--out FILE.json]` generates text (eval/generate.py);
 `python -m eval benchmarks --workdir runs/NAME --tasks T1,T2 [--include-path DIR]
 [--iterations R1,R2,...] [--exit CRITERION:THRESHOLD] [--limit N] [--num-fewshot K] [--batch-size B]
-[--out FILE.json]` runs lm-eval tasks at each setting (eval/benchmarks_run.py; offline by default).
+[--out FILE.json]` runs lm-eval tasks at each setting (eval/benchmarks_run.py; offline by default);
+`python -m eval classes --workdir runs/NAME [--data DIR] [--iterations R] [--limit N]` scores a run
+by token class on a corpus with classes (answer accuracy per step count, loss per class, R_small;
+eval/classes.py): classes.json and plots/classes_accuracy.png.
 
 Writes WORKDIR/eval/STEP/fixed_points.json, fixed_points.md and plots/*.png (halting: halting.json and
 plots/halting_pareto.png), a new eval/STEP.N/ when that step's files exist (rundir/outputs.py), and logs
@@ -32,6 +35,7 @@ from absl import flags, logging  # noqa: E402
 
 from configs.errors import ConfigError  # noqa: E402
 from configs.recurrence import max_recurrence  # noqa: E402
+from eval.classes import run_classes  # noqa: E402
 from eval.evaluate import evaluate, with_text_data  # noqa: E402
 from eval.fixed_points import TrajectoryError  # noqa: E402
 from eval.generate import describe, parse_exit, read_prompts, run_generate  # noqa: E402
@@ -99,7 +103,8 @@ _TASKS = flags.DEFINE_list("tasks", None, "benchmarks: lm-eval task names, comma
                            "eval/benchmark_tasks, of --include-path, then lm-eval's own).")
 _INCLUDE = flags.DEFINE_multi_string("include-path", None, "benchmarks: a directory of lm-eval task "
                                      "YAML (repeatable).")
-_LIMIT = flags.DEFINE_integer("limit", None, "benchmarks: documents per task (default: all).")
+_LIMIT = flags.DEFINE_integer("limit", None, "benchmarks: documents per task; classes: answers per "
+                               "split (default: all).")
 _FEWSHOT = flags.DEFINE_integer("num-fewshot", None, "benchmarks: few-shot examples (default: the "
                                 "task's).")
 _BENCH_BATCH = flags.DEFINE_integer("batch-size", 16, "benchmarks: windows scored per device call, "
@@ -203,9 +208,31 @@ def benchmarks_main() -> int:
   return 0
 
 
+def classes_main() -> int:
+  """`python -m eval classes --workdir runs/NAME`: classes.json and its figure."""
+  try:
+    if _INIT.value:
+      raise RunDirError("classes evaluates a trained run; --init is not supported")
+    cfg, iterations = with_mesh(load_run_config(_WORKDIR.value)), one_r()
+    with writing_outputs(cfg, _WORKDIR.value):
+      rec, where = run_classes(_WORKDIR.value, data=_DATA.value, cfg=cfg,
+                               iterations=iterations or 2 * max_recurrence(cfg.train),
+                               answers=_LIMIT.value or 0)
+  except BAD_INPUT as e:
+    return report(e)
+  if where:
+    for split, r in rec["splits"].items():
+      acc = r["answer_accuracy"]
+      print(f"{split}: answer accuracy by iterations 1..{len(acc['all'])}: "
+            + " ".join(f"{a:.1f}" for a in acc["all"]))
+    print(f"R_small = {rec['r_small']}; see {where}")
+  return 0
+
+
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
-  command, _ = subcommand(argv, {None: [], "halting": [], "generate": [], "benchmarks": []})
+  command, _ = subcommand(argv, {None: [], "halting": [], "generate": [], "benchmarks": [],
+                                 "classes": []})
   require(_WORKDIR)
   if command == "halting":
     return halting_main()
@@ -213,6 +240,8 @@ def main(argv: list[str]) -> int:
     return generate_main()
   if command == "benchmarks":
     return benchmarks_main()
+  if command == "classes":
+    return classes_main()
   try:
     if _INIT.value:
       if _CONFIG.value is None:

@@ -27,9 +27,9 @@ import jax
 import numpy as np
 
 from eval import plots
+from eval.driver import open_evaluation
 from looped_models.stepper import Stepper
-from rundir.outputs import output_dir
-from rundir.run import open_run
+from rundir.run import load_run_config
 from tasks.reasoning import ANSWER, PROBLEM, PROSE
 from tasks.text import TextData
 
@@ -215,15 +215,22 @@ def plot_accuracy(rec: dict, png: str) -> str:
 
 def run_classes(workdir: str, *, data: str | None = None, cfg: Any = None, **options) -> tuple[dict, str]:
   """Open the run, score it by class on `data` (default: its own corpus), write classes.json and
-  plots/classes_accuracy.png under WORKDIR/eval/STEP/ (nothing overwritten); (record, its path)."""
-  run = open_run(workdir, cfg=cfg)
-  corpus = TextData(data or run.cfg.task.path)
-  rec = {"step": run.step, "data": corpus.directory, **evaluate_splits(run, corpus, **options)}
-  if jax.process_index() != 0:
+  plots/classes_accuracy.png under WORKDIR/eval/STEP/ (nothing overwritten), log a table of the
+  accuracy per step count and iteration count, the figure and R_small to the run's W&B run;
+  (record, its path; "" on processes other than 0)."""
+  ev = open_evaluation(cfg if cfg is not None else load_run_config(workdir), workdir)
+  corpus = TextData(data or ev.cfg.task.path)
+  rec = {"step": ev.step, "data": corpus.directory, **evaluate_splits(ev.run, corpus, **options)}
+  if not ev.main:
     return rec, ""
-  where = os.path.join(output_dir(workdir, run.step, RECORD), RECORD)
+  where = os.path.join(ev.output_dir(RECORD), RECORD)
   with open(where, "w") as f:
     json.dump(rec, f, indent=1)
   os.makedirs(os.path.join(os.path.dirname(where), "plots"), exist_ok=True)
-  plot_accuracy(rec, os.path.join(os.path.dirname(where), "plots", "classes_accuracy.png"))
+  png = plot_accuracy(rec, os.path.join(os.path.dirname(where), "plots", "classes_accuracy.png"))
+  rows = [[split, steps, r, acc] for split, one in rec["splits"].items()
+          for steps, curve in one["answer_accuracy"]["by_steps"].items()
+          for r, acc in enumerate(curve, 1)]
+  ev.publish(tables={"classes/answer_accuracy": (["split", "steps", "iterations", "accuracy"], rows)},
+             images={"classes/answer_accuracy": png}, summary={"classes/r_small": rec["r_small"]})
   return rec, where

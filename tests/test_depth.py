@@ -82,3 +82,22 @@ def test_bench_depth_chooses_thresholds_on_the_calibration_half_and_writes_its_r
                          cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
   assert again.returncode != 0 and "exists" in again.stderr and json.loads(out.read_text()) == rec
+
+
+def test_eval_classes_writes_its_record_and_never_overwrites(run):
+  cmd = [sys.executable, "-m", "eval", "classes", "--workdir", run, "--iterations", "3"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  first, second = (subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+                   for _ in range(2))
+  assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+  assert "R_small = " in first.stdout and "val: answer accuracy by iterations 1..3" in first.stdout
+  where = [line.split("see ")[-1] for p in (first, second) for line in p.stdout.splitlines()
+           if "see " in line]
+  assert len(set(where)) == 2 and all(os.path.exists(w) for w in where)  # eval/30/ then eval/30.1/
+  rec = json.loads(open(where[0]).read())
+  assert rec["iterations"] == [1, 2, 3] and set(rec["splits"]) == {"val", "extrapolate"}
+  assert set(rec["splits"]["extrapolate"]["answer_accuracy"]["by_steps"]) == {"1", "4"}
+  assert os.path.exists(os.path.join(os.path.dirname(where[0]), "plots", "classes_accuracy.png"))
+  bad = subprocess.run([*cmd[:4], "/nonexistent/run"], cwd=ROOT, capture_output=True, text=True,
+                       env=env)
+  assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
