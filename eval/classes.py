@@ -117,6 +117,9 @@ def score(stepper: Stepper, windows: Windows, iterations: int, batch_size: int) 
   """Per iteration 1..R: correct [R, N, L] (bool) and nll [R, N, L] of every window's targets."""
   parts: dict[str, list[np.ndarray]] = {"correct": [], "nll": []}
   n = len(windows.tokens)
+  if n == 0:
+    L = windows.tokens.shape[1] - 1
+    return {"correct": np.zeros((iterations, 0, L), bool), "nll": np.zeros((iterations, 0, L))}
   for b in range(0, n, batch_size):
     rows = windows.tokens[b:b + batch_size]
     pad = batch_size - len(rows)  # one batch shape: one compile
