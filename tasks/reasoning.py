@@ -118,7 +118,7 @@ def var_chain(rng: np.random.Generator, hops: int, longest: int, lookups: int = 
   pairs = [(chain[0], value)] + [(b, a) for a, b in zip(chain, chain[1:])]
   pairs += [(decoy[0], other)] + [(b, a) for a, b in zip(decoy, decoy[1:])]
   order = rng.permutation(len(pairs))
-  asked = rng.permutation(len(pairs))[:lookups]
+  asked = rng.permutation(len(pairs))[:lookups] if lookups else []  # lookups=0 draws as before
   return Problem(";".join(f"{pairs[i][0]}={pairs[i][1]}" for i in order), chain[-1], value, hops,
                  tuple(pairs[i] for i in asked))
 
