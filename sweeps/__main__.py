@@ -89,11 +89,13 @@ def main(argv: list[str]) -> int:
     if not os.path.isfile(path) and ":" in path:  # FILE.py:ARG, the argument of get_config
       path = path.rsplit(":", 1)[0]
     name, module = sweep_name(path), load_sweep_module(path)
-    base = base_config(_CONFIG.value, module, config_flags.get_override_values(flags.FLAGS["config"]))
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    base = base_config(_CONFIG.value, module, overrides)
     trials = expand(base, module)
     if export:
       out = _OUT.value or os.path.join(_WORKDIR.value, name, "wandb_sweep.yaml")
-      wandb_export.write(wandb_export.definition(name, spec, trials, _WORKDIR.value, base), out)
+      wandb_export.write(wandb_export.definition(name, spec, trials, _WORKDIR.value, base,
+                                                 overrides), out)
       print(f"W&B sweep definition: {out} ({len(trials)} trials)\nrun: wandb sweep {out}, then "
             "wandb agent ENTITY/PROJECT/SWEEP_ID on each machine (sharing --workdir)")
       return 0

@@ -22,8 +22,11 @@ from rundir.workdir import path
 from sweeps.expand import Trial
 
 
-def definition(sweep: str, config_path: str, trials: list[Trial], workdir: str, base: Any) -> dict:
-  """The W&B sweep definition (a dict, written as YAML) over the trials of one sweep file."""
+def definition(sweep: str, config_path: str, trials: list[Trial], workdir: str, base: Any,
+               overrides: dict | None = None) -> dict:
+  """The W&B sweep definition (a dict, written as YAML) over the trials of one sweep file; the
+  `--config.KEY=VALUE` overrides of the export's command line (`overrides`, {KEY: value}) become
+  fixed parameters, so that every agent trains the trials the export expanded."""
   out: dict[str, Any] = {
       "name": sweep,
       "description": f"{len(trials)} trials of {config_path} (python -m sweeps export-wandb)",
@@ -35,6 +38,9 @@ def definition(sweep: str, config_path: str, trials: list[Trial], workdir: str, 
       "command": ["${env}", "${interpreter}", "-m", "sweeps", "--config", config_path,
                   "--workdir", workdir, "${args}"],
   }
+  for key, value in (overrides or {}).items():
+    out["parameters"][f"config.{key}"] = {"value": str(value) if isinstance(value, (tuple, list))
+                                          else value}
   if base.wandb.project:
     out["project"] = base.wandb.project
   if base.wandb.entity:

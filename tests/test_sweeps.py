@@ -280,6 +280,20 @@ def test_export_wandb_runs_one_trial_as_an_agent_and_a_changed_config_is_refused
   assert len(json.load(open(sweep_dir / "sweep.json"))["invocations"]) == 1
 
 
+def test_export_wandb_keeps_the_command_lines_config_overrides(tmp_path):
+  from sweeps.wandb_export import agent_command
+  out = sweeps_cli("export-wandb", "--config", "tests/sweeps/tiny.py", "--workdir", str(tmp_path),
+                   "--out", str(tmp_path / "sweep.yaml"), "--config.train.steps=14",
+                   "--config.wandb.mode=offline")
+  assert out.returncode == 0, out.stderr[-2000:]
+  import yaml
+  defn = yaml.safe_load(open(tmp_path / "sweep.yaml"))
+  assert defn["parameters"]["config.train.steps"] == {"value": 14}
+  assert defn["parameters"]["config.wandb.mode"] == {"value": "offline"}  # the user's, not online
+  cmd = agent_command(defn, "k1-pre")
+  assert "--config.train.steps=14" in cmd and "--config.wandb.mode=offline" in cmd
+
+
 def test_force_reruns_a_changed_trial_and_sweep_json_keeps_every_invocation(tmp_path):
   module = load_sweep_module(os.path.join(ROOT, "tests/sweeps/tiny.py"))
   trials = expand(module.get_config(), module)
