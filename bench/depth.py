@@ -29,7 +29,7 @@ from eval.classes import plot_accuracy
 from eval.depth import compare
 from eval.halting_rows import check_grids
 from rundir.run import open_run
-from rundir.workdir import RunDirError, path
+from rundir.workdir import path
 from tasks.text import TextData
 
 
@@ -125,7 +125,7 @@ def main() -> None:
   p.add_argument("--workdir", required=True)
   args = p.parse_args()
   if args.out and path(args.out).exists():
-    raise SystemExit(f"error: {RunDirError(f'--out {args.out} exists; it is not overwritten')}")
+    raise SystemExit(f"error: --out {args.out} exists; it is not overwritten (choose another name)")
   grids = None
   if args.grids:
     grids = {c: tuple(float(t) for t in ts.split(",")) for c, _, ts in

@@ -24,6 +24,7 @@ import os
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from eval import plots
@@ -106,10 +107,15 @@ def prose_windows(tokens: np.ndarray, classes: np.ndarray, length: int, count: i
   return Windows(np.asarray(tokens[idx], np.int32), np.asarray(classes[idx], np.uint8), [])
 
 
+def question_starts(data: Any) -> tuple[int, int]:
+  """The token ids a question starts after: (BOS, newline) of the corpus's tokenizer."""
+  return int(data.meta["tokenizer"]["bos_id"]), int(data.tokenizer().encode_batch(["\n"])[0][-1])
+
+
 def _read(model: Any, s_BSD: jax.Array, ctx: Any, batch: dict) -> dict:
-  logits_BSV = model.decode(s_BSD, ctx).astype(np.float32)
+  logits_BSV = model.decode(s_BSD, ctx).astype(jnp.float32)
   logp_BSV = jax.nn.log_softmax(logits_BSV, -1)
-  nll_BS = -jax.numpy.take_along_axis(logp_BSV, batch["targets"][..., None], -1)[..., 0]
+  nll_BS = -jnp.take_along_axis(logp_BSV, batch["targets"][..., None], -1)[..., 0]
   return {"correct": logits_BSV.argmax(-1) == batch["targets"], "nll": nll_BS}
 
 
@@ -168,8 +174,7 @@ def evaluate_splits(run: Any, data: Any, *, splits: tuple[str, ...] = ("val", "e
   every iteration count 1..`iterations`: per split, answer accuracy (all, per step count), the loss of
   each class group; `r_small` from the first split's answers."""
   length = int(run.cfg.task.train_length)
-  tok = data.meta["tokenizer"]
-  newline = int(data.tokenizer().encode_batch(["\n"])[0][-1])
+  bos, newline = question_starts(data)
   stepper = Stepper(run.graphdef, run.params, _read, seed=int(run.cfg.train.seed), chunk=chunk,
                     mesh=run.mesh)
   out: dict[str, Any] = {"iterations": list(range(1, iterations + 1)), "splits": {}}
@@ -177,7 +182,7 @@ def evaluate_splits(run: Any, data: Any, *, splits: tuple[str, ...] = ("val", "e
     if split not in data.maps:
       continue
     shards = list(zip(data.maps[split], data.classes(split)))
-    problems = joined([problem_windows(t, c, length, int(tok["bos_id"]), newline, answers)
+    problems = joined([problem_windows(t, c, length, bos, newline, answers)
                        for t, c in shards], length)
     if answers:
       problems.answers = problems.answers[:answers]

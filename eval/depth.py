@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from eval.classes import Windows, answer_accuracy, evaluate_splits, joined, problem_windows, prose_windows
+from eval.classes import (Windows, answer_accuracy, evaluate_splits, joined, problem_windows,
+                          prose_windows, question_starts)
 from eval.halting_rows import DEFAULT_GRIDS
 from looped_models.generate import Generator
 from looped_models.halting import LOOP_CRITERIA
@@ -41,8 +42,7 @@ def decode_windows(run: Any, data: Any, split: str, count: int, prose: int) -> t
   `split`, then its first `prose` windows (of consecutive ones from its start) that are at least
   90% prose."""
   length = int(run.cfg.task.train_length)
-  bos = int(data.meta["tokenizer"]["bos_id"])
-  newline = int(data.tokenizer().encode_batch(["\n"])[0][-1])
+  bos, newline = question_starts(data)
   shards = list(zip(data.maps[split], data.classes(split)))
   problems = joined([problem_windows(t, c, length, bos, newline) for t, c in shards], length)
   n = min(count, len(problems.tokens))
