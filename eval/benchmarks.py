@@ -56,7 +56,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noq
 from configs.errors import ConfigError  # noqa: E402
 from eval.generate import encode  # noqa: E402
 from looped_models.generate import Generator  # noqa: E402
-from looped_models.halting import LOOP_CRITERIA, halt, validate  # noqa: E402
+from looped_models.halting import check_exit, halt  # noqa: E402
 from looped_models.sharding import put, to_host  # noqa: E402
 
 MIN_LENGTH = 16        # the shortest padded window
@@ -86,15 +86,7 @@ def check_setting(iterations: Any, exit: tuple[str, float] | None) -> tuple[int,
   """(R, exit) checked (one-line ConfigError before anything is compiled); R is exit's cap."""
   if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
     raise ConfigError("--iterations", iterations, allowed="integers R >= 1")
-  if exit is None:
-    return iterations, None
-  criterion, threshold = exit
-  if criterion not in LOOP_CRITERIA:
-    raise ConfigError("--exit", criterion, LOOP_CRITERIA)
-  threshold = validate(criterion, threshold, iterations)
-  if not threshold > 0:
-    raise ConfigError("--exit", threshold, allowed="a threshold > 0 (omit --exit for fixed R)")
-  return iterations, (criterion, threshold)
+  return iterations, None if exit is None else check_exit(exit, iterations, "--exit")
 
 
 def _read(logits_BSV: jax.Array, targets_BS: jax.Array) -> tuple[jax.Array, jax.Array]:

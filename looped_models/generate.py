@@ -49,7 +49,7 @@ from configs.errors import ConfigError
 from looped_models import decode_loop
 from looped_models.decode_loop import Options, initial_carry
 from looped_models.flops import pass_flops
-from looped_models.halting import DECODING_CRITERIA, LOOP_CRITERIA, validate
+from looped_models.halting import DECODING_CRITERIA, check_exit
 from looped_models.kv_cache import CACHES, Buffers, Cache, cache_bytes, empty_cache
 from looped_models.sampling import sample
 from looped_models.sharding import BATCH_AXES, put, to_host
@@ -89,12 +89,7 @@ def check(m: Any, prompts: Sequence[Sequence[int]], *, max_new: int, iterations:
   if cache not in CACHES:
     raise ConfigError("generate.cache", cache, CACHES)
   if exit is not None:
-    criterion, threshold = exit
-    if criterion not in LOOP_CRITERIA:
-      raise ConfigError("generate.exit", criterion, LOOP_CRITERIA)
-    threshold = validate(criterion, threshold, iterations)
-    if not threshold > 0:
-      raise ConfigError("generate.exit", threshold, allowed="a threshold > 0 (omit --exit for fixed R)")
+    check_exit(exit, iterations, "generate.exit")
   if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
     raise ConfigError("generate.temperature", temperature, allowed="a number >= 0 (0: greedy)")
   if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= m.vocab_size:

@@ -88,6 +88,19 @@ def validate(criterion: Any, threshold: Any, max_iters: Any) -> float | int:
   return float(threshold)
 
 
+def check_exit(exit: tuple[Any, Any], max_iters: int, key: str = "exit") -> tuple[str, float | int]:
+  """A per-token exit setting (criterion, threshold) of a loop (generation, scoring) checked: one
+  of LOOP_CRITERIA and a threshold > 0 (one-line ConfigError naming `key`); the threshold as
+  `validate` returns it."""
+  criterion, threshold = exit
+  if criterion not in LOOP_CRITERIA:
+    raise ConfigError(key, criterion, LOOP_CRITERIA)
+  threshold = validate(criterion, threshold, max_iters)
+  if not threshold > 0:
+    raise ConfigError(key, threshold, allowed="a threshold > 0 (omit --exit for fixed R)")
+  return criterion, threshold
+
+
 def halt(model: Any, tokens_BS: jax.Array, *, criterion: str, threshold: float | int, max_iters: int,
          key: jax.Array | None = None, slots: int | None = None, causal: bool = True,
          linear_growth: bool = True) -> HaltOutput:
